@@ -1,0 +1,96 @@
+"""Domain views -> chat.v1 messages. Event payloads are already in proto JSON form."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from google.protobuf import json_format
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from chat.v1 import agent_service_pb2 as agent_pb
+from chat.v1 import resources_pb2 as pb
+
+from ..domain.views import ConversationView, EventView, FeedEventView, Heartbeat, QueuePositionView, SessionView
+
+_VISIBILITY = {"all": pb.VISIBILITY_ALL, "agents": pb.VISIBILITY_AGENTS_ONLY}
+_STATE = {
+    "queued": pb.CONVERSATION_STATE_QUEUED,
+    "active": pb.CONVERSATION_STATE_ACTIVE,
+    "closed": pb.CONVERSATION_STATE_CLOSED,
+}
+
+
+def timestamp(dt: datetime | None) -> Timestamp | None:
+    if dt is None:
+        return None
+    t = Timestamp()
+    t.FromDatetime(dt.replace(tzinfo=timezone.utc))
+    return t
+
+
+def now_timestamp() -> Timestamp:
+    t = Timestamp()
+    t.GetCurrentTime()
+    return t
+
+
+def conversation(v: ConversationView) -> pb.Conversation:
+    msg = pb.Conversation(
+        conversation_id=v.id,
+        queue=pb.Queue(queue_id=v.queue_id, display_name=v.queue_name),
+        state=_STATE[v.status],
+        customer_connected=v.customer_connected,
+        variables=[pb.CustomerVariable(name=x.name, value=x.value, authenticated=x.authenticated) for x in v.variables],
+        agents=[
+            pb.Participant(kind=pb.PARTICIPANT_KIND_AGENT, agent_id=a.agent_id, display_name=a.display_name)
+            for a in v.agents
+        ],
+        last_seq=v.last_seq,
+        create_time=timestamp(v.created_at),
+        close_time=timestamp(v.closed_at),
+    )
+    if v.pending_invite:
+        json_format.ParseDict(v.pending_invite, msg.pending_invite)
+    return msg
+
+
+def event(v: EventView) -> pb.ConversationEvent:
+    msg = pb.ConversationEvent(
+        conversation_id=v.conversation_id,
+        seq=v.seq,
+        create_time=timestamp(v.created_at),
+        visibility=_VISIBILITY[v.visibility],
+    )
+    body = getattr(msg, v.kind)
+    body.SetInParent()
+    json_format.ParseDict(v.payload, body)
+    return msg
+
+
+def offer_event(v: FeedEventView) -> agent_pb.OfferEvent:
+    msg = agent_pb.OfferEvent(seq=v.seq, create_time=timestamp(v.created_at))
+    body = getattr(msg, v.kind)
+    body.SetInParent()
+    json_format.ParseDict(v.payload, body)
+    return msg
+
+
+def heartbeat(v: Heartbeat) -> pb.Heartbeat:
+    return pb.Heartbeat(latest_seq=v.latest_seq, server_time=now_timestamp())
+
+
+def queue_position(v: QueuePositionView) -> pb.QueuePosition:
+    return pb.QueuePosition(position=v.position, waiting_count=v.waiting_count)
+
+
+def session(v: SessionView) -> agent_pb.LoginResponse:
+    return agent_pb.LoginResponse(
+        session_token=v.token,
+        agent=agent_pb.Agent(agent_id=v.agent_id, display_name=v.display_name, max_chats=v.max_chats),
+        profile=pb.Profile(profile_id=v.profile_id, display_name=v.profile_name, queue_ids=list(v.queue_ids)),
+        state=agent_pb.AGENT_STATE_READY if v.ready else agent_pb.AGENT_STATE_NOT_READY,
+    )
+
+
+def invite(payload: dict) -> pb.Invite:
+    return json_format.ParseDict(payload, pb.Invite())

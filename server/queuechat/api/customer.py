@@ -1,0 +1,71 @@
+"""chat.v1.CustomerService."""
+
+from __future__ import annotations
+
+from chat.v1 import customer_service_pb2 as pb
+from chat.v1 import customer_service_pb2_grpc
+from chat.v1 import resources_pb2 as rpb
+
+from ..domain.core import Core
+from . import convert
+from .agent import stream_item
+from .errors import bearer, rpc
+
+
+class CustomerService(customer_service_pb2_grpc.CustomerServiceServicer):
+    def __init__(self, core: Core):
+        self.core = core
+
+    def _who(self, context, conversation_id: str):
+        return self.core.authenticate_customer(bearer(context), conversation_id)
+
+    @rpc
+    async def ListQueues(self, request, context) -> pb.ListQueuesResponse:
+        queues = await self.core.list_queues()
+        return pb.ListQueuesResponse(queues=[rpb.Queue(queue_id=q.id, display_name=q.display_name) for q in queues])
+
+    @rpc
+    async def StartChat(self, request: pb.StartChatRequest, context) -> pb.StartChatResponse:
+        started = await self.core.start_chat(
+            request.queue_id, request.request_id, dict(request.variables), request.identity_token
+        )
+        return pb.StartChatResponse(
+            conversation=convert.conversation(started.conversation), customer_token=started.customer_token
+        )
+
+    @rpc
+    async def GetConversation(self, request, context):
+        view = await self.core.get_conversation(self._who(context, request.conversation_id), request.conversation_id)
+        return pb.CustomerServiceGetConversationResponse(conversation=convert.conversation(view))
+
+    @rpc
+    async def StreamConversation(self, request, context):
+        who = self._who(context, request.conversation_id)
+        async for item in self.core.conversation_stream(who, request.conversation_id, request.after_seq):
+            yield stream_item(pb.CustomerServiceStreamConversationResponse, item)
+
+    @rpc
+    async def SendMessage(self, request, context):
+        who = self._who(context, request.conversation_id)
+        ev = await self.core.send_message(who, request.conversation_id, request.request_id, request.text)
+        return pb.CustomerServiceSendMessageResponse(event=convert.event(ev))
+
+    @rpc
+    async def ChooseOption(self, request: pb.ChooseOptionRequest, context) -> pb.ChooseOptionResponse:
+        who = self._who(context, request.conversation_id)
+        ev = await self.core.choose_option(who, request.conversation_id, request.menu_id, request.option_id)
+        return pb.ChooseOptionResponse(event=convert.event(ev))
+
+    @rpc
+    async def EndChat(self, request: pb.EndChatRequest, context) -> pb.EndChatResponse:
+        who = self._who(context, request.conversation_id)
+        view = await self.core.end_chat(who, request.conversation_id)
+        return pb.EndChatResponse(conversation=convert.conversation(view))
+
+    @rpc
+    async def GetTranscript(self, request: pb.GetTranscriptRequest, context) -> pb.GetTranscriptResponse:
+        who = self._who(context, request.conversation_id)
+        t = await self.core.transcript(who, request.conversation_id)
+        return pb.GetTranscriptResponse(
+            conversation=convert.conversation(t.conversation), events=[convert.event(e) for e in t.events]
+        )

@@ -1,0 +1,79 @@
+"""The grpc.aio server: the three chat.v1 services plus health and reflection."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from chat.v1 import admin_service_pb2, admin_service_pb2_grpc, agent_service_pb2, agent_service_pb2_grpc
+from chat.v1 import customer_service_pb2, customer_service_pb2_grpc
+
+from ..domain.core import Core
+from .admin import AdminService
+from .agent import AgentService
+from .customer import CustomerService
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    agent_service_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name,
+    customer_service_pb2.DESCRIPTOR.services_by_name["CustomerService"].full_name,
+    admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+)
+
+_OPTIONS = [
+    # Keep idle streams alive through NATs and notice dead peers.
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+]
+
+
+class ChatServer:
+    def __init__(self, core: Core, address: str):
+        self.core = core
+        self.server = grpc.aio.server(options=_OPTIONS)
+        agent_service_pb2_grpc.add_AgentServiceServicer_to_server(AgentService(core), self.server)
+        customer_service_pb2_grpc.add_CustomerServiceServicer_to_server(CustomerService(core), self.server)
+        admin_service_pb2_grpc.add_AdminServiceServicer_to_server(AdminService(core), self.server)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            SERVICE_NAMES + (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.server,
+        )
+        self.port = self.server.add_insecure_port(address)
+
+    async def start(self) -> None:
+        await self.core.start()
+        await self.server.start()
+        for name in SERVICE_NAMES + ("",):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Drain: report NOT_SERVING, let calls finish for `grace` seconds, then cancel streams."""
+        for name in SERVICE_NAMES + ("",):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.stop(grace)
+        await self.core.stop()
+        self.core.db.close()
+
+
+async def serve(core: Core, address: str) -> None:
+    srv = ChatServer(core, address)
+    await srv.start()
+    log.info("queuechat gRPC listening on port %d", srv.port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    await srv.stop()

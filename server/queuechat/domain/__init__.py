@@ -1,0 +1,1 @@
+"""Domain services: routing, conversations, invites, agents. Plain Python, no grpc."""

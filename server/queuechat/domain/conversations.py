@@ -1,0 +1,407 @@
+"""Write paths on a conversation: start, messages, offer menus, end, leave, close."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from sqlmodel import or_, select
+
+from ..errors import denied, invalid, not_found, precondition
+from ..store import Tx
+from ..store.models import (
+    Agent,
+    AgentSession,
+    Conversation,
+    CustomerVariable,
+    Event,
+    OfferMenu,
+    Participant,
+    PredefinedMessage,
+    ProfileQueue,
+    Queue,
+)
+from . import routing
+from .invites import require_member
+from .log import (
+    agent_participant,
+    append_event,
+    customer_participant,
+    event_view,
+    find_request,
+    utcnow,
+)
+from .read import active_agents, conversation_view, queue_json, variables_json
+from .views import AgentPrincipal, ConversationView, CustomerPrincipal, EventView, VariableView
+
+if TYPE_CHECKING:
+    from .core import Core
+
+Sender = AgentPrincipal | CustomerPrincipal
+
+
+def start_chat(
+    tx: Tx,
+    core: "Core",
+    queue_id: str,
+    request_id: str,
+    unverified: dict[str, str],
+    verified: dict[str, str],
+) -> ConversationView:
+    s = tx.session
+    if request_id:
+        prior = s.exec(select(Conversation).where(Conversation.start_request_id == request_id)).first()
+        if prior is not None:
+            if prior.queue_id != queue_id:
+                raise invalid("REQUEST_ID_REUSED", "This request_id was used for a chat in another queue.")
+            return conversation_view(s, prior, for_agent=False)
+    if not queue_id or s.get(Queue, queue_id) is None:
+        raise not_found("QUEUE_NOT_FOUND", f"There is no queue {queue_id!r}.", queue_id=queue_id)
+    now = utcnow()
+    merged = {k: VariableView(k, v, False) for k, v in unverified.items()}
+    merged.update({k: VariableView(k, v, True) for k, v in verified.items()})  # verified wins
+    variables = [merged[k] for k in sorted(merged)]
+    name = merged["name"].value if "name" in merged else ""
+    conv = Conversation(
+        id=uuid.uuid4().hex,
+        queue_id=queue_id,
+        status="queued",
+        customer_connected=True,
+        customer_name=name,
+        created_at=now,
+        enqueued_at=now,
+        start_request_id=request_id or None,
+    )
+    s.add(conv)
+    s.flush()
+    for v in variables:
+        s.add(CustomerVariable(conversation_id=conv.id, name=v.name, value=v.value, authenticated=v.authenticated))
+    append_event(
+        tx,
+        core,
+        conv,
+        "chat_started",
+        {"queue": queue_json(s, queue_id), "variables": variables_json(variables)},
+        actor="customer",
+        now=now,
+    )
+    append_event(
+        tx, core, conv, "participant_joined", {"participant": customer_participant(conv).to_json()}, actor="customer", now=now
+    )
+    s.flush()
+    core.queue_changed(tx, queue_id)
+    routing.dispatch(tx, core, now)
+    return conversation_view(s, conv, for_agent=False)
+
+
+def _require_open(conv: Conversation) -> None:
+    if conv.status == "closed":
+        raise precondition("CONVERSATION_CLOSED", "The conversation is closed.", conversation_id=conv.id)
+
+
+def _require_customer(tx: Tx, who: CustomerPrincipal, conversation_id: str) -> Conversation:
+    conv = tx.session.get(Conversation, conversation_id)
+    if conv is None or who.conversation_id != conversation_id:
+        raise denied("NOT_YOUR_CONVERSATION", "This token is not for that conversation.")
+    return conv
+
+
+def _actor(who: Sender) -> str:
+    return f"agent:{who.agent_id}" if isinstance(who, AgentPrincipal) else "customer"
+
+
+def send_message(
+    tx: Tx,
+    core: "Core",
+    who: Sender,
+    conversation_id: str,
+    request_id: str,
+    text: str,
+    private: bool,
+    predefined_id: str,
+) -> EventView:
+    s = tx.session
+    if isinstance(who, AgentPrincipal):
+        conv = require_member(tx, who, conversation_id)
+        sender = agent_participant(s.get(Agent, who.agent_id))
+    else:
+        conv = _require_customer(tx, who, conversation_id)
+        sender = customer_participant(conv)
+    prior = find_request(tx, conversation_id, _actor(who), request_id)
+    if prior is not None:
+        return prior
+    _require_open(conv)
+    if isinstance(who, CustomerPrincipal) and not conv.customer_connected:
+        raise precondition("CHAT_ENDED", "You have ended this chat.")
+    if predefined_id:
+        pm = _available_predefined(tx, who, conv).get(predefined_id)  # type: ignore[arg-type]
+        if pm is None:
+            raise not_found(
+                "PREDEFINED_MESSAGE_NOT_FOUND",
+                f"No predefined message {predefined_id!r} is available to you here.",
+                predefined_message_id=predefined_id,
+            )
+        text = text or pm.body
+    check_text(core, text)
+    message: dict[str, Any] = {
+        "message_id": uuid.uuid4().hex,
+        "sender": sender.to_json(),
+        "text": text,
+        "visibility": "VISIBILITY_AGENTS_ONLY" if private else "VISIBILITY_ALL",
+    }
+    if predefined_id:
+        message["predefined_message_id"] = predefined_id
+    return append_event(
+        tx,
+        core,
+        conv,
+        "message",
+        message,
+        actor=_actor(who),
+        visibility="agents" if private else "all",
+        request_id=request_id,
+    )
+
+
+def check_text(core: "Core", text: str) -> None:
+    if not text or not text.strip():
+        raise invalid("EMPTY_MESSAGE", "A message needs some text.")
+    limit = core.limits.max_message_chars
+    if len(text) > limit:
+        raise invalid(
+            "MESSAGE_TOO_LONG", f"A message may have at most {limit} characters; this one has {len(text)}.", limit=limit
+        )
+
+
+def _available_predefined(tx: Tx, who: AgentPrincipal, conv: Conversation | None) -> dict[str, PredefinedMessage]:
+    """Global ones, those of the agent's profile, and those of the profile's queues (or of conv's queue)."""
+    s = tx.session if isinstance(tx, Tx) else tx
+    if conv is not None:
+        queues = [conv.queue_id]
+    else:
+        queues = list(s.exec(select(ProfileQueue.queue_id).where(ProfileQueue.profile_id == who.profile_id)).all())
+    rows = s.exec(
+        select(PredefinedMessage)
+        .where(
+            or_(
+                (PredefinedMessage.queue_id.is_(None)) & (PredefinedMessage.profile_id.is_(None)),
+                PredefinedMessage.profile_id == who.profile_id,
+                PredefinedMessage.queue_id.in_(queues),
+            )
+        )
+        .order_by(PredefinedMessage.title, PredefinedMessage.id)
+    ).all()
+    return {r.id: r for r in rows}
+
+
+def list_predefined(s: Any, who: AgentPrincipal, conversation_id: str) -> list[PredefinedMessage]:
+    conv = None
+    if conversation_id:
+        conv = s.get(Conversation, conversation_id)
+        if conv is None or not _can_read(s, who, conversation_id):
+            raise not_found("CONVERSATION_NOT_FOUND", f"No conversation {conversation_id!r} of yours.")
+    return list(_available_predefined(s, who, conv).values())
+
+
+def send_offer_menu(
+    tx: Tx,
+    core: "Core",
+    who: AgentPrincipal,
+    conversation_id: str,
+    request_id: str,
+    prompt: str,
+    options: list[tuple[str, str]],
+) -> EventView:
+    conv = require_member(tx, who, conversation_id)
+    prior = find_request(tx, conversation_id, _actor(who), request_id)
+    if prior is not None:
+        return prior
+    _require_open(conv)
+    if not conv.customer_connected:
+        raise precondition("CHAT_ENDED", "The customer has ended the chat.")
+    if not prompt.strip():
+        raise invalid("EMPTY_PROMPT", "An offer menu needs a prompt.")
+    if len(prompt) > core.limits.max_message_chars:
+        raise invalid("PROMPT_TOO_LONG", f"The prompt may have at most {core.limits.max_message_chars} characters.")
+    if not 2 <= len(options) <= 10:
+        raise invalid("OPTION_COUNT", f"An offer menu has 2 to 10 options, not {len(options)}.", count=len(options))
+    ids = [o[0] for o in options]
+    if any(not i.strip() or len(i) > 64 for i in ids) or len(set(ids)) != len(ids):
+        raise invalid("OPTION_IDS", "Option ids must be unique, non-empty and at most 64 characters.")
+    if any(not label.strip() or len(label) > 200 for _, label in options):
+        raise invalid("OPTION_LABELS", "Option labels must be non-empty and at most 200 characters.")
+    opts = [{"option_id": i, "label": label} for i, label in options]
+    menu = OfferMenu(id=uuid.uuid4().hex, conversation_id=conv.id, prompt=prompt, options=json.dumps(opts))
+    tx.session.add(menu)
+    sender = agent_participant(tx.session.get(Agent, who.agent_id))
+    return append_event(
+        tx,
+        core,
+        conv,
+        "offer_menu",
+        {"menu_id": menu.id, "prompt": prompt, "options": opts, "sender": sender.to_json()},
+        actor=_actor(who),
+        request_id=request_id,
+    )
+
+
+def choose_option(
+    tx: Tx, core: "Core", who: CustomerPrincipal, conversation_id: str, menu_id: str, option_id: str
+) -> EventView:
+    conv = _require_customer(tx, who, conversation_id)
+    _require_open(conv)
+    if not conv.customer_connected:
+        raise precondition("CHAT_ENDED", "You have ended this chat.")
+    menu = tx.session.get(OfferMenu, menu_id) if menu_id else None
+    if menu is None or menu.conversation_id != conversation_id:
+        raise not_found("MENU_NOT_FOUND", f"No offer menu {menu_id!r} in this chat.", menu_id=menu_id)
+    if menu.chosen_option_id is not None:
+        raise precondition(
+            "OPTION_ALREADY_CHOSEN", "This menu has been answered already.", menu_id=menu_id, chosen=menu.chosen_option_id
+        )
+    label = {o["option_id"]: o["label"] for o in json.loads(menu.options)}.get(option_id)
+    if label is None:
+        raise invalid("UNKNOWN_OPTION", f"The menu has no option {option_id!r}.", option_id=option_id)
+    now = utcnow()
+    menu.chosen_option_id = option_id
+    menu.chosen_at = now
+    tx.session.add(menu)
+    return append_event(
+        tx,
+        core,
+        conv,
+        "option_chosen",
+        {
+            "menu_id": menu_id,
+            "option_id": option_id,
+            "label": label,
+            "chooser": customer_participant(conv).to_json(),
+        },
+        actor="customer",
+        now=now,
+    )
+
+
+def end_chat(tx: Tx, core: "Core", who: CustomerPrincipal, conversation_id: str) -> ConversationView:
+    """The customer leaves. Agents are told; they close the conversation without confirmation."""
+    s = tx.session
+    conv = _require_customer(tx, who, conversation_id)
+    if conv.customer_connected and conv.status != "closed":
+        now = utcnow()
+        conv.customer_connected = False
+        customer = customer_participant(conv).to_json()
+        append_event(tx, core, conv, "chat_ended", {"ended_by": customer}, actor="customer", now=now)
+        if conv.status == "queued":
+            routing.withdraw_conversation_offers(tx, core, conv.id, "customer_left", now)
+            _close(tx, core, conv, customer, "customer", now)
+            core.queue_changed(tx, conv.queue_id)
+            s.flush()
+            routing.dispatch(tx, core, now)
+    return conversation_view(s, conv, for_agent=False)
+
+
+def leave(tx: Tx, core: "Core", who: AgentPrincipal, conversation_id: str) -> None:
+    s = tx.session
+    conv = require_member(tx, who, conversation_id)
+    _require_open(conv)
+    others = [a for a in active_agents(s, conversation_id) if a.id != who.agent_id]
+    if not others and conv.customer_connected:
+        raise precondition(
+            "LAST_AGENT_MUST_CLOSE",
+            "You are the last agent and the customer is still connected: close the conversation instead.",
+        )
+    now = utcnow()
+    agent = s.get(Agent, who.agent_id)
+    part = s.exec(
+        select(Participant).where(
+            Participant.conversation_id == conversation_id, Participant.agent_id == who.agent_id, Participant.left_at.is_(None)
+        )
+    ).one()
+    if not others:  # the customer is gone too: leaving is closing
+        _close(tx, core, conv, agent_participant(agent).to_json(), f"agent:{agent.id}", now)
+    else:
+        part.left_at = now
+        s.add(part)
+        append_event(
+            tx, core, conv, "participant_left", {"participant": agent_participant(agent).to_json()}, actor=f"agent:{agent.id}", now=now
+        )
+    s.flush()
+    routing.dispatch(tx, core, now)
+
+
+def close(tx: Tx, core: "Core", who: AgentPrincipal, conversation_id: str, confirm: bool) -> ConversationView:
+    s = tx.session
+    conv = require_member(tx, who, conversation_id)
+    if conv.status == "closed":
+        return conversation_view(s, conv)
+    if conv.customer_connected and not confirm:
+        raise precondition(
+            "CUSTOMER_STILL_CONNECTED",
+            "The customer is still connected: confirm to close the chat anyway.",
+            conversation_id=conversation_id,
+        )
+    now = utcnow()
+    agent = agent_participant(s.get(Agent, who.agent_id)).to_json()
+    if conv.customer_connected:
+        conv.customer_connected = False
+        append_event(tx, core, conv, "chat_ended", {"ended_by": agent}, actor=f"agent:{who.agent_id}", now=now)
+    _close(tx, core, conv, agent, f"agent:{who.agent_id}", now)
+    s.flush()
+    routing.dispatch(tx, core, now)
+    return conversation_view(s, conv)
+
+
+def _close(tx: Tx, core: "Core", conv: Conversation, by: dict, actor: str, now) -> None:
+    routing.withdraw_conversation_offers(tx, core, conv.id, "taken_elsewhere", now)
+    conv.status = "closed"
+    conv.closed_at = now
+    tx.session.add(conv)
+    append_event(tx, core, conv, "chat_closed", {"closed_by": by}, actor=actor, now=now)
+
+
+# --- reads -----------------------------------------------------------------
+
+
+def _can_read(s: Any, who: AgentPrincipal, conversation_id: str) -> bool:
+    from .read import has_pending_invite_for, is_participant
+
+    return bool(is_participant(s, conversation_id, who.agent_id) or has_pending_invite_for(s, conversation_id, who.agent_id))
+
+
+def readable_conversation(s: Any, who: AgentPrincipal | CustomerPrincipal, conversation_id: str) -> Conversation:
+    """Agents read conversations they are in or invited to; customers their own."""
+    conv = s.get(Conversation, conversation_id) if conversation_id else None
+    if isinstance(who, CustomerPrincipal):
+        if conv is None or who.conversation_id != conversation_id:
+            raise denied("NOT_YOUR_CONVERSATION", "This token is not for that conversation.")
+        return conv
+    if conv is None:
+        raise not_found("CONVERSATION_NOT_FOUND", f"No conversation {conversation_id!r}.", conversation_id=conversation_id)
+    if not _can_read(s, who, conversation_id):
+        raise denied("NOT_A_PARTICIPANT", "You are not in this conversation.", conversation_id=conversation_id)
+    return conv
+
+
+def events_after(s: Any, conversation_id: str, after_seq: int, public_only: bool, limit: int = 500) -> list[EventView]:
+    q = select(Event).where(Event.conversation_id == conversation_id, Event.seq > after_seq)
+    if public_only:
+        q = q.where(Event.visibility == "all")
+    return [event_view(r) for r in s.exec(q.order_by(Event.seq).limit(limit)).all()]
+
+
+def agent_conversations(s: Any, who: AgentPrincipal, include_closed: bool) -> list[ConversationView]:
+    q = (
+        select(Conversation)
+        .join(Participant, Participant.conversation_id == Conversation.id)
+        .where(Participant.agent_id == who.agent_id, Participant.left_at.is_(None))
+        .order_by(Conversation.created_at)
+    )
+    if not include_closed:
+        q = q.where(Conversation.status != "closed")
+    return [conversation_view(s, c) for c in s.exec(q).all()]
+
+
+def session_is_live(s: Any, session_id: str) -> bool:
+    sess = s.get(AgentSession, session_id)
+    return sess is not None and sess.ended_at is None

@@ -1,0 +1,118 @@
+"""Appending to a conversation's log and to an agent session's offer feed.
+
+seq is assigned inside the committing transaction (last_seq + 1 on the row,
+which also serializes writers on PostgreSQL), and the event is published to
+the bus only after commit.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+from sqlmodel import select
+
+from ..store import Tx
+from ..store.models import Agent, AgentSession, Conversation, Event, FeedEvent
+from .views import EventView, FeedEventView, ParticipantView
+
+if TYPE_CHECKING:
+    from .core import Core
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def ts(dt: datetime | None) -> str | None:
+    """RFC 3339 for proto JSON Timestamps."""
+    if dt is None:
+        return None
+    return dt.astimezone(timezone.utc).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+
+
+def conv_topic(conversation_id: str) -> tuple[str, str]:
+    return ("conv", conversation_id)
+
+
+def feed_topic(session_id: str) -> tuple[str, str]:
+    return ("feed", session_id)
+
+
+def customer_participant(conv: Conversation) -> ParticipantView:
+    return ParticipantView("customer", display_name=conv.customer_name or "Customer")
+
+
+def agent_participant(agent: Agent) -> ParticipantView:
+    return ParticipantView("agent", agent.id, agent.display_name)
+
+
+def append_event(
+    tx: Tx,
+    core: "Core",
+    conv: Conversation,
+    kind: str,
+    payload: dict[str, Any],
+    *,
+    actor: str,
+    visibility: str = "all",
+    request_id: str | None = None,
+    now: datetime | None = None,
+) -> EventView:
+    now = now or utcnow()
+    conv.last_seq += 1
+    tx.session.add(conv)
+    row = Event(
+        conversation_id=conv.id,
+        seq=conv.last_seq,
+        kind=kind,
+        visibility=visibility,
+        created_at=now,
+        actor=actor,
+        request_id=request_id or None,
+        payload=json.dumps(payload, separators=(",", ":")),
+    )
+    tx.session.add(row)
+    view = EventView(conv.id, row.seq, kind, visibility, now, payload)
+    tx.after_commit(lambda: core.bus.publish(conv_topic(conv.id), view))
+    return view
+
+
+def event_view(row: Event) -> EventView:
+    return EventView(row.conversation_id, row.seq, row.kind, row.visibility, row.created_at, json.loads(row.payload))
+
+
+def find_request(tx: Tx, conversation_id: str, actor: str, request_id: str | None) -> EventView | None:
+    """The event a previous try of this request stored, if any."""
+    if not request_id:
+        return None
+    row = tx.session.exec(
+        select(Event).where(
+            Event.conversation_id == conversation_id, Event.actor == actor, Event.request_id == request_id
+        )
+    ).first()
+    return event_view(row) if row else None
+
+
+def append_feed(
+    tx: Tx, core: "Core", session: AgentSession, kind: str, payload: dict[str, Any], now: datetime
+) -> FeedEventView:
+    session.feed_seq += 1
+    tx.session.add(session)
+    tx.session.add(
+        FeedEvent(
+            session_id=session.id,
+            seq=session.feed_seq,
+            kind=kind,
+            created_at=now,
+            payload=json.dumps(payload, separators=(",", ":")),
+        )
+    )
+    view = FeedEventView(session.id, session.feed_seq, kind, now, payload)
+    tx.after_commit(lambda: core.bus.publish(feed_topic(session.id), view))
+    return view
+
+
+def feed_view(row: FeedEvent) -> FeedEventView:
+    return FeedEventView(row.session_id, row.seq, row.kind, row.created_at, json.loads(row.payload))

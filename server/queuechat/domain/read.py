@@ -1,0 +1,149 @@
+"""Queries shared by the write paths and the read calls."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Iterable
+
+from sqlalchemy import func
+from sqlmodel import Session, select
+
+from ..store.models import (
+    Agent,
+    Conversation,
+    CustomerVariable,
+    Invite,
+    Offer,
+    Participant,
+    ProfileQueue,
+    Queue,
+)
+from .log import ts
+from .views import ConversationView, ParticipantView, VariableView
+
+
+def variables(s: Session, conversation_id: str) -> tuple[VariableView, ...]:
+    rows = s.exec(
+        select(CustomerVariable).where(CustomerVariable.conversation_id == conversation_id).order_by(CustomerVariable.name)
+    ).all()
+    return tuple(VariableView(v.name, v.value, v.authenticated) for v in rows)
+
+
+def variables_json(vs: Iterable[VariableView]) -> list[dict[str, Any]]:
+    return [{"name": v.name, "value": v.value, "authenticated": v.authenticated} for v in vs]
+
+
+def queue_json(s: Session, queue_id: str) -> dict[str, str]:
+    q = s.get(Queue, queue_id)
+    return {"queue_id": queue_id, "display_name": q.display_name if q else queue_id}
+
+
+def active_agents(s: Session, conversation_id: str) -> list[Agent]:
+    return list(
+        s.exec(
+            select(Agent)
+            .join(Participant, Participant.agent_id == Agent.id)
+            .where(Participant.conversation_id == conversation_id, Participant.left_at.is_(None))
+            .order_by(Participant.joined_at)
+        ).all()
+    )
+
+
+def is_participant(s: Session, conversation_id: str, agent_id: str) -> Participant | None:
+    return s.exec(
+        select(Participant).where(
+            Participant.conversation_id == conversation_id,
+            Participant.agent_id == agent_id,
+            Participant.left_at.is_(None),
+        )
+    ).first()
+
+
+def pending_invite(s: Session, conversation_id: str) -> Invite | None:
+    return s.exec(select(Invite).where(Invite.conversation_id == conversation_id, Invite.status == "pending")).first()
+
+
+def has_pending_invite_for(s: Session, conversation_id: str, agent_id: str) -> bool:
+    return (
+        s.exec(
+            select(Invite.id).where(
+                Invite.conversation_id == conversation_id, Invite.invitee_id == agent_id, Invite.status == "pending"
+            )
+        ).first()
+        is not None
+    )
+
+
+_INVITE_STATES = {
+    "pending": "INVITE_STATE_PENDING",
+    "accepted": "INVITE_STATE_ACCEPTED",
+    "rejected": "INVITE_STATE_REJECTED",
+    "timed_out": "INVITE_STATE_TIMED_OUT",
+    "cancelled": "INVITE_STATE_CANCELLED",
+    "withdrawn": "INVITE_STATE_WITHDRAWN",
+}
+
+
+def invite_json(s: Session, inv: Invite) -> dict[str, Any]:
+    inviter = s.get(Agent, inv.inviter_id)
+    invitee = s.get(Agent, inv.invitee_id)
+    out: dict[str, Any] = {
+        "invite_id": inv.id,
+        "conversation_id": inv.conversation_id,
+        "inviter": ParticipantView("agent", inv.inviter_id, inviter.display_name if inviter else "").to_json(),
+        "invitee": ParticipantView("agent", inv.invitee_id, invitee.display_name if invitee else "").to_json(),
+        "state": _INVITE_STATES[inv.status],
+        "create_time": ts(inv.created_at),
+        "expire_time": ts(inv.expires_at),
+    }
+    if inv.queue_id:
+        out["queue_id"] = inv.queue_id
+    return out
+
+
+def conversation_view(s: Session, conv: Conversation, *, for_agent: bool = True) -> ConversationView:
+    q = s.get(Queue, conv.queue_id)
+    inv = pending_invite(s, conv.id) if for_agent else None
+    return ConversationView(
+        id=conv.id,
+        queue_id=conv.queue_id,
+        queue_name=q.display_name if q else conv.queue_id,
+        status=conv.status,
+        customer_connected=conv.customer_connected,
+        variables=variables(s, conv.id),
+        agents=tuple(ParticipantView("agent", a.id, a.display_name) for a in active_agents(s, conv.id)),
+        last_seq=conv.last_seq,
+        created_at=conv.created_at,
+        closed_at=conv.closed_at,
+        pending_invite=invite_json(s, inv) if inv else None,
+    )
+
+
+def agent_loads(s: Session, agent_ids: Iterable[str] | None = None) -> dict[str, int]:
+    """Open conversations plus pending offers, per agent: what counts against max_chats."""
+    ids = list(agent_ids) if agent_ids is not None else None
+    q1 = (
+        select(Participant.agent_id, func.count())
+        .join(Conversation, Conversation.id == Participant.conversation_id)
+        .where(Participant.left_at.is_(None), Conversation.status != "closed")
+        .group_by(Participant.agent_id)
+    )
+    q2 = select(Offer.agent_id, func.count()).where(Offer.status == "pending").group_by(Offer.agent_id)
+    if ids is not None:
+        q1 = q1.where(Participant.agent_id.in_(ids))
+        q2 = q2.where(Offer.agent_id.in_(ids))
+    loads: dict[str, int] = {}
+    for agent_id, n in list(s.exec(q1).all()) + list(s.exec(q2).all()):
+        loads[agent_id] = loads.get(agent_id, 0) + n
+    return loads
+
+
+def profile_queues(s: Session) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for pq in s.exec(select(ProfileQueue)).all():
+        out.setdefault(pq.profile_id, set()).add(pq.queue_id)
+    return out
+
+
+def menu_options(raw: str) -> list[dict[str, str]]:
+    return json.loads(raw)

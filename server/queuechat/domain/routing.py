@@ -1,0 +1,240 @@
+"""Routing: who is offered which chat, and what happens when they answer.
+
+- The oldest waiting chat of a queue goes first; it keeps its place when
+  rejected (enqueued_at never changes).
+- Among ready agents with an open offer stream, free capacity and a profile
+  containing the queue, the one whose last offer is oldest (idle longest) wins.
+- An agent who rejected a chat (or let it time out) is not offered it again
+  during the cool-down while another eligible agent exists.
+- Pending offers count against capacity, so accepting can never exceed it;
+  the database allows one pending chat offer per conversation.
+
+Everything here runs inside a write transaction on the single writer, so
+two dispatches never interleave. Invite offers share the offer life cycle;
+what an answered invite means for the conversation is in invites.py.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
+
+from sqlmodel import select
+
+from ..errors import not_found, precondition
+from ..store import Tx
+from ..store.models import Agent, AgentSession, Conversation, Offer, Participant
+from . import invites
+from .log import agent_participant, append_event, append_feed, ts, utcnow
+from .read import agent_loads, conversation_view, profile_queues, queue_json, variables, variables_json
+from .views import AgentPrincipal, ConversationView
+
+if TYPE_CHECKING:
+    from .core import Core
+
+_OFFER_STATES = {
+    "pending": "OFFER_STATE_PENDING",
+    "accepted": "OFFER_STATE_ACCEPTED",
+    "rejected": "OFFER_STATE_REJECTED",
+    "timed_out": "OFFER_STATE_TIMED_OUT",
+    "withdrawn": "OFFER_STATE_WITHDRAWN",
+}
+_WITHDRAW_REASONS = {
+    "customer_left": "WITHDRAW_REASON_CUSTOMER_LEFT",
+    "taken_elsewhere": "WITHDRAW_REASON_TAKEN_ELSEWHERE",
+    "cancelled": "WITHDRAW_REASON_CANCELLED",
+    "agent_unavailable": "WITHDRAW_REASON_AGENT_UNAVAILABLE",
+}
+
+
+def dispatch(tx: Tx, core: "Core", now: datetime | None = None) -> int:
+    """Offer waiting chats to free agents until either runs out. Returns offers made."""
+    s = tx.session
+    now = now or utcnow()
+    rows = s.exec(
+        select(AgentSession, Agent)
+        .join(Agent, Agent.id == AgentSession.agent_id)
+        .where(AgentSession.ended_at.is_(None), AgentSession.ready == True, AgentSession.stream_count > 0)  # noqa: E712
+    ).all()
+    if not rows:
+        return 0
+    loads = agent_loads(s, [a.id for _, a in rows])
+    pq = profile_queues(s)
+    free = [(sess, agent) for sess, agent in rows if loads.get(agent.id, 0) < agent.max_chats]
+    if not free:
+        return 0
+    served = set().union(*(pq.get(sess.profile_id, set()) for sess, _ in free))
+    if not served:
+        return 0
+
+    cutoff = now - timedelta(seconds=core.settings.reject_cooldown)
+    cooling = set(
+        s.exec(
+            select(Offer.conversation_id, Offer.agent_id).where(
+                Offer.kind == "chat",
+                Offer.status.in_(("rejected", "timed_out")),
+                Offer.resolved_at > cutoff,
+                Offer.agent_id.in_([a.id for _, a in free]),
+            )
+        ).all()
+    )
+    offered = select(Offer.conversation_id).where(Offer.kind == "chat", Offer.status == "pending")
+    waiting = s.exec(
+        select(Conversation)
+        .where(Conversation.status == "queued", Conversation.queue_id.in_(served), Conversation.id.not_in(offered))
+        .order_by(Conversation.enqueued_at, Conversation.id)
+    )
+    made = 0
+    for conv in waiting:
+        candidates = [
+            (sess, agent)
+            for sess, agent in free
+            if conv.queue_id in pq.get(sess.profile_id, ()) and loads.get(agent.id, 0) < agent.max_chats
+        ]
+        if not candidates:
+            continue
+        preferred = [c for c in candidates if (conv.id, c[1].id) not in cooling] or candidates
+        sess, agent = min(preferred, key=lambda c: (c[0].last_offer_at, c[0].created_at))
+        make_offer(tx, core, conv, sess, now)
+        loads[agent.id] = loads.get(agent.id, 0) + 1
+        made += 1
+        free = [c for c in free if loads.get(c[1].id, 0) < c[1].max_chats]
+        if not free:
+            break
+    return made
+
+
+def make_offer(
+    tx: Tx, core: "Core", conv: Conversation, sess: AgentSession, now: datetime, invite_payload: dict | None = None
+) -> Offer:
+    s = tx.session
+    offer = Offer(
+        id=uuid.uuid4().hex,
+        session_id=sess.id,
+        agent_id=sess.agent_id,
+        conversation_id=conv.id,
+        kind="invite" if invite_payload else "chat",
+        invite_id=invite_payload["invite_id"] if invite_payload else None,
+        status="pending",
+        created_at=now,
+        expires_at=now + timedelta(seconds=core.settings.offer_timeout),
+    )
+    s.add(offer)
+    sess.last_offer_at = now
+    payload = {
+        "offer_id": offer.id,
+        "kind": "OFFER_KIND_INVITE" if invite_payload else "OFFER_KIND_CHAT",
+        "conversation_id": conv.id,
+        "queue": queue_json(s, conv.queue_id),
+        "variables": variables_json(variables(s, conv.id)),
+        "enqueue_time": ts(conv.enqueued_at),
+        "waiting_time": f"{(now - conv.enqueued_at).total_seconds():.6f}s",
+        "create_time": ts(now),
+        "expire_time": ts(offer.expires_at),
+    }
+    if invite_payload:
+        payload["invite"] = invite_payload
+    append_feed(tx, core, sess, "offer", payload, now)
+    core.schedule(tx, offer.expires_at, expire_offer, offer.id)
+    return offer
+
+
+def close_offer(tx: Tx, core: "Core", offer: Offer, state: str, now: datetime, reason: str | None = None) -> None:
+    """Record the outcome on the offer and on its session's feed."""
+    offer.status = state
+    offer.resolved_at = now
+    offer.withdraw_reason = reason
+    tx.session.add(offer)
+    update = {"offer_id": offer.id, "state": _OFFER_STATES[state]}
+    if reason:
+        update["withdraw_reason"] = _WITHDRAW_REASONS[reason]
+    sess = tx.session.get(AgentSession, offer.session_id)
+    append_feed(tx, core, sess, "offer_update", update, now)
+
+
+def _own_pending_offer(tx: Tx, who: AgentPrincipal, offer_id: str, answer: str) -> Offer | None:
+    """The caller's offer if still pending; None if already answered the same way (a retry)."""
+    offer = tx.session.get(Offer, offer_id) if offer_id else None
+    if offer is None or offer.agent_id != who.agent_id:
+        raise not_found("OFFER_NOT_FOUND", f"No offer {offer_id!r} was made to you.", offer_id=offer_id)
+    if offer.status == answer and offer.session_id == who.session_id:
+        return None
+    if offer.status != "pending" or offer.session_id != who.session_id:
+        raise precondition(
+            "OFFER_NO_LONGER_VALID",
+            f"The offer is no longer valid (it is {offer.status.replace('_', ' ')}).",
+            offer_id=offer_id,
+            state=offer.status,
+        )
+    if utcnow() >= offer.expires_at:
+        raise precondition("OFFER_NO_LONGER_VALID", "The offer has timed out.", offer_id=offer_id, state="timed_out")
+    return offer
+
+
+def accept_offer(tx: Tx, core: "Core", who: AgentPrincipal, offer_id: str) -> ConversationView:
+    s = tx.session
+    now = utcnow()
+    offer = _own_pending_offer(tx, who, offer_id, "accepted")
+    if offer is None:  # accepted already: answer the retry the same way
+        conv = s.get(Conversation, s.get(Offer, offer_id).conversation_id)
+        return conversation_view(s, conv)
+    conv = s.get(Conversation, offer.conversation_id)
+    agent = s.get(Agent, who.agent_id)
+    close_offer(tx, core, offer, "accepted", now)
+    if offer.kind == "invite":
+        invites.on_accepted(tx, core, offer, conv, agent, now)
+    else:
+        conv.status = "active"
+        s.add(conv)
+        s.add(Participant(conversation_id=conv.id, agent_id=agent.id, joined_at=now))
+        append_event(
+            tx,
+            core,
+            conv,
+            "participant_joined",
+            {"participant": agent_participant(agent).to_json()},
+            actor=f"agent:{agent.id}",
+            now=now,
+        )
+        core.queue_changed(tx, conv.queue_id)
+    s.flush()
+    return conversation_view(s, conv)
+
+
+def reject_offer(tx: Tx, core: "Core", who: AgentPrincipal, offer_id: str) -> None:
+    offer = _own_pending_offer(tx, who, offer_id, "rejected")
+    if offer is not None:
+        _give_back(tx, core, offer, "rejected", utcnow())
+
+
+def expire_offer(tx: Tx, core: "Core", offer_id: str) -> None:
+    """Timer: an unanswered offer counts as a reject."""
+    offer = tx.session.get(Offer, offer_id)
+    if offer is not None and offer.status == "pending":
+        _give_back(tx, core, offer, "timed_out", utcnow())
+
+
+def withdraw_session_offers(tx: Tx, core: "Core", session_id: str, now: datetime) -> None:
+    """The session went away: its pending offers go back (chats to the queue, invites to the inviter)."""
+    for offer in tx.session.exec(select(Offer).where(Offer.session_id == session_id, Offer.status == "pending")).all():
+        _give_back(tx, core, offer, "withdrawn", now, reason="agent_unavailable")
+
+
+def withdraw_conversation_offers(tx: Tx, core: "Core", conversation_id: str, reason: str, now: datetime) -> None:
+    """The conversation ended or was taken: nobody may still accept an offer for it."""
+    for offer in tx.session.exec(
+        select(Offer).where(Offer.conversation_id == conversation_id, Offer.status == "pending")
+    ).all():
+        close_offer(tx, core, offer, "withdrawn", now, reason)
+        if offer.kind == "invite":
+            invites.on_offer_closed(tx, core, offer, "withdrawn", now)
+
+
+def _give_back(tx: Tx, core: "Core", offer: Offer, state: str, now: datetime, reason: str | None = None) -> None:
+    """Reject, time-out or withdrawal: a chat keeps its place in the queue and goes to the next agent."""
+    close_offer(tx, core, offer, state, now, reason)
+    if offer.kind == "invite":
+        invites.on_offer_closed(tx, core, offer, state, now)
+    tx.session.flush()
+    dispatch(tx, core, now)

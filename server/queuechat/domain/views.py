@@ -1,0 +1,124 @@
+"""What the domain hands to the API layer: plain immutable values.
+
+Event payloads are kept in the proto3 JSON form of the chat.v1 messages, so
+the stored log is self-describing and the API layer parses it as is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class EventView:
+    conversation_id: str
+    seq: int
+    kind: str
+    visibility: str  # "all" | "agents"
+    created_at: datetime
+    payload: dict[str, Any]
+
+    @property
+    def public(self) -> bool:
+        return self.visibility == "all"
+
+
+@dataclass(frozen=True, slots=True)
+class FeedEventView:
+    session_id: str
+    seq: int
+    kind: str  # "offer" | "offer_update"
+    created_at: datetime
+    payload: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class QueuePositionView:
+    conversation_id: str
+    position: int
+    waiting_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class ParticipantView:
+    kind: str  # "customer" | "agent"
+    agent_id: str = ""
+    display_name: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        kind = "PARTICIPANT_KIND_AGENT" if self.kind == "agent" else "PARTICIPANT_KIND_CUSTOMER"
+        out: dict[str, Any] = {"kind": kind, "display_name": self.display_name}
+        if self.agent_id:
+            out["agent_id"] = self.agent_id
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class VariableView:
+    name: str
+    value: str
+    authenticated: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationView:
+    id: str
+    queue_id: str
+    queue_name: str
+    status: str
+    customer_connected: bool
+    variables: tuple[VariableView, ...]
+    agents: tuple[ParticipantView, ...]
+    last_seq: int
+    created_at: datetime
+    closed_at: datetime | None
+    pending_invite: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SessionView:
+    session_id: str
+    agent_id: str
+    display_name: str
+    max_chats: int
+    profile_id: str
+    profile_name: str
+    queue_ids: tuple[str, ...]
+    ready: bool
+    token: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    latest_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class StartedChat:
+    conversation: ConversationView
+    customer_token: str
+
+
+@dataclass(frozen=True, slots=True)
+class AgentPrincipal:
+    session_id: str
+    agent_id: str
+    profile_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class CustomerPrincipal:
+    conversation_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class AdminPrincipal:
+    admin_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Transcript:
+    conversation: ConversationView
+    events: tuple[EventView, ...] = field(default_factory=tuple)

@@ -1,0 +1,220 @@
+"""Tables. The database is the source of truth; nothing routing-relevant lives only in memory.
+
+Times are aware UTC datetimes (SQLModel's UTCDateTime), stored alike by SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Optional
+
+from sqlalchemy import Column, Index, Text, UniqueConstraint, text
+from sqlmodel import Field, SQLModel
+
+
+class Setting(SQLModel, table=True):
+    key: str = Field(primary_key=True)
+    value: str
+
+
+class Queue(SQLModel, table=True):
+    id: str = Field(primary_key=True)
+    display_name: str
+
+
+class Profile(SQLModel, table=True):
+    id: str = Field(primary_key=True)
+    display_name: str
+
+
+class ProfileQueue(SQLModel, table=True):
+    __tablename__ = "profile_queue"
+    profile_id: str = Field(foreign_key="profile.id", primary_key=True, ondelete="CASCADE")
+    queue_id: str = Field(foreign_key="queue.id", primary_key=True, ondelete="CASCADE")
+
+
+class Agent(SQLModel, table=True):
+    id: str = Field(primary_key=True)
+    display_name: str
+    password_hash: str
+    max_chats: int = 3
+
+
+class AgentProfile(SQLModel, table=True):
+    __tablename__ = "agent_profile"
+    agent_id: str = Field(foreign_key="agent.id", primary_key=True, ondelete="CASCADE")
+    profile_id: str = Field(foreign_key="profile.id", primary_key=True, ondelete="CASCADE")
+
+
+class Admin(SQLModel, table=True):
+    id: str = Field(primary_key=True)
+    password_hash: str
+
+
+class AdminSession(SQLModel, table=True):
+    __tablename__ = "admin_session"
+    token_hash: str = Field(primary_key=True)
+    admin_id: str = Field(foreign_key="admin.id", ondelete="CASCADE")
+    created_at: datetime
+
+
+class PredefinedMessage(SQLModel, table=True):
+    __tablename__ = "predefined_message"
+    id: str = Field(primary_key=True)
+    title: str
+    body: str = Field(sa_column=Column(Text, nullable=False))
+    queue_id: Optional[str] = Field(default=None, foreign_key="queue.id", ondelete="CASCADE")
+    profile_id: Optional[str] = Field(default=None, foreign_key="profile.id", ondelete="CASCADE")
+
+
+class AgentSession(SQLModel, table=True):
+    """One login. Offers belong to a session; conversations belong to the agent."""
+
+    __tablename__ = "agent_session"
+    id: str = Field(primary_key=True)
+    token_hash: str = Field(unique=True)
+    agent_id: str = Field(foreign_key="agent.id", index=True)
+    profile_id: str = Field(foreign_key="profile.id")
+    ready: bool = False
+    # Open offer streams; offers are made only while > 0.
+    stream_count: int = 0
+    stream_lost_at: Optional[datetime] = None
+    created_at: datetime
+    ended_at: Optional[datetime] = Field(default=None, index=True)
+    # Routing picks the agent idle longest: the oldest of these.
+    last_offer_at: datetime
+    # Last seq of this session's offer feed.
+    feed_seq: int = 0
+
+
+class Conversation(SQLModel, table=True):
+    id: str = Field(primary_key=True)
+    queue_id: str = Field(foreign_key="queue.id")
+    # queued | active | closed
+    status: str = Field(index=True)
+    customer_connected: bool = True
+    customer_name: str = ""
+    created_at: datetime
+    # Place in the queue; a rejected chat keeps it.
+    enqueued_at: datetime
+    closed_at: Optional[datetime] = None
+    last_seq: int = 0
+    start_request_id: Optional[str] = Field(default=None, unique=True)
+
+    __table_args__ = (Index("ix_conversation_queue_wait", "status", "queue_id", "enqueued_at"),)
+
+
+class CustomerVariable(SQLModel, table=True):
+    __tablename__ = "customer_variable"
+    conversation_id: str = Field(foreign_key="conversation.id", primary_key=True)
+    name: str = Field(primary_key=True)
+    value: str = Field(sa_column=Column(Text, nullable=False))
+    authenticated: bool = False
+
+
+class Participant(SQLModel, table=True):
+    id: Optional[int] = Field(default=None, primary_key=True)
+    conversation_id: str = Field(foreign_key="conversation.id", index=True)
+    agent_id: str = Field(foreign_key="agent.id", index=True)
+    joined_at: datetime
+    left_at: Optional[datetime] = None
+
+
+class Event(SQLModel, table=True):
+    """A conversation's log. seq is gap-free per conversation, assigned in the committing transaction."""
+
+    __tablename__ = "conversation_event"
+    id: Optional[int] = Field(default=None, primary_key=True)
+    conversation_id: str = Field(foreign_key="conversation.id")
+    seq: int
+    kind: str
+    # all | agents
+    visibility: str
+    created_at: datetime
+    # Who caused it ("customer" or "agent:<id>"); scopes request_id.
+    actor: str
+    request_id: Optional[str] = None
+    payload: str = Field(sa_column=Column(Text, nullable=False))
+
+    __table_args__ = (
+        UniqueConstraint("conversation_id", "seq"),
+        UniqueConstraint("conversation_id", "actor", "request_id"),
+    )
+
+
+class Offer(SQLModel, table=True):
+    id: str = Field(primary_key=True)
+    session_id: str = Field(foreign_key="agent_session.id", index=True)
+    agent_id: str = Field(foreign_key="agent.id")
+    conversation_id: str = Field(foreign_key="conversation.id", index=True)
+    # chat | invite
+    kind: str
+    invite_id: Optional[str] = Field(default=None, foreign_key="invite.id")
+    # pending | accepted | rejected | timed_out | withdrawn
+    status: str
+    withdraw_reason: Optional[str] = None
+    created_at: datetime
+    expires_at: datetime
+    resolved_at: Optional[datetime] = None
+
+    __table_args__ = (
+        # A chat is offered to one agent at a time: the database enforces it.
+        Index(
+            "ux_offer_one_pending_chat",
+            "conversation_id",
+            unique=True,
+            sqlite_where=text("kind = 'chat' AND status = 'pending'"),
+            postgresql_where=text("kind = 'chat' AND status = 'pending'"),
+        ),
+        Index("ix_offer_status", "status", "agent_id"),
+    )
+
+
+class Invite(SQLModel, table=True):
+    id: str = Field(primary_key=True)
+    conversation_id: str = Field(foreign_key="conversation.id", index=True)
+    inviter_id: str = Field(foreign_key="agent.id")
+    invitee_id: str = Field(foreign_key="agent.id")
+    queue_id: Optional[str] = None
+    # pending | accepted | rejected | timed_out | cancelled | withdrawn
+    status: str
+    request_id: Optional[str] = None
+    created_at: datetime
+    expires_at: datetime
+    resolved_at: Optional[datetime] = None
+
+    __table_args__ = (
+        Index(
+            "ux_invite_one_pending",
+            "conversation_id",
+            unique=True,
+            sqlite_where=text("status = 'pending'"),
+            postgresql_where=text("status = 'pending'"),
+        ),
+        UniqueConstraint("conversation_id", "inviter_id", "request_id"),
+    )
+
+
+class OfferMenu(SQLModel, table=True):
+    __tablename__ = "offer_menu"
+    id: str = Field(primary_key=True)
+    conversation_id: str = Field(foreign_key="conversation.id", index=True)
+    prompt: str = Field(sa_column=Column(Text, nullable=False))
+    # JSON list of {"option_id", "label"}
+    options: str = Field(sa_column=Column(Text, nullable=False))
+    chosen_option_id: Optional[str] = None
+    chosen_at: Optional[datetime] = None
+
+
+class FeedEvent(SQLModel, table=True):
+    """An agent session's offer feed, resumable by seq like a conversation."""
+
+    __tablename__ = "agent_feed_event"
+    id: Optional[int] = Field(default=None, primary_key=True)
+    session_id: str = Field(foreign_key="agent_session.id")
+    seq: int
+    kind: str
+    created_at: datetime
+    payload: str = Field(sa_column=Column(Text, nullable=False))
+
+    __table_args__ = (UniqueConstraint("session_id", "seq"),)
