@@ -1,12 +1,21 @@
 import pytest
 
-from harness import Harness, base_config
+from harness import Harness, base_config, configure
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "configure(max_chats=..., settings=..., ...): adjust the server configuration before it starts"
+    )
 
 
 @pytest.fixture
-def config():
-    """Override per test: config.update(...) before using `server`."""
-    return base_config()
+def config(request):
+    """The server's configuration document; adjust it with @pytest.mark.configure(...)."""
+    doc = base_config()
+    for marker in request.node.iter_markers("configure"):
+        configure(doc, **marker.kwargs)
+    return doc
 
 
 @pytest.fixture

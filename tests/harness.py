@@ -371,3 +371,16 @@ class Harness:
         return resp.admin_token
 
 
+
+
+
+def configure(doc: dict[str, Any], *, max_chats: dict[str, int] | None = None, **sections: dict[str, Any]) -> None:
+    """Apply @pytest.mark.configure(max_chats={"agent1": 1}, settings={"offer_timeout": 0.4}, ...)."""
+    for agent in doc["agents"]:
+        if max_chats and agent["id"] in max_chats:
+            agent["max_chats"] = max_chats[agent["id"]]
+    for name, values in sections.items():
+        if isinstance(doc.get(name), dict):
+            doc[name].update(values)
+        else:
+            doc[name] = values
