@@ -52,3 +52,54 @@ async def test_health_and_reflection_are_served(server):
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await health.Check(health_pb2.HealthCheckRequest(service="no.such.Service"))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def _reflective_chat(port: int) -> dict:
+    """What grpcurl does: learn the API by reflection, then call it with JSON, no generated code."""
+    from google.protobuf import descriptor_pool, json_format, message_factory
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        pool = descriptor_pool.DescriptorPool(ProtoReflectionDescriptorDatabase(channel))
+
+        def call(method: str, body: dict, token: str = "", stream: bool = False):
+            service_name, _, name = method.rpartition("/")
+            m = pool.FindServiceByName(service_name).FindMethodByName(name)
+            req_cls = message_factory.GetMessageClass(m.input_type)
+            resp_cls = message_factory.GetMessageClass(m.output_type)
+            factory = channel.unary_stream if stream else channel.unary_unary
+            rpc = factory(f"/{service_name}/{name}", req_cls.SerializeToString, resp_cls.FromString)
+            md = [("authorization", f"Bearer {token}")] if token else None
+            result = rpc(json_format.ParseDict(body, req_cls()), metadata=md, timeout=10)
+            if stream:
+                return result
+            return json_format.MessageToDict(result, preserving_proto_field_name=True)
+
+        login = call(
+            "chat.v1.AgentService/Login",
+            {"username": "agent1", "password": "pw1", "profile_id": "both", "ready": True},
+        )
+        offers = call("chat.v1.AgentService/StreamOffers", {}, login["session_token"], stream=True)
+        started = call("chat.v1.CustomerService/StartChat", {"queue_id": "sales", "variables": {"name": "Ada"}})
+        conv_id = started["conversation"]["conversation_id"]
+        for item in offers:
+            offer = json_format.MessageToDict(item, preserving_proto_field_name=True).get("event", {}).get("offer")
+            if offer and offer["conversation_id"] == conv_id:
+                break
+        offers.cancel()
+        call("chat.v1.AgentService/AcceptOffer", {"offer_id": offer["offer_id"]}, login["session_token"])
+        call(
+            "chat.v1.CustomerService/SendMessage",
+            {"conversation_id": conv_id, "text": "Hello!"},
+            started["customer_token"],
+        )
+        return call("chat.v1.CustomerService/GetTranscript", {"conversation_id": conv_id}, started["customer_token"])
+
+
+async def test_a_reflection_only_client_can_chat(server):
+    import asyncio
+
+    transcript = await asyncio.to_thread(_reflective_chat, server.server.port)
+    kinds = [next(k for k in e if k not in ("conversation_id", "seq", "create_time", "visibility")) for e in transcript["events"]]
+    assert kinds == ["chat_started", "participant_joined", "participant_joined", "message"]
+    assert transcript["events"][-1]["message"]["text"] == "Hello!"
