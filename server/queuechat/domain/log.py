@@ -1,8 +1,9 @@
 """Appending to a conversation's log and to an agent session's offer feed.
 
-seq is assigned inside the committing transaction (last_seq + 1 on the row,
-which also serializes writers on PostgreSQL), and the event is published to
-the bus only after commit.
+seq is assigned inside the committing transaction by an atomic
+UPDATE ... RETURNING on the owning row, which also locks that row until
+commit, so two writers (even two processes on PostgreSQL) never take the
+same seq. The event is published to the bus only after commit.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import json
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy import update
+from sqlalchemy.orm.attributes import set_committed_value
 from sqlmodel import select
 
 from ..store import Tx
@@ -61,11 +64,10 @@ def append_event(
     now: datetime | None = None,
 ) -> EventView:
     now = now or utcnow()
-    conv.last_seq += 1
-    tx.session.add(conv)
+    seq = _next_seq(tx, Conversation, conv, "last_seq")
     row = Event(
         conversation_id=conv.id,
-        seq=conv.last_seq,
+        seq=seq,
         kind=kind,
         visibility=visibility,
         created_at=now,
@@ -74,9 +76,22 @@ def append_event(
         payload=json.dumps(payload, separators=(",", ":")),
     )
     tx.session.add(row)
-    view = EventView(conv.id, row.seq, kind, visibility, now, payload)
+    view = EventView(conv.id, seq, kind, visibility, now, payload)
     tx.after_commit(lambda: core.bus.publish(conv_topic(conv.id), view))
     return view
+
+
+def _next_seq(tx: Tx, model: type, obj: Any, column: str) -> int:
+    col = getattr(model, column)
+    seq = tx.session.execute(
+        update(model)
+        .where(model.id == obj.id)
+        .values({column: col + 1})
+        .returning(col)
+        .execution_options(synchronize_session=False)
+    ).scalar_one()
+    set_committed_value(obj, column, seq)  # the row is already up to date
+    return seq
 
 
 def event_view(row: Event) -> EventView:
@@ -98,18 +113,17 @@ def find_request(tx: Tx, conversation_id: str, actor: str, request_id: str | Non
 def append_feed(
     tx: Tx, core: "Core", session: AgentSession, kind: str, payload: dict[str, Any], now: datetime
 ) -> FeedEventView:
-    session.feed_seq += 1
-    tx.session.add(session)
+    seq = _next_seq(tx, AgentSession, session, "feed_seq")
     tx.session.add(
         FeedEvent(
             session_id=session.id,
-            seq=session.feed_seq,
+            seq=seq,
             kind=kind,
             created_at=now,
             payload=json.dumps(payload, separators=(",", ":")),
         )
     )
-    view = FeedEventView(session.id, session.feed_seq, kind, now, payload)
+    view = FeedEventView(session.id, seq, kind, now, payload)
     tx.after_commit(lambda: core.bus.publish(feed_topic(session.id), view))
     return view
 

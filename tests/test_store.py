@@ -1,0 +1,395 @@
+"""The storage layer on both backends: SQLite (the embedded default) and PostgreSQL (the scale-out store).
+
+Everything goes through queuechat.store.Database and the domain's write
+functions, not gRPC, so a failure here points at the schema or the SQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from functools import partial
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from sqlalchemy import func, inspect, text
+from sqlalchemy.exc import IntegrityError, StatementError
+from sqlmodel import select
+
+from harness import base_config
+from pgutil import pg_schema, pg_url, schema_url  # noqa: F401  (pg_url: fixture)
+from queuechat.config import parse_config
+from queuechat.domain import agents, conversations, routing
+from queuechat.domain.core import Core
+from queuechat.domain.log import append_event, conv_topic
+from queuechat.domain.views import QueuePositionView
+from queuechat.store import Database, sqlite_url
+from queuechat.store.models import (
+    AgentSession,
+    Conversation,
+    CustomerVariable,
+    Event,
+    Offer,
+)
+
+WAIT = 10.0
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request, tmp_path):
+    """A database URL on a fresh, empty database of each backend."""
+    if request.param == "sqlite":
+        yield sqlite_url(tmp_path / "data")
+    else:
+        with pg_schema() as url:
+            yield url
+
+
+@pytest.fixture
+async def core(backend):
+    c = Core(Database(backend), parse_config(base_config()))
+    await c.start()
+    try:
+        yield c
+    finally:
+        await c.stop()
+        c.db.close()
+
+
+# --- helpers -----------------------------------------------------------------
+
+
+async def new_chat(core: Core, queue: str = "sales", **variables: str) -> str:
+    view = await core.db.write(conversations.start_chat, core, queue, uuid.uuid4().hex, variables, {})
+    return view.id
+
+
+async def login(core: Core, agent_id: str = "agent1") -> str:
+    view = await core.db.write(agents.login, core, agent_id, "both", True, f"qa_{uuid.uuid4().hex}")
+    return view.session_id
+
+
+def append_n(tx, core: Core, conversation_id: str, n: int, tag: str) -> list[int]:
+    conv = tx.session.get(Conversation, conversation_id)
+    return [
+        append_event(tx, core, conv, "message", {"text": f"{tag}-{i}"}, actor="customer").seq for i in range(n)
+    ]
+
+
+def seqs(s, conversation_id: str) -> list[int]:
+    return list(s.exec(select(Event.seq).where(Event.conversation_id == conversation_id).order_by(Event.seq)).all())
+
+
+def count(s, model, *where) -> int:
+    return s.exec(select(func.count()).select_from(model).where(*where)).one()
+
+
+def make_chat_offer(tx, core: Core, conversation_id: str, session_id: str) -> str:
+    conv = tx.session.get(Conversation, conversation_id)
+    sess = tx.session.get(AgentSession, session_id)
+    return routing.make_offer(tx, core, conv, sess, datetime.now(timezone.utc)).id
+
+
+def insert_offer(tx, conversation_id: str, session_id: str, *, kind: str = "chat", status: str = "pending") -> str:
+    now = datetime.now(timezone.utc)
+    offer = Offer(
+        id=uuid.uuid4().hex,
+        session_id=session_id,
+        agent_id=tx.session.get(AgentSession, session_id).agent_id,
+        conversation_id=conversation_id,
+        kind=kind,
+        status=status,
+        created_at=now,
+        expires_at=now + timedelta(seconds=30),
+        resolved_at=None if status == "pending" else now,
+    )
+    tx.session.add(offer)
+    tx.session.flush()
+    return offer.id
+
+
+def _violates(err: IntegrityError, pg_name: str, sqlite_columns: str) -> bool:
+    """The error is that unique index's (PostgreSQL names it; SQLite names its columns)."""
+    msg = str(err.orig)
+    return f'"{pg_name}"' in msg or f"UNIQUE constraint failed: {sqlite_columns}" in msg
+
+
+# --- schema ------------------------------------------------------------------
+
+
+def test_create_all_on_fresh_database(backend):
+    db = Database(backend)
+    try:
+        assert inspect(db.engine).get_table_names() == []
+        db.create_all()
+        db.create_all()  # idempotent: a restart runs it again
+        insp = inspect(db.engine)
+        tables = set(insp.get_table_names())
+        assert {
+            "setting",
+            "queue",
+            "profile",
+            "profile_queue",
+            "agent",
+            "agent_profile",
+            "admin",
+            "admin_session",
+            "predefined_message",
+            "agent_session",
+            "conversation",
+            "customer_variable",
+            "participant",
+            "conversation_event",
+            "offer",
+            "invite",
+            "offer_menu",
+            "agent_feed_event",
+        } <= tables
+        offer_indexes = {ix["name"]: ix for ix in insp.get_indexes("offer")}
+        assert offer_indexes["ux_offer_one_pending_chat"]["unique"]
+        assert {ix["name"] for ix in insp.get_indexes("invite")} >= {"ux_invite_one_pending"}
+        uniques = {tuple(u["column_names"]) for u in insp.get_unique_constraints("conversation_event")}
+        assert {("conversation_id", "seq"), ("conversation_id", "actor", "request_id")} <= uniques
+        if db.engine.dialect.name == "postgresql":
+            # Times are timestamptz, so PostgreSQL itself keeps them absolute.
+            created = {c["name"]: c["type"] for c in insp.get_columns("conversation")}["created_at"]
+            assert getattr(created, "timezone", False) is True
+    finally:
+        db.close()
+
+
+# --- seq ---------------------------------------------------------------------
+
+
+async def test_seq_gap_free_and_increasing_across_many_appends(core):
+    a, b = await new_chat(core), await new_chat(core, "support")
+    # start_chat wrote chat_started and participant_joined.
+    assert await core.db.read(seqs, a) == [1, 2]
+
+    # Many concurrent writes, several appends each, interleaved over two conversations.
+    results = await asyncio.gather(
+        *(core.db.write(append_n, core, cid, 1 + i % 4, f"w{i}") for i in range(60) for cid in (a, b))
+    )
+    per_write = [r for r in results if r]
+    for r in per_write:  # each transaction's own appends are consecutive
+        assert r == list(range(r[0], r[0] + len(r)))
+    total = 2 + sum(1 + i % 4 for i in range(60))
+    for cid in (a, b):
+        assert await core.db.read(seqs, cid) == list(range(1, total + 1))
+        conv = await core.db.read(lambda s, c=cid: s.get(Conversation, c))
+        assert conv.last_seq == total
+
+
+async def test_two_servers_on_one_postgresql_store_get_distinct_seqs(pg_url):  # noqa: F811
+    """Scale-out: two processes (two Databases) append to one conversation at the same moment."""
+    a = Core(Database(pg_url), parse_config(base_config()))
+    b = Core(Database(pg_url), parse_config(base_config()))
+    await a.start()
+    await b.start()
+    try:
+        cid = await new_chat(a)
+        both_read = threading.Barrier(2, timeout=WAIT)
+
+        def append_after_both_read(tx, core):
+            conv = tx.session.get(Conversation, cid)
+            try:
+                both_read.wait()  # both transactions have seen last_seq == 2
+            except threading.BrokenBarrierError:
+                pass  # a fix that makes the other wait for this one: go on alone
+            return append_event(tx, core, conv, "message", {"text": "x"}, actor="customer").seq
+
+        got = await asyncio.gather(a.db.write(append_after_both_read, a), b.db.write(append_after_both_read, b))
+        assert sorted(got) == [3, 4]
+        assert await a.db.read(seqs, cid) == [1, 2, 3, 4]
+    finally:
+        for c in (a, b):
+            await c.stop()
+            c.db.close()
+
+
+# --- constraints -------------------------------------------------------------
+
+
+async def test_one_pending_chat_offer_per_conversation(core):
+    cid, other = await new_chat(core), await new_chat(core)
+    s1, s2 = await login(core, "agent1"), await login(core, "agent2")
+
+    first = await core.db.write(make_chat_offer, core, cid, s1)
+    # The database, not only the dispatcher, refuses a second pending chat offer.
+    with pytest.raises(IntegrityError) as err:
+        await core.db.write(make_chat_offer, core, cid, s2)
+    assert _violates(err.value, "ux_offer_one_pending_chat", "offer.conversation_id")
+    with pytest.raises(IntegrityError) as err:
+        await core.db.write(insert_offer, cid, s2)
+    assert _violates(err.value, "ux_offer_one_pending_chat", "offer.conversation_id")
+    # The failed writes left nothing behind (the feed entry of the refused offer included).
+    assert await core.db.read(lambda s: [o.id for o in s.exec(select(Offer).where(Offer.conversation_id == cid))]) == [
+        first
+    ]
+    assert await core.db.read(lambda s: s.get(AgentSession, s2).feed_seq) == 0
+
+    # Non-pending chat offers and pending invite offers are not limited.
+    await core.db.write(partial(insert_offer, status="rejected"), cid, s2)
+    await core.db.write(partial(insert_offer, status="timed_out"), cid, s2)
+    await core.db.write(partial(insert_offer, kind="invite"), cid, s2)
+    # Another conversation has its own slot.
+    await core.db.write(insert_offer, other, s2)
+
+    # Once the pending one is resolved, a new pending chat offer is allowed.
+    def resolve(tx):
+        o = tx.session.get(Offer, first)
+        o.status = "rejected"
+        o.resolved_at = datetime.now(timezone.utc)
+        tx.session.add(o)
+
+    await core.db.write(resolve)
+    await core.db.write(make_chat_offer, core, cid, s2)
+    pending = await core.db.read(
+        lambda s: count(s, Offer, Offer.conversation_id == cid, Offer.kind == "chat", Offer.status == "pending")
+    )
+    assert pending == 1
+
+
+async def test_request_id_unique_per_conversation_and_actor(core):
+    cid, other = await new_chat(core), await new_chat(core)
+
+    def append(tx, conversation_id, actor, request_id):
+        conv = tx.session.get(Conversation, conversation_id)
+        return append_event(tx, core, conv, "message", {"text": "x"}, actor=actor, request_id=request_id).seq
+
+    await core.db.write(append, cid, "customer", "req-1")
+    with pytest.raises(IntegrityError) as err:
+        await core.db.write(append, cid, "customer", "req-1")
+    assert _violates(
+        err.value,
+        "conversation_event_conversation_id_actor_request_id_key",
+        "conversation_event.conversation_id, conversation_event.actor, conversation_event.request_id",
+    )
+    # Scoped by actor and by conversation; absent request ids never collide.
+    await core.db.write(append, cid, "agent:agent1", "req-1")
+    await core.db.write(append, other, "customer", "req-1")
+    await core.db.write(append, cid, "customer", None)
+    await core.db.write(append, cid, "customer", None)
+    # The refused append used no seq: the log stays gap-free.
+    assert await core.db.read(seqs, cid) == [1, 2, 3, 4, 5, 6]
+
+
+# --- times -------------------------------------------------------------------
+
+
+async def test_aware_utc_datetimes_round_trip(core, backend):
+    cid = await new_chat(core)
+    created = datetime(2024, 3, 31, 1, 59, 58, 123456, tzinfo=timezone.utc)
+    # Given in another zone (01:59:59.654321 UTC): stored as the same instant.
+    enqueued = datetime(2024, 3, 31, 4, 29, 59, 654321, tzinfo=timezone(timedelta(hours=2, minutes=30)))
+    closed = datetime(2024, 12, 31, 23, 59, 59, 999999, tzinfo=timezone.utc)
+
+    def set_times(tx):
+        conv = tx.session.get(Conversation, cid)
+        conv.created_at, conv.enqueued_at, conv.closed_at = created, enqueued, closed
+        tx.session.add(conv)
+
+    await core.db.write(set_times)
+
+    def check(conv):
+        for got, want in ((conv.created_at, created), (conv.enqueued_at, enqueued), (conv.closed_at, closed)):
+            assert got.tzinfo is not None and got.utcoffset() == timedelta(0), got
+            assert got == want and got.microsecond == want.astimezone(timezone.utc).microsecond
+
+    check(await core.db.read(lambda s: s.get(Conversation, cid)))
+
+    # Comparisons in SQL agree with Python's (what cut-offs and queue order rely on).
+    def between(s):
+        q = select(Conversation.id).where(
+            Conversation.enqueued_at > created + timedelta(microseconds=1),
+            Conversation.enqueued_at < created + timedelta(seconds=3),
+        )
+        return list(s.exec(q).all())
+
+    assert await core.db.read(between) == [cid]
+
+    # A fresh engine (another process) reads the same instants; on PostgreSQL also in a non-UTC session.
+    url = backend
+    if backend.startswith("postgresql"):
+        schema = core.db.engine.url.query["options"].removeprefix("-csearch_path=")
+        url = schema_url(schema, TimeZone="America/St_Johns")
+    other = Database(url)
+    try:
+        check(await other.read(lambda s: s.get(Conversation, cid)))
+    finally:
+        other.close()
+
+    # Naive datetimes are refused on both backends rather than stored ambiguously.
+    def naive(tx):
+        conv = tx.session.get(Conversation, cid)
+        conv.closed_at = datetime(2024, 1, 1, 12, 0)
+        tx.session.add(conv)
+
+    with pytest.raises((StatementError, ValueError)):
+        await core.db.write(naive)
+    check(await core.db.read(lambda s: s.get(Conversation, cid)))
+
+
+# --- transactions ------------------------------------------------------------
+
+
+async def test_failed_write_rolls_back_everything(core):
+    cid = await new_chat(core, name="Ada")
+    before = await core.db.read(lambda s: (s.get(Conversation, cid).last_seq, count(s, Conversation)))
+    sub = core.bus.subscribe([conv_topic(cid)])
+
+    class Boom(Exception):
+        pass
+
+    def fails(tx):
+        append_n(tx, core, cid, 3, "lost")
+        conv = tx.session.get(Conversation, cid)
+        conv.customer_name = "Changed"
+        tx.session.add(CustomerVariable(conversation_id=cid, name="extra", value="v"))
+        conversations.start_chat(tx, core, "support", "lost-chat", {}, {})
+        tx.session.flush()  # the rows really reached the database before the failure
+        raise Boom()
+
+    with pytest.raises(Boom):
+        await core.db.write(fails)
+
+    def state(s):
+        conv = s.get(Conversation, cid)
+        return (
+            conv.last_seq,
+            count(s, Conversation),
+            conv.customer_name,
+            count(s, CustomerVariable, CustomerVariable.conversation_id == cid),
+            seqs(s, cid),
+            s.exec(select(Conversation).where(Conversation.start_request_id == "lost-chat")).first(),
+        )
+
+    assert await core.db.read(state) == (before[0], before[1], "Ada", 1, [1, 2], None)
+
+    # No after-commit effect ran for it: the next thing published is the next successful append,
+    # with the seq the failed write had taken.
+    [seq] = await core.db.write(append_n, core, cid, 1, "kept")
+    assert seq == before[0] + 1
+    item = await sub.get(WAIT)
+    while isinstance(item, QueuePositionView):  # queue positions share the topic
+        item = await sub.get(WAIT)
+    assert item is not None and item.seq == seq and item.payload == {"text": "kept-0"}
+    sub.close()
+
+
+async def test_read_sees_committed_write_at_once(core):
+    cid = await new_chat(core)
+    for i in range(40):
+        [seq] = await core.db.write(append_n, core, cid, 1, f"r{i}")
+        # Every reader thread sees it, right after write() returned.
+        got = await asyncio.gather(
+            core.db.read(lambda s: s.get(Conversation, cid).last_seq),
+            core.db.read(lambda s: seqs(s, cid)[-1]),
+            core.db.read(
+                lambda s: s.execute(
+                    text("select max(seq) from conversation_event where conversation_id = :c"), {"c": cid}
+                ).scalar()
+            ),
+        )
+        assert got == [seq, seq, seq]
