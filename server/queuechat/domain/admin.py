@@ -1,29 +1,46 @@
-"""Supervisor configuration: applying the TOML file, settings, admin sessions."""
+"""Supervisor configuration: applying the TOML file, settings, admin sessions,
+and AdminService's reads and writes (queues, profiles, agents, predefined
+messages, settings, the conversation list)."""
 
 from __future__ import annotations
 
+import base64
+import json
+import re
 import secrets
-from typing import TYPE_CHECKING
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
 
-from sqlmodel import delete, select
+from sqlmodel import and_, delete, or_, select
 
 from ..config import Config, Settings
-from ..errors import unauthenticated
+from ..errors import already_exists, invalid, not_found, precondition, unauthenticated
 from ..store import Tx
 from ..store.models import (
     Admin,
     AdminSession,
     Agent,
     AgentProfile,
+    AgentSession,
+    Conversation,
+    FeedEvent,
+    Invite,
+    Offer,
+    Participant,
     PredefinedMessage,
     Profile,
     ProfileQueue,
     Queue,
     Setting,
 )
+from . import routing
 from .auth import Passwords, token_hash
 from .log import utcnow
-from .views import AdminPrincipal
+from .read import conversation_view, profile_queues
+from .views import AdminPrincipal, ConversationView
 
 if TYPE_CHECKING:
     from .core import Core
@@ -87,3 +104,341 @@ def find_admin(s, token: str) -> AdminPrincipal:
     if row is None:
         raise unauthenticated("ADMIN_SESSION_INVALID", "Log in as an admin first: the admin token is missing or unknown.")
     return AdminPrincipal(row.admin_id)
+
+
+# --- AdminService ------------------------------------------------------------
+
+_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+MAX_NAME = 200
+DEFAULT_MAX_CHATS = 3
+MAX_MAX_CHATS = 50
+MAX_SETTING_SECONDS = 86400.0
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 500
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileRow:
+    id: str
+    display_name: str
+    queue_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class AgentRow:
+    id: str
+    display_name: str
+    max_chats: int
+    profile_ids: tuple[str, ...]
+
+
+def check_id(value: str, field: str) -> str:
+    if not _ID.fullmatch(value):
+        raise invalid(
+            "BAD_ID",
+            f"{field} {value!r} must be 1-64 of a-z, 0-9, _ and -, starting with a letter or digit.",
+            field=field,
+        )
+    return value
+
+
+def _text(value: str, field: str) -> str:
+    value = value.strip()
+    if not value:
+        raise invalid(f"{field.upper()}_REQUIRED", f"{field} must not be empty.", field=field)
+    if len(value) > MAX_NAME:
+        raise invalid(f"{field.upper()}_TOO_LONG", f"{field} may have at most {MAX_NAME} characters.", field=field)
+    return value
+
+
+def _exists(s, stmt) -> bool:
+    return s.exec(stmt.limit(1)).first() is not None
+
+
+def _get(s, model: type, id_: str, reason: str, what: str, field: str) -> Any:
+    row = s.get(model, check_id(id_, field))
+    if row is None:
+        raise not_found(reason, f"There is no {what} {id_!r}.", **{field: id_})
+    return row
+
+
+def _absent(s, model: type, id_: str, reason: str, what: str, field: str) -> None:
+    if s.get(model, check_id(id_, field)) is not None:
+        raise already_exists(reason, f"A {what} {id_!r} exists already.", **{field: id_})
+
+
+def _known(s, model: type, ids: Iterable[str], reason: str, field: str) -> list[str]:
+    out = sorted(set(ids))
+    for id_ in out:
+        if s.get(model, check_id(id_, field)) is None:
+            raise invalid(reason, f"There is no {model.__name__.lower()} {id_!r}.", **{field: id_})
+    return out
+
+
+# Queues
+
+
+def list_queues(s) -> list[Queue]:
+    return list(s.exec(select(Queue).order_by(Queue.id)).all())
+
+
+def create_queue(tx: Tx, core: "Core", queue_id: str, display_name: str) -> Queue:
+    _absent(tx.session, Queue, queue_id, "QUEUE_EXISTS", "queue", "queue_id")
+    q = Queue(id=queue_id, display_name=_text(display_name, "display_name"))
+    tx.session.add(q)
+    return q
+
+
+def update_queue(tx: Tx, core: "Core", queue_id: str, display_name: str) -> Queue:
+    q = _get(tx.session, Queue, queue_id, "QUEUE_NOT_FOUND", "queue", "queue_id")
+    q.display_name = _text(display_name, "display_name")
+    tx.session.add(q)
+    return q
+
+
+def delete_queue(tx: Tx, core: "Core", queue_id: str) -> None:
+    s = tx.session
+    q = _get(s, Queue, queue_id, "QUEUE_NOT_FOUND", "queue", "queue_id")
+    # Conversations keep their queue for the record.
+    if _exists(s, select(Conversation.id).where(Conversation.queue_id == queue_id)):
+        raise precondition("QUEUE_IN_USE", f"Queue {queue_id!r} has conversations; it cannot be deleted.")
+    # What the schema cascades, done explicitly so it holds without FK enforcement.
+    s.exec(delete(ProfileQueue).where(ProfileQueue.queue_id == queue_id))
+    s.exec(delete(PredefinedMessage).where(PredefinedMessage.queue_id == queue_id))
+    s.delete(q)
+
+
+# Profiles
+
+
+def list_profiles(s) -> list[ProfileRow]:
+    pq = profile_queues(s)
+    rows = s.exec(select(Profile).order_by(Profile.id)).all()
+    return [ProfileRow(p.id, p.display_name, tuple(sorted(pq.get(p.id, ())))) for p in rows]
+
+
+def _set_profile(tx: Tx, p: Profile, display_name: str, queue_ids: Iterable[str]) -> ProfileRow:
+    s = tx.session
+    p.display_name = _text(display_name, "display_name")
+    queues = _known(s, Queue, queue_ids, "UNKNOWN_QUEUE", "queue_id")
+    s.add(p)
+    s.flush()
+    s.exec(delete(ProfileQueue).where(ProfileQueue.profile_id == p.id))
+    for qid in queues:
+        s.add(ProfileQueue(profile_id=p.id, queue_id=qid))
+    s.flush()
+    return ProfileRow(p.id, p.display_name, tuple(queues))
+
+
+def create_profile(tx: Tx, core: "Core", profile_id: str, display_name: str, queue_ids: list[str]) -> ProfileRow:
+    _absent(tx.session, Profile, profile_id, "PROFILE_EXISTS", "profile", "profile_id")
+    return _set_profile(tx, Profile(id=profile_id, display_name=""), display_name, queue_ids)
+
+
+def update_profile(tx: Tx, core: "Core", profile_id: str, display_name: str, queue_ids: list[str]) -> ProfileRow:
+    p = _get(tx.session, Profile, profile_id, "PROFILE_NOT_FOUND", "profile", "profile_id")
+    row = _set_profile(tx, p, display_name, queue_ids)
+    routing.dispatch(tx, core)  # agents logged in with it may now serve more queues
+    return row
+
+
+def delete_profile(tx: Tx, core: "Core", profile_id: str) -> None:
+    s = tx.session
+    p = _get(s, Profile, profile_id, "PROFILE_NOT_FOUND", "profile", "profile_id")
+    if _exists(
+        s, select(AgentSession.id).where(AgentSession.profile_id == profile_id, AgentSession.ended_at.is_(None))
+    ):
+        raise precondition("PROFILE_IN_USE", f"An agent is logged in with profile {profile_id!r}.")
+    _purge_ended_sessions(s, AgentSession.profile_id == profile_id)
+    s.exec(delete(AgentProfile).where(AgentProfile.profile_id == profile_id))
+    s.exec(delete(ProfileQueue).where(ProfileQueue.profile_id == profile_id))
+    s.exec(delete(PredefinedMessage).where(PredefinedMessage.profile_id == profile_id))
+    s.delete(p)
+
+
+def _purge_ended_sessions(s, where) -> None:
+    """Ended sessions (and their offers and feeds) reference profile and agent without cascade."""
+    ids = list(s.exec(select(AgentSession.id).where(where, AgentSession.ended_at.is_not(None))).all())
+    if ids:
+        s.exec(delete(FeedEvent).where(FeedEvent.session_id.in_(ids)))
+        s.exec(delete(Offer).where(Offer.session_id.in_(ids)))
+        s.exec(delete(AgentSession).where(AgentSession.id.in_(ids)))
+
+
+# Agents
+
+
+def _agent_row(s, a: Agent) -> AgentRow:
+    profiles = s.exec(select(AgentProfile.profile_id).where(AgentProfile.agent_id == a.id)).all()
+    return AgentRow(a.id, a.display_name, a.max_chats, tuple(sorted(profiles)))
+
+
+def list_agents(s) -> list[AgentRow]:
+    return [_agent_row(s, a) for a in s.exec(select(Agent).order_by(Agent.id)).all()]
+
+
+def _max_chats(n: int) -> int:
+    if n < 0 or n > MAX_MAX_CHATS:
+        raise invalid("BAD_MAX_CHATS", f"max_chats must be 0 (default {DEFAULT_MAX_CHATS}) to {MAX_MAX_CHATS}.")
+    return n or DEFAULT_MAX_CHATS
+
+
+def _set_agent(
+    tx: Tx, a: Agent, display_name: str, max_chats: int, profile_ids: Iterable[str], password_hash: str | None
+) -> AgentRow:
+    s = tx.session
+    a.display_name = _text(display_name, "display_name")
+    a.max_chats = _max_chats(max_chats)
+    profiles = _known(s, Profile, profile_ids, "UNKNOWN_PROFILE", "profile_id")
+    if password_hash:
+        a.password_hash = password_hash
+    s.add(a)
+    s.flush()
+    s.exec(delete(AgentProfile).where(AgentProfile.agent_id == a.id))
+    for pid in profiles:
+        s.add(AgentProfile(agent_id=a.id, profile_id=pid))
+    s.flush()
+    return AgentRow(a.id, a.display_name, a.max_chats, tuple(profiles))
+
+
+def create_agent(
+    tx: Tx, core: "Core", agent_id: str, display_name: str, max_chats: int, profile_ids: list[str], password_hash: str
+) -> AgentRow:
+    """The caller hashes the password, off the writer thread: argon2 is slow."""
+    _absent(tx.session, Agent, agent_id, "AGENT_EXISTS", "agent", "agent_id")
+    if not password_hash:
+        raise invalid("PASSWORD_REQUIRED", "A new agent needs a password.")
+    return _set_agent(
+        tx, Agent(id=agent_id, display_name="", password_hash=""), display_name, max_chats, profile_ids, password_hash
+    )
+
+
+def update_agent(
+    tx: Tx,
+    core: "Core",
+    agent_id: str,
+    display_name: str,
+    max_chats: int,
+    profile_ids: list[str],
+    password_hash: str | None,
+) -> AgentRow:
+    """A live session keeps its profile until logout, even if the agent loses it here."""
+    a = _get(tx.session, Agent, agent_id, "AGENT_NOT_FOUND", "agent", "agent_id")
+    row = _set_agent(tx, a, display_name, max_chats, profile_ids, password_hash)
+    routing.dispatch(tx, core)  # max_chats may have grown
+    return row
+
+
+def delete_agent(tx: Tx, core: "Core", agent_id: str) -> None:
+    s = tx.session
+    a = _get(s, Agent, agent_id, "AGENT_NOT_FOUND", "agent", "agent_id")
+    # Conversation history (participants, invites) names the agent: keep the account.
+    if (
+        _exists(s, select(Participant.id).where(Participant.agent_id == agent_id))
+        or _exists(s, select(Invite.id).where(or_(Invite.inviter_id == agent_id, Invite.invitee_id == agent_id)))
+        or _exists(s, select(AgentSession.id).where(AgentSession.agent_id == agent_id, AgentSession.ended_at.is_(None)))
+    ):
+        raise precondition(
+            "AGENT_IN_USE", f"Agent {agent_id!r} is logged in or has taken part in conversations.", agent_id=agent_id
+        )
+    _purge_ended_sessions(s, AgentSession.agent_id == agent_id)
+    s.exec(delete(AgentProfile).where(AgentProfile.agent_id == agent_id))
+    s.delete(a)
+
+
+# Predefined messages
+
+_PM = ("predefined message", "predefined_message_id")
+
+
+def list_predefined(s) -> list[PredefinedMessage]:
+    return list(s.exec(select(PredefinedMessage).order_by(PredefinedMessage.id)).all())
+
+
+def _set_predefined(tx: Tx, core: "Core", m: PredefinedMessage, title: str, body: str, queue_id: str, profile_id: str):
+    s = tx.session
+    m.title = _text(title, "title")
+    if not body.strip():
+        raise invalid("BODY_REQUIRED", "body must not be empty.", field="body")
+    if len(body) > core.limits.max_message_chars:
+        raise invalid("BODY_TOO_LONG", f"body may have at most {core.limits.max_message_chars} characters.")
+    if queue_id and profile_id:
+        raise invalid("QUEUE_AND_PROFILE", "A predefined message is for one queue, one profile or everyone, not both.")
+    m.body = body
+    m.queue_id = _known(s, Queue, [queue_id], "UNKNOWN_QUEUE", "queue_id")[0] if queue_id else None
+    m.profile_id = _known(s, Profile, [profile_id], "UNKNOWN_PROFILE", "profile_id")[0] if profile_id else None
+    s.add(m)
+    return m
+
+
+def create_predefined(
+    tx: Tx, core: "Core", message_id: str, title: str, body: str, queue_id: str, profile_id: str
+) -> PredefinedMessage:
+    message_id = message_id or uuid.uuid4().hex
+    _absent(tx.session, PredefinedMessage, message_id, "PREDEFINED_MESSAGE_EXISTS", *_PM)
+    return _set_predefined(
+        tx, core, PredefinedMessage(id=message_id, title="", body=""), title, body, queue_id, profile_id
+    )
+
+
+def update_predefined(
+    tx: Tx, core: "Core", message_id: str, title: str, body: str, queue_id: str, profile_id: str
+) -> PredefinedMessage:
+    m = _get(tx.session, PredefinedMessage, message_id, "PREDEFINED_MESSAGE_NOT_FOUND", *_PM)
+    return _set_predefined(tx, core, m, title, body, queue_id, profile_id)
+
+
+def delete_predefined(tx: Tx, core: "Core", message_id: str) -> None:
+    m = _get(tx.session, PredefinedMessage, message_id, "PREDEFINED_MESSAGE_NOT_FOUND", *_PM)
+    tx.session.delete(m)
+
+
+# Settings
+
+
+def update_settings(tx: Tx, core: "Core", new: Settings) -> Settings:
+    for key in SETTING_KEYS:
+        value = getattr(new, key)
+        if not 0 < value <= MAX_SETTING_SECONDS:
+            raise invalid("BAD_SETTING", f"{key} must be more than 0 and at most one day.", setting=key)
+    for key in SETTING_KEYS:
+        tx.session.merge(Setting(key=key, value=repr(float(getattr(new, key)))))
+    # Only once committed: offers made from then on use the new values.
+    tx.after_commit(lambda: setattr(core, "settings", new))
+    return new
+
+
+# Conversations
+
+
+def _page_token(conv: Conversation) -> str:
+    raw = json.dumps([conv.created_at.isoformat(), conv.id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _after_token(token: str) -> tuple[datetime, str]:
+    try:
+        created, conv_id = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        when = datetime.fromisoformat(created)
+        if when.tzinfo is None:  # the column refuses naive times
+            raise ValueError(created)
+        return when, str(conv_id)
+    except (ValueError, TypeError):  # bad base64, JSON, shape or date
+        raise invalid("BAD_PAGE_TOKEN", "page_token is not one this server returned.") from None
+
+
+def list_conversations(s, page_size: int, page_token: str) -> tuple[list[ConversationView], str]:
+    """Newest first. The token holds the last row's (created_at, id): pages stay stable as chats start."""
+    if page_size < 0:
+        raise invalid("BAD_PAGE_SIZE", "page_size must not be negative.")
+    size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+    q = select(Conversation).order_by(Conversation.created_at.desc(), Conversation.id.desc())
+    if page_token:
+        created, conv_id = _after_token(page_token)
+        q = q.where(
+            or_(Conversation.created_at < created, and_(Conversation.created_at == created, Conversation.id < conv_id))
+        )
+    rows = list(s.exec(q.limit(size + 1)).all())
+    more = len(rows) > size
+    rows = rows[:size]
+    return [conversation_view(s, c) for c in rows], _page_token(rows[-1]) if more else ""
