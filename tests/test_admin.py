@@ -295,6 +295,12 @@ async def test_agent_crud_and_login(server, admin):
     await admin.UpdateAgent(
         pb.UpdateAgentRequest(agent=account(name="Newt", profiles=["both"], password="battery staple"))
     )
+    # A new password ends the sessions opened with the old one.
+    await expect_error(
+        server.agent_stub.Logout(agent_pb.LogoutRequest(), metadata=auth(resp.session_token)),
+        grpc.StatusCode.UNAUTHENTICATED,
+        "SESSION_INVALID",
+    )
     await expect_error(
         agent_login(server, "newbie", "correct horse", "both"), grpc.StatusCode.UNAUTHENTICATED, "BAD_CREDENTIALS"
     )
@@ -441,6 +447,23 @@ async def test_update_settings_validates_stores_and_takes_effect(server, admin):
     cust = await server.customer()
     offer = await alice.wait_offer(cust.id)
     assert offer.expire_time.ToDatetime() - offer.create_time.ToDatetime() == timedelta(seconds=2.5)
+
+
+async def test_settings_changed_by_an_admin_survive_a_restart_unless_the_file_names_them(server, admin):
+    new = settings(offer=7, cooldown=8, grace=9)
+    await admin.UpdateSettings(pb.UpdateSettingsRequest(settings=new))
+    # This configuration names no settings: the admin's values persist.
+    del server.config_doc["settings"]
+    await server.restart()
+    token = auth(await server.admin_token())
+    got = await server.admin_stub.GetSettings(pb.GetSettingsRequest(), metadata=token)
+    assert got.settings == new
+    # A file that names a setting wins for that one only.
+    server.config_doc["settings"] = {"offer_timeout": 3.0}
+    await server.restart()
+    token = auth(await server.admin_token())
+    got = await server.admin_stub.GetSettings(pb.GetSettingsRequest(), metadata=token)
+    assert got.settings == settings(offer=3, cooldown=8, grace=9)
 
 
 # --- conversations ----------------------------------------------------------------------------

@@ -71,6 +71,8 @@ class PredefinedConfig:
 @dataclass
 class Config:
     settings: Settings = field(default_factory=Settings)
+    # The settings the file names; only these override values changed through AdminService.
+    settings_given: frozenset[str] = frozenset()
     limits: Limits = field(default_factory=Limits)
     queues: list[QueueConfig] = field(default_factory=list)
     profiles: list[ProfileConfig] = field(default_factory=list)
@@ -109,6 +111,7 @@ def parse_config(doc: dict[str, Any]) -> Config:
         raise ConfigError(f"unknown section(s) {', '.join(sorted(unknown))}")
     if "settings" in doc:
         cfg.settings = _pick(Settings, doc["settings"], "[settings]")
+        cfg.settings_given = frozenset(doc["settings"])
     if "limits" in doc:
         cfg.limits = _pick(Limits, doc["limits"], "[limits]")
     sec = dict(doc.get("security", {}))

@@ -36,7 +36,7 @@ from ..store.models import (
     Queue,
     Setting,
 )
-from . import routing
+from . import agents, routing
 from .auth import Passwords, token_hash
 from .log import utcnow
 from .read import conversation_view, profile_queues
@@ -84,7 +84,9 @@ def apply_config(tx: Tx, cfg: Config, passwords: Passwords) -> None:
     for m in cfg.predefined_messages:
         s.merge(PredefinedMessage(id=m.id, title=m.title, body=m.body, queue_id=m.queue, profile_id=m.profile))
     for key in SETTING_KEYS:
-        s.merge(Setting(key=key, value=repr(float(getattr(cfg.settings, key)))))
+        # A setting the file does not name keeps what AdminService stored; defaults fill a new database.
+        if key in cfg.settings_given or s.get(Setting, key) is None:
+            s.merge(Setting(key=key, value=repr(float(getattr(cfg.settings, key)))))
     if s.get(Setting, "token_secret") is None:
         s.add(Setting(key="token_secret", value=secrets.token_hex(32)))
 
@@ -322,9 +324,13 @@ def update_agent(
     profile_ids: list[str],
     password_hash: str | None,
 ) -> AgentRow:
-    """A live session keeps its profile until logout, even if the agent loses it here."""
+    """A live session keeps its profile until logout, even if the agent loses it here;
+    a new password ends the agent's sessions (whoever knew the old one is out)."""
     a = _get(tx.session, Agent, agent_id, "AGENT_NOT_FOUND", "agent", "agent_id")
     row = _set_agent(tx, a, display_name, max_chats, profile_ids, password_hash)
+    if password_hash:
+        agents.end_sessions(tx, core, agent_id)
+    tx.session.flush()
     routing.dispatch(tx, core)  # max_chats may have grown
     return row
 

@@ -36,8 +36,7 @@ def login(tx: Tx, core: "Core", agent_id: str, profile_id: str, ready: bool, tok
     s = tx.session
     now = utcnow()
     check_profile(tx, agent_id, profile_id)
-    for old in s.exec(select(AgentSession).where(AgentSession.agent_id == agent_id, AgentSession.ended_at.is_(None))):
-        _end(tx, core, old, now)
+    end_sessions(tx, core, agent_id, now)
     sess = AgentSession(
         id=uuid.uuid4().hex,
         token_hash=token_hash(token),
@@ -50,6 +49,14 @@ def login(tx: Tx, core: "Core", agent_id: str, profile_id: str, ready: bool, tok
     s.add(sess)
     s.flush()
     return session_view(s, sess, token)
+
+
+def end_sessions(tx: Tx, core: "Core", agent_id: str, now: datetime | None = None) -> None:
+    now = now or utcnow()
+    for sess in tx.session.exec(
+        select(AgentSession).where(AgentSession.agent_id == agent_id, AgentSession.ended_at.is_(None))
+    ).all():
+        _end(tx, core, sess, now)
 
 
 def logout(tx: Tx, core: "Core", who: AgentPrincipal) -> None:
