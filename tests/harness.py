@@ -318,7 +318,7 @@ class Harness:
         self._clients: list[Any] = []
 
     async def start(self) -> "Harness":
-        core = Core(Database(self.database_url), parse_config(self.config_doc))
+        core = Core(Database(self.database_url), parse_config(self.config_doc), files_dir=self.data_dir / "files")
         self.server = ChatServer(core, "127.0.0.1:0")
         await self.server.start()
         self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.server.port}")

@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     from .store import Database, sqlite_url
 
     url = args.database_url or sqlite_url(args.data_dir)
-    core = Core(Database(url), config)
+    core = Core(Database(url), config, files_dir=os.path.join(args.data_dir, "files"))
     if args.demo_help:
         from .demo import print_demo_help
 

@@ -27,6 +27,13 @@ class Limits:
     max_variable_chars: int = 1000
     heartbeat_interval: float = 15.0
     subscriber_queue: int = 1000
+    # Attachments: 20 MiB = 20,971,520 bytes per file, 5 per message, 1 MiB chunks.
+    max_attachment_bytes: int = 20 * 1024 * 1024
+    max_attachments_per_message: int = 5
+    upload_chunk_bytes: int = 1024 * 1024
+    # Unfinished or unsent uploads are removed after this many seconds without progress.
+    upload_ttl: float = 3600.0
+    upload_sweep_interval: float = 60.0
 
 
 @dataclass

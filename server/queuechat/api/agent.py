@@ -11,7 +11,7 @@ from chat.v1 import resources_pb2 as rpb
 from ..domain.core import Core
 from ..domain.views import EventView, FeedEventView, Heartbeat
 from ..errors import invalid
-from . import convert
+from . import convert, files
 from .errors import bearer, rpc
 
 
@@ -85,6 +85,7 @@ class AgentService(agent_service_pb2_grpc.AgentServiceServicer):
             request.text,
             private=request.visibility == rpb.VISIBILITY_AGENTS_ONLY,
             predefined_id=request.predefined_message_id,
+            attachment_ids=list(request.attachment_ids),
         )
         return pb.SendMessageResponse(event=convert.event(ev))
 
@@ -129,6 +130,28 @@ class AgentService(agent_service_pb2_grpc.AgentServiceServicer):
     async def CloseConversation(self, request: pb.CloseConversationRequest, context):
         view = await self.core.close(await self._who(context), request.conversation_id, request.confirm)
         return pb.CloseConversationResponse(conversation=convert.conversation(view))
+
+    @rpc
+    async def CreateUpload(self, request: pb.CreateUploadRequest, context) -> pb.CreateUploadResponse:
+        return await files.create_upload(self.core, await self._who(context), request, pb.CreateUploadResponse)
+
+    @rpc
+    async def UploadChunk(self, request: pb.UploadChunkRequest, context) -> pb.UploadChunkResponse:
+        return await files.upload_chunk(self.core, await self._who(context), request, pb.UploadChunkResponse)
+
+    @rpc
+    async def GetUpload(self, request: pb.GetUploadRequest, context) -> pb.GetUploadResponse:
+        return await files.get_upload(self.core, await self._who(context), request, pb.GetUploadResponse)
+
+    @rpc
+    async def CompleteUpload(self, request: pb.CompleteUploadRequest, context) -> pb.CompleteUploadResponse:
+        return await files.complete_upload(self.core, await self._who(context), request, pb.CompleteUploadResponse)
+
+    @rpc
+    async def DownloadAttachment(self, request: pb.DownloadAttachmentRequest, context):
+        who = await self._who(context)
+        async for item in files.download(self.core, who, request, pb.DownloadAttachmentResponse):
+            yield item
 
 
 def stream_item(response_type, item):

@@ -94,3 +94,11 @@ def session(v: SessionView) -> agent_pb.LoginResponse:
 
 def invite(payload: dict) -> pb.Invite:
     return json_format.ParseDict(payload, pb.Invite())
+
+
+def upload(payload: dict) -> pb.Upload:
+    return json_format.ParseDict(payload, pb.Upload())
+
+
+def attachment(payload: dict) -> pb.Attachment:
+    return json_format.ParseDict(payload, pb.Attachment())

@@ -7,7 +7,7 @@ from chat.v1 import customer_service_pb2_grpc
 from chat.v1 import resources_pb2 as rpb
 
 from ..domain.core import Core
-from . import convert
+from . import convert, files
 from .agent import stream_item
 from .errors import bearer, rpc
 
@@ -47,7 +47,9 @@ class CustomerService(customer_service_pb2_grpc.CustomerServiceServicer):
     @rpc
     async def SendMessage(self, request, context):
         who = self._who(context, request.conversation_id)
-        ev = await self.core.send_message(who, request.conversation_id, request.request_id, request.text)
+        ev = await self.core.send_message(
+            who, request.conversation_id, request.request_id, request.text, attachment_ids=list(request.attachment_ids)
+        )
         return pb.CustomerServiceSendMessageResponse(event=convert.event(ev))
 
     @rpc
@@ -69,3 +71,29 @@ class CustomerService(customer_service_pb2_grpc.CustomerServiceServicer):
         return pb.GetTranscriptResponse(
             conversation=convert.conversation(t.conversation), events=[convert.event(e) for e in t.events]
         )
+
+    @rpc
+    async def CreateUpload(self, request, context):
+        who = self._who(context, request.conversation_id)
+        return await files.create_upload(self.core, who, request, pb.CustomerServiceCreateUploadResponse)
+
+    @rpc
+    async def UploadChunk(self, request, context):
+        who = self._who(context, request.conversation_id)
+        return await files.upload_chunk(self.core, who, request, pb.CustomerServiceUploadChunkResponse)
+
+    @rpc
+    async def GetUpload(self, request, context):
+        who = self._who(context, request.conversation_id)
+        return await files.get_upload(self.core, who, request, pb.CustomerServiceGetUploadResponse)
+
+    @rpc
+    async def CompleteUpload(self, request, context):
+        who = self._who(context, request.conversation_id)
+        return await files.complete_upload(self.core, who, request, pb.CustomerServiceCompleteUploadResponse)
+
+    @rpc
+    async def DownloadAttachment(self, request, context):
+        who = self._who(context, request.conversation_id)
+        async for item in files.download(self.core, who, request, pb.CustomerServiceDownloadAttachmentResponse):
+            yield item

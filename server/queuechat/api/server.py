@@ -32,6 +32,7 @@ _OPTIONS = [
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    # Room for a 1 MiB upload chunk plus framing.
     ("grpc.max_receive_message_length", 4 * 1024 * 1024),
 ]
 

@@ -120,7 +120,10 @@ def send_message(
     text: str,
     private: bool,
     predefined_id: str,
+    attachment_ids: list[str] = (),  # type: ignore[assignment]
 ) -> EventView:
+    from . import attachments
+
     s = tx.session
     if isinstance(who, AgentPrincipal):
         conv = require_member(tx, who, conversation_id)
@@ -143,7 +146,9 @@ def send_message(
                 predefined_message_id=predefined_id,
             )
         text = text or pm.body
-    check_text(core, text)
+    files = attachments.attach(tx, core, who, conversation_id, list(attachment_ids), "agents" if private else "all")
+    if not files or text:
+        check_text(core, text)
     message: dict[str, Any] = {
         "message_id": uuid.uuid4().hex,
         "sender": sender.to_json(),
@@ -152,7 +157,9 @@ def send_message(
     }
     if predefined_id:
         message["predefined_message_id"] = predefined_id
-    return append_event(
+    if files:
+        message["attachments"] = [attachments.attachment_json(f) for f in files]
+    event = append_event(
         tx,
         core,
         conv,
@@ -162,6 +169,9 @@ def send_message(
         visibility="agents" if private else "all",
         request_id=request_id,
     )
+    for f in files:
+        f.event_seq = event.seq
+    return event
 
 
 def check_text(core: "Core", text: str) -> None:

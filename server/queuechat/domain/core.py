@@ -11,14 +11,17 @@ import asyncio
 import logging
 import re
 from datetime import datetime
+from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
 from ..bus import Bus
 from ..config import Config
 from ..errors import ChatError, Kind, denied, invalid, unauthenticated
 from ..store import Database, Tx
+from ..store.blobs import BlobStore
 from ..store.models import Admin, Agent, Conversation, FeedEvent, Queue
 from . import admin, agents, conversations, invites, routing
+from .attachments import Attachments
 from .auth import Passwords, check_customer_token, customer_token, new_token, verify_identity_token
 from .log import conv_topic, feed_topic, feed_view, utcnow
 from .positions import QueuePositions, position_of
@@ -47,7 +50,7 @@ Who = AgentPrincipal | CustomerPrincipal
 
 
 class Core:
-    def __init__(self, db: Database, config: Config):
+    def __init__(self, db: Database, config: Config, files_dir: str | Path = "data/files"):
         self.db = db
         self.config = config
         self.settings = config.settings
@@ -55,10 +58,12 @@ class Core:
         self.bus = Bus(config.limits.subscriber_queue)
         self.passwords = Passwords(config.argon2_time_cost, config.argon2_memory_kib)
         self.positions = QueuePositions(self)
+        self.attachments = Attachments(self, BlobStore(files_dir))
         self.token_secret = b""
         self._timers: set[asyncio.TimerHandle] = set()
         self._tasks: set[asyncio.Task] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._sweeper: asyncio.Task | None = None
 
     # --- life cycle --------------------------------------------------------
 
@@ -68,8 +73,20 @@ class Core:
         await self.db.write(admin.apply_config, self.config, self.passwords)
         self.settings, self.token_secret = await self.db.read(admin.load_settings)
         await self.db.write(agents.recover, self)
+        self._sweeper = self._loop.create_task(self._sweep_uploads())
+
+    async def _sweep_uploads(self) -> None:
+        while True:
+            try:
+                await self.attachments.sweep()
+            except Exception:
+                log.exception("removing expired uploads failed")
+            await asyncio.sleep(self.limits.upload_sweep_interval)
 
     async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
         for h in self._timers:
             h.cancel()
         self._timers.clear()
@@ -235,13 +252,28 @@ class Core:
             sub.close()
 
     async def send_message(
-        self, who: Who, conversation_id: str, request_id: str, text: str, private: bool = False, predefined_id: str = ""
+        self,
+        who: Who,
+        conversation_id: str,
+        request_id: str,
+        text: str,
+        private: bool = False,
+        predefined_id: str = "",
+        attachment_ids: list[str] = (),  # type: ignore[assignment]
     ) -> EventView:
         _check_request_id(request_id)
         if len(text) > self.limits.max_message_chars:
             conversations.check_text(self, text)
         return await self.db.write(
-            conversations.send_message, self, who, conversation_id, request_id, text, private, predefined_id
+            conversations.send_message,
+            self,
+            who,
+            conversation_id,
+            request_id,
+            text,
+            private,
+            predefined_id,
+            list(attachment_ids),
         )
 
     async def list_predefined(self, who: AgentPrincipal, conversation_id: str):

@@ -218,3 +218,32 @@ class FeedEvent(SQLModel, table=True):
     payload: str = Field(sa_column=Column(Text, nullable=False))
 
     __table_args__ = (UniqueConstraint("session_id", "seq"),)
+
+
+class Attachment(SQLModel, table=True):
+    """An upload, and once complete, the attachment it becomes. Bytes live in the blob store."""
+
+    id: str = Field(primary_key=True)
+    conversation_id: str = Field(foreign_key="conversation.id", index=True)
+    # "customer" or "agent:<id>": only the uploader continues, completes or sends it.
+    uploader: str
+    request_id: Optional[str] = None
+    file_name: str
+    declared_type: str
+    size_bytes: int
+    received_bytes: int = 0
+    # uploading | complete | attached
+    status: str
+    sha256: Optional[str] = None
+    content_type: Optional[str] = None
+    created_at: datetime
+    # Unfinished or unsent uploads are removed after this; None once on a message.
+    expires_at: Optional[datetime] = None
+    event_seq: Optional[int] = None
+    # all | agents, as the message it is on
+    visibility: Optional[str] = None
+
+    __table_args__ = (
+        UniqueConstraint("conversation_id", "uploader", "request_id"),
+        Index("ix_attachment_expiry", "status", "expires_at"),
+    )

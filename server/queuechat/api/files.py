@@ -1,0 +1,39 @@
+"""Upload and download calls, shared by AgentService and CustomerService (their message types differ)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from chat.v1 import resources_pb2 as rpb
+
+from ..domain.core import Core
+from . import convert
+
+
+async def create_upload(core: Core, who: Any, req: Any, response_type: type) -> Any:
+    up = await core.attachments.create(
+        who, req.conversation_id, req.request_id, req.file_name, req.size_bytes, req.content_type
+    )
+    return response_type(upload=convert.upload(up))
+
+
+async def upload_chunk(core: Core, who: Any, req: Any, response_type: type) -> Any:
+    received = await core.attachments.chunk(who, req.upload_id, req.offset, req.data)
+    return response_type(received_bytes=received)
+
+
+async def get_upload(core: Core, who: Any, req: Any, response_type: type) -> Any:
+    return response_type(upload=convert.upload(await core.attachments.get(who, req.upload_id)))
+
+
+async def complete_upload(core: Core, who: Any, req: Any, response_type: type) -> Any:
+    return response_type(upload=convert.upload(await core.attachments.complete(who, req.upload_id, req.sha256)))
+
+
+async def download(core: Core, who: Any, req: Any, response_type: type):
+    async for item in core.attachments.download(who, req.attachment_id, req.offset):
+        if isinstance(item, dict):
+            yield response_type(attachment=convert.attachment(item))
+        else:
+            offset, data = item
+            yield response_type(chunk=rpb.AttachmentChunk(offset=offset, data=data))

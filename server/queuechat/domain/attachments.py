@@ -1,0 +1,326 @@
+"""Attachments: resumable uploads in chunks, content checks, downloads.
+
+An upload is created with its exact size, filled chunk by chunk in order
+(the server confirms received_bytes, so a client resumes from there), then
+completed with its SHA-256: the file is hashed and sniffed in one streaming
+pass and moved to its content address. Only then can a message name it; the
+message and its attachments commit together. Nothing holds a whole file in
+memory: at most one chunk per call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import unicodedata
+import uuid
+import weakref
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, AsyncIterator
+
+from sqlmodel import func, select
+
+from ..errors import exhausted, invalid, not_found, precondition
+from ..store import Tx
+from ..store.blobs import BlobStore
+from ..store.models import Attachment, Conversation
+from . import filetypes
+from .conversations import readable_conversation
+from .invites import require_member
+from .log import utcnow
+from .views import AgentPrincipal, CustomerPrincipal
+
+if TYPE_CHECKING:
+    from .core import Core
+
+Who = AgentPrincipal | CustomerPrincipal
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_STATES = {"uploading": "UPLOAD_STATE_UPLOADING", "complete": "UPLOAD_STATE_COMPLETE", "attached": "UPLOAD_STATE_ATTACHED"}
+
+
+def actor(who: Who) -> str:
+    return f"agent:{who.agent_id}" if isinstance(who, AgentPrincipal) else "customer"
+
+
+def sanitise_name(name: str) -> str:
+    """A display name only: no directories, control characters or leading dots; at most 200 characters."""
+    name = unicodedata.normalize("NFC", name).replace("\\", "/").rsplit("/", 1)[-1]
+    name = "".join(ch for ch in name if unicodedata.category(ch)[0] != "C").strip().lstrip(".").strip()
+    return name[:200] or "file"
+
+
+def attachment_json(a: Attachment) -> dict[str, Any]:
+    return {
+        "attachment_id": a.id,
+        "file_name": a.file_name,
+        "content_type": a.content_type or "",
+        "size_bytes": a.size_bytes,
+        "sha256": a.sha256 or "",
+    }
+
+
+def upload_json(a: Attachment, chunk: int) -> dict[str, Any]:
+    from .log import ts
+
+    out: dict[str, Any] = {
+        "upload_id": a.id,
+        "conversation_id": a.conversation_id,
+        "file_name": a.file_name,
+        "content_type": a.declared_type,
+        "size_bytes": a.size_bytes,
+        "received_bytes": a.received_bytes,
+        "max_chunk_bytes": chunk,
+        "state": _STATES[a.status],
+    }
+    if a.status != "uploading":
+        out["attachment"] = attachment_json(a)
+    if a.expires_at is not None:
+        out["expire_time"] = ts(a.expires_at)
+    return out
+
+
+# --- writes (one transaction each) ------------------------------------------
+
+
+def _require_writer(tx: Tx, who: Who, conversation_id: str) -> Conversation:
+    if isinstance(who, AgentPrincipal):
+        conv = require_member(tx, who, conversation_id)
+    else:
+        conv = readable_conversation(tx.session, who, conversation_id)
+        if not conv.customer_connected:
+            raise precondition("CHAT_ENDED", "You have ended this chat.")
+    if conv.status == "closed":
+        raise precondition("CONVERSATION_CLOSED", "The conversation is closed.", conversation_id=conversation_id)
+    return conv
+
+
+def create_upload(
+    tx: Tx, core: "Core", who: Who, conversation_id: str, request_id: str, file_name: str, size: int, declared: str
+) -> dict[str, Any]:
+    s = tx.session
+    limits = core.limits
+    conv = _require_writer(tx, who, conversation_id)
+    me = actor(who)
+    if request_id:
+        prior = s.exec(
+            select(Attachment).where(
+                Attachment.conversation_id == conv.id, Attachment.uploader == me, Attachment.request_id == request_id
+            )
+        ).first()
+        if prior is not None:
+            return upload_json(prior, limits.upload_chunk_bytes)
+    if size <= 0:
+        raise invalid("EMPTY_FILE", "size_bytes must be the file's exact size, more than 0.")
+    if size > limits.max_attachment_bytes:
+        raise invalid(
+            "FILE_TOO_LARGE",
+            f"A file may have at most {limits.max_attachment_bytes:,} bytes "
+            f"({limits.max_attachment_bytes / 2**20:g} MiB); this one has {size:,}.",
+            limit=limits.max_attachment_bytes,
+        )
+    declared = filetypes.check_declared(declared)
+    open_uploads = s.exec(
+        select(func.count()).where(
+            Attachment.conversation_id == conv.id, Attachment.uploader == me, Attachment.status != "attached"
+        )
+    ).one()
+    if open_uploads >= limits.max_attachments_per_message:
+        raise exhausted(
+            "TOO_MANY_UPLOADS",
+            f"At most {limits.max_attachments_per_message} files can be on their way at once: send or let some expire.",
+        )
+    now = utcnow()
+    row = Attachment(
+        id=uuid.uuid4().hex,
+        conversation_id=conv.id,
+        uploader=me,
+        request_id=request_id or None,
+        file_name=sanitise_name(file_name),
+        declared_type=declared,
+        size_bytes=size,
+        status="uploading",
+        created_at=now,
+        expires_at=now + timedelta(seconds=limits.upload_ttl),
+    )
+    s.add(row)
+    return upload_json(row, limits.upload_chunk_bytes)
+
+
+def _own_upload(s: Any, who: Who, upload_id: str) -> Attachment:
+    row = s.get(Attachment, upload_id) if upload_id else None
+    if row is None or row.uploader != actor(who) or (
+        isinstance(who, CustomerPrincipal) and row.conversation_id != who.conversation_id
+    ):
+        raise not_found("UPLOAD_NOT_FOUND", f"No upload {upload_id!r} of yours.", upload_id=upload_id)
+    return row
+
+
+def _record_chunk(tx: Tx, core: "Core", upload_id: str, offset: int, length: int) -> int:
+    row = tx.session.get(Attachment, upload_id)
+    if row is None or row.status != "uploading" or row.received_bytes != offset:
+        raise precondition("UPLOAD_CHANGED", "The upload changed meanwhile; ask GetUpload where it stands.")
+    row.received_bytes = offset + length
+    row.expires_at = utcnow() + timedelta(seconds=core.limits.upload_ttl)
+    tx.session.add(row)
+    return row.received_bytes
+
+
+def _complete(tx: Tx, core: "Core", upload_id: str, sha256: str, content_type: str) -> dict[str, Any]:
+    row = tx.session.get(Attachment, upload_id)
+    row.status = "complete"
+    row.sha256 = sha256
+    row.content_type = content_type
+    row.expires_at = utcnow() + timedelta(seconds=core.limits.upload_ttl)
+    tx.session.add(row)
+    return upload_json(row, core.limits.upload_chunk_bytes)
+
+
+def attach(tx: Tx, core: "Core", who: Who, conversation_id: str, ids: list[str], visibility: str) -> list[Attachment]:
+    """Inside the SendMessage transaction: the message and its attachments commit together."""
+    limit = core.limits.max_attachments_per_message
+    if len(ids) > limit:
+        raise invalid("TOO_MANY_ATTACHMENTS", f"A message may carry at most {limit} attachments, not {len(ids)}.")
+    if len(set(ids)) != len(ids):
+        raise invalid("DUPLICATE_ATTACHMENT", "The same attachment is named twice.")
+    out = []
+    for attachment_id in ids:
+        row = tx.session.get(Attachment, attachment_id)
+        if row is None or row.uploader != actor(who) or row.conversation_id != conversation_id:
+            raise not_found("ATTACHMENT_NOT_FOUND", f"No attachment {attachment_id!r} of yours here.")
+        if row.status == "uploading":
+            raise precondition("ATTACHMENT_NOT_READY", f"{row.file_name} has not been completed.", attachment_id=row.id)
+        if row.status == "attached":
+            raise precondition("ATTACHMENT_ALREADY_SENT", f"{row.file_name} is on another message.", attachment_id=row.id)
+        row.status = "attached"
+        row.visibility = visibility
+        row.expires_at = None
+        tx.session.add(row)
+        out.append(row)
+    return out
+
+
+def expire(tx: Tx, core: "Core", now: datetime) -> tuple[list[str], list[str]]:
+    """Remove abandoned uploads; returns (part files, blobs) to delete once committed."""
+    s = tx.session
+    rows = s.exec(
+        select(Attachment).where(Attachment.status != "attached", Attachment.expires_at < now)
+    ).all()
+    parts, blobs = [], []
+    for row in rows:
+        s.delete(row)
+        if row.status == "uploading":
+            parts.append(row.id)
+    s.flush()
+    for sha in {r.sha256 for r in rows if r.sha256}:
+        if s.exec(select(Attachment.id).where(Attachment.sha256 == sha)).first() is None:
+            blobs.append(sha)
+    return parts, blobs
+
+
+# --- the async side: file I/O on threads, one chunk at a time ---------------
+
+
+class Attachments:
+    def __init__(self, core: "Core", blobs: BlobStore):
+        self.core = core
+        self.blobs = blobs
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+
+    def _lock(self, upload_id: str) -> asyncio.Lock:
+        lock = self._locks.get(upload_id)
+        if lock is None:
+            lock = self._locks[upload_id] = asyncio.Lock()
+        return lock
+
+    async def _io(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+    async def create(self, who: Who, conversation_id: str, request_id: str, name: str, size: int, ctype: str) -> dict:
+        return await self.core.db.write(create_upload, self.core, who, conversation_id, request_id, name, size, ctype)
+
+    async def get(self, who: Who, upload_id: str) -> dict:
+        row = await self.core.db.read(_own_upload, who, upload_id)
+        return upload_json(row, self.core.limits.upload_chunk_bytes)
+
+    async def chunk(self, who: Who, upload_id: str, offset: int, data: bytes) -> int:
+        limits = self.core.limits
+        if not data:
+            raise invalid("EMPTY_CHUNK", "A chunk needs data.")
+        if len(data) > limits.upload_chunk_bytes:
+            raise invalid("CHUNK_TOO_LARGE", f"A chunk may have at most {limits.upload_chunk_bytes:,} bytes.")
+        async with self._lock(upload_id):
+            row = await self.core.db.read(_own_upload, who, upload_id)
+            if row.status != "uploading":
+                raise precondition("UPLOAD_COMPLETED", "This upload is already complete.", upload_id=upload_id)
+            if offset + len(data) > row.size_bytes:
+                raise invalid(
+                    "SIZE_EXCEEDED",
+                    f"The upload was declared {row.size_bytes:,} bytes; this chunk goes beyond that.",
+                    size_bytes=row.size_bytes,
+                )
+            if offset != row.received_bytes:
+                if offset + len(data) == row.received_bytes and offset >= 0:
+                    return row.received_bytes  # a retry of the chunk we already have
+                raise precondition(
+                    "OFFSET_MISMATCH",
+                    f"Send the chunk at offset {row.received_bytes}.",
+                    expected_offset=row.received_bytes,
+                )
+            await self._io(self.blobs.write_chunk, upload_id, offset, data)
+            return await self.core.db.write(_record_chunk, self.core, upload_id, offset, len(data))
+
+    async def complete(self, who: Who, upload_id: str, sha256: str) -> dict:
+        sha256 = sha256.lower()
+        if not _SHA256.match(sha256):
+            raise invalid("BAD_SHA256", "sha256 must be 64 hexadecimal characters.")
+        async with self._lock(upload_id):
+            row = await self.core.db.read(_own_upload, who, upload_id)
+            if row.status != "uploading":
+                if row.sha256 == sha256:
+                    return upload_json(row, self.core.limits.upload_chunk_bytes)  # a retry
+                raise precondition("UPLOAD_COMPLETED", "This upload is already complete.", upload_id=upload_id)
+            if row.received_bytes != row.size_bytes:
+                raise precondition(
+                    "UPLOAD_INCOMPLETE",
+                    f"{row.received_bytes:,} of {row.size_bytes:,} bytes received.",
+                    received_bytes=row.received_bytes,
+                )
+            scan = await self._io(self.blobs.scan, upload_id)
+            if scan.sha256 != sha256:
+                raise invalid("CHECKSUM_MISMATCH", "The SHA-256 of the bytes received differs; upload the file again.")
+            content_type = filetypes.classify(row.declared_type, scan.head, scan.tail, scan.utf8)
+            await self._io(self.blobs.commit, upload_id, sha256)
+            return await self.core.db.write(_complete, self.core, upload_id, sha256, content_type)
+
+    async def download(self, who: Who, attachment_id: str, offset: int) -> AsyncIterator[dict | tuple[int, bytes]]:
+        row = await self.core.db.read(_downloadable, who, attachment_id)
+        if offset < 0 or offset > row.size_bytes:
+            raise invalid("BAD_OFFSET", f"offset must be between 0 and {row.size_bytes}.")
+        yield attachment_json(row)
+        step = self.core.limits.upload_chunk_bytes
+        while offset < row.size_bytes:
+            data = await self._io(self.blobs.read, row.sha256, offset, step)
+            if not data:
+                break
+            yield (offset, data)
+            offset += len(data)
+
+    async def sweep(self) -> None:
+        parts, blobs = await self.core.db.write(expire, self.core, utcnow())
+        for upload_id in parts:
+            await self._io(self.blobs.remove_part, upload_id)
+        for sha in blobs:
+            await self._io(self.blobs.remove_blob, sha)
+
+
+def _downloadable(s: Any, who: Who, attachment_id: str) -> Attachment:
+    """Visibility follows the message: private ones are for agents only. Own uploads are visible to their uploader."""
+    row = s.get(Attachment, attachment_id) if attachment_id else None
+    if row is None:
+        raise not_found("ATTACHMENT_NOT_FOUND", f"No attachment {attachment_id!r}.")
+    readable_conversation(s, who, row.conversation_id)  # PERMISSION_DENIED for someone else's conversation
+    own = row.uploader == actor(who) and row.status == "complete"
+    visible = row.status == "attached" and (isinstance(who, AgentPrincipal) or row.visibility == "all")
+    if not (own or visible):
+        raise not_found("ATTACHMENT_NOT_FOUND", f"No attachment {attachment_id!r}.")
+    return row

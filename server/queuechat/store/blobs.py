@@ -1,0 +1,95 @@
+"""File bytes on disk: partial uploads by upload id, finished files by SHA-256.
+
+No user-supplied name ever reaches a path. Every call is blocking I/O on at
+most one chunk at a time; callers run it on a thread.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+READ_BLOCK = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Scan:
+    sha256: str
+    size: int
+    head: bytes
+    tail: bytes
+    utf8: bool  # valid UTF-8 with no NUL bytes
+
+
+class BlobStore:
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self._parts = self.root / "uploads"
+        self._blobs = self.root / "blobs"
+
+    def part_path(self, upload_id: str) -> Path:
+        return self._parts / upload_id
+
+    def blob_path(self, sha256: str) -> Path:
+        return self._blobs / sha256[:2] / sha256
+
+    def write_chunk(self, upload_id: str, offset: int, data: bytes) -> None:
+        """Write at offset and cut what lies beyond (left by a write whose commit never happened)."""
+        path = self.part_path(upload_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "r+b" if path.exists() else "wb") as f:
+            f.seek(offset)
+            f.write(data)
+            f.truncate()
+
+    def scan(self, upload_id: str, head_size: int = 8192, tail_size: int = 2048) -> Scan:
+        """Hash and check the part file in one streaming pass."""
+        h = hashlib.sha256()
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        utf8 = True
+        head = b""
+        tail = b""
+        size = 0
+        with open(self.part_path(upload_id), "rb") as f:
+            while block := f.read(READ_BLOCK):
+                if not head:
+                    head = block[:head_size]
+                h.update(block)
+                size += len(block)
+                tail = (tail + block)[-tail_size:]
+                if utf8:
+                    try:
+                        decoder.decode(block)
+                        utf8 = b"\x00" not in block
+                    except UnicodeDecodeError:
+                        utf8 = False
+        if utf8:
+            try:
+                decoder.decode(b"", final=True)
+            except UnicodeDecodeError:
+                utf8 = False
+        return Scan(h.hexdigest(), size, head, tail, utf8)
+
+    def commit(self, upload_id: str, sha256: str) -> None:
+        """Move a checked upload to its content address (a file already there is the same bytes)."""
+        part = self.part_path(upload_id)
+        blob = self.blob_path(sha256)
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        if blob.exists():
+            part.unlink(missing_ok=True)
+        else:
+            os.replace(part, blob)
+
+    def read(self, sha256: str, offset: int, size: int) -> bytes:
+        with open(self.blob_path(sha256), "rb") as f:
+            f.seek(offset)
+            return f.read(size)
+
+    def remove_part(self, upload_id: str) -> None:
+        self.part_path(upload_id).unlink(missing_ok=True)
+
+    def remove_blob(self, sha256: str) -> None:
+        self.blob_path(sha256).unlink(missing_ok=True)
