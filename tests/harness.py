@@ -314,18 +314,24 @@ class Harness:
         self.config_doc = config
         self.database_url = database_url or sqlite_url(data_dir)
         self.server: ChatServer | None = None
+        self.port = 0  # kept across restarts, so clients can reconnect to the same address
         self.channel: grpc.aio.Channel | None = None
         self._clients: list[Any] = []
 
     async def start(self) -> "Harness":
         core = Core(Database(self.database_url), parse_config(self.config_doc), files_dir=self.data_dir / "files")
-        self.server = ChatServer(core, "127.0.0.1:0")
+        self.server = ChatServer(core, f"127.0.0.1:{self.port}")
         await self.server.start()
-        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.server.port}")
+        self.port = self.server.port
+        self.channel = grpc.aio.insecure_channel(self.address)
         self.agent_stub = agent_service_pb2_grpc.AgentServiceStub(self.channel)
         self.customer_stub = customer_service_pb2_grpc.CustomerServiceStub(self.channel)
         self.admin_stub = admin_service_pb2_grpc.AdminServiceStub(self.channel)
         return self
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
 
     @property
     def core(self) -> Core:

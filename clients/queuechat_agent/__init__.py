@@ -1,0 +1,1 @@
+"""The sample agent client: a terminal desktop with one tab per chat."""

@@ -1,0 +1,1 @@
+"""The grpc-web bridge and the customer chat page."""
