@@ -3,6 +3,7 @@
 import grpc
 
 from chat.v1 import agent_service_pb2 as agent_pb
+from chat.v1 import customer_service_pb2 as cust_pb
 from chat.v1 import resources_pb2 as rpb
 from harness import expect_error, is_event
 
@@ -181,6 +182,17 @@ async def test_private_messages_reach_agents_only(server):
     await cust.stream.wait_for(is_event("message", lambda e: e.message.text == "public hello"))
     await stream.wait_for(is_event("message", lambda e: e.message.text == "internal note: VIP"))
     assert all("VIP" not in e.message.text for e in cust.stream.events("message"))
+
+    # The customer's cursors do not even count private events.
+    await alice.send(cust.id, "second note", private=True)
+    n = len(cust.stream.items)
+    hb = await cust.stream.wait_for(lambda i: i.HasField("heartbeat"), start=n)
+    public_last = cust.stream.events()[-1].seq
+    assert hb.heartbeat.latest_seq == public_last
+    got = await cust.stub.GetConversation(
+        cust_pb.CustomerServiceGetConversationRequest(conversation_id=cust.id), metadata=cust.md
+    )
+    assert got.conversation.last_seq == public_last
 
     # Not in the customer's transcript, nor on a replay from seq 0.
     t = await cust.transcript()

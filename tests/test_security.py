@@ -402,11 +402,6 @@ async def test_logout_ends_the_open_offer_stream_and_the_token(server):
     await agent2.wait_offer(cust.id)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server bug: an open StreamConversation outlives its session (Core.conversation_stream never "
-    "learns that the session ended), so a logged-out or replaced session keeps reading private messages",
-)
 @pytest.mark.parametrize("ended_by", ["logout", "new login"])
 async def test_open_conversation_stream_ends_with_its_session(server, ended_by):
     agent1 = await server.agent("agent1")
@@ -612,11 +607,6 @@ async def test_invitee_may_read_while_invited_but_not_write_and_not_after_reject
     assert [e.message.text for e in log.events if e.HasField("message")] == ["internal: context for the invitee"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server bug: a StreamConversation opened on a pending invite keeps delivering events, private ones "
-    "included, after the invite was rejected (Core.conversation_stream checks access only when it opens)",
-)
 async def test_invitee_stream_stops_when_the_invite_is_rejected(server):
     agent1 = await server.agent("agent1")
     cust = await server.customer()
@@ -633,11 +623,6 @@ async def test_invitee_stream_stops_when_the_invite_is_rejected(server):
     assert "secret after the reject" not in [e.message.text for e in peek.events("message")]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server bug: a retried AcceptOffer (routing.accept_offer, the `offer is None` branch) returns the "
-    "conversation without checking that the caller is still in it",
-)
 async def test_agent_who_left_cannot_read_the_conversation_through_an_accept_retry(server):
     agent1 = await server.agent("agent1")
     cust = await server.customer()

@@ -393,6 +393,17 @@ def readable_conversation(s: Any, who: AgentPrincipal | CustomerPrincipal, conve
     return conv
 
 
+def stream_access(s: Any, who: AgentPrincipal | CustomerPrincipal, conversation_id: str) -> str:
+    """Check who may stream; for an agent who is only invited, the id of that invite (else "")."""
+    from .read import is_participant, pending_invite
+
+    readable_conversation(s, who, conversation_id)
+    if isinstance(who, CustomerPrincipal) or is_participant(s, conversation_id, who.agent_id):
+        return ""
+    inv = pending_invite(s, conversation_id)
+    return inv.id if inv is not None and inv.invitee_id == who.agent_id else ""
+
+
 def events_after(s: Any, conversation_id: str, after_seq: int, public_only: bool, limit: int = 500) -> list[EventView]:
     q = select(Event).where(Event.conversation_id == conversation_id, Event.seq > after_seq)
     if public_only:

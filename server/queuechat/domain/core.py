@@ -216,10 +216,16 @@ class Core:
     async def conversation_stream(
         self, who: Who, conversation_id: str, after_seq: int
     ) -> AsyncIterator[EventView | Heartbeat | QueuePositionView]:
+        """Backlog after the cursor, then live. Customers never get private events; an agent's
+        stream ends with their session, when they leave, or when the invite that let them look ends."""
         customer = isinstance(who, CustomerPrincipal)
-        await self.db.read(conversations.readable_conversation, who, conversation_id)
-        sub = self.bus.subscribe([conv_topic(conversation_id)])
+        topics = [conv_topic(conversation_id)]
+        if not customer:
+            topics.append(feed_topic(who.session_id))  # carries the end of the session
+        sub = self.bus.subscribe(topics)
         try:
+            # Checked after subscribing, so no change of access can fall in between.
+            watching_invite = await self.db.read(conversations.stream_access, who, conversation_id)
             sent = seen = max(0, after_seq)
             while True:
                 page = await self.db.read(conversations.events_after, conversation_id, sent, customer, _PAGE)
@@ -230,20 +236,25 @@ class Core:
                         return
                 if len(page) < _PAGE:
                     break
-            yield Heartbeat(seen)  # caught up: live from here
+            yield Heartbeat(sent if customer else seen)  # caught up: live from here
             pos = await self.db.read(_position, conversation_id)
             if pos is not None:
                 yield pos
             while True:
                 item = await sub.get(self.limits.heartbeat_interval)
                 if item is None:
-                    yield Heartbeat(seen)
+                    # Customers' cursors count only what they may see: private activity stays invisible.
+                    yield Heartbeat(sent if customer else seen)
+                elif item is _SESSION_ENDED:
+                    raise unauthenticated("SESSION_ENDED", "This session has ended; log in again.")
                 elif isinstance(item, QueuePositionView):
                     yield item
-                elif item.seq > seen:
+                elif isinstance(item, EventView) and item.seq > seen:
                     seen = item.seq
                     if customer and not item.public:
                         continue
+                    if watching_invite and _invite_over(item, watching_invite):
+                        raise denied("NOT_A_PARTICIPANT", "The invite that let you see this conversation has ended.")
                     sent = item.seq
                     yield item
                     if _final(item, who):
@@ -313,6 +324,9 @@ class Core:
         self, queue_id: str, request_id: str, variables: dict[str, str], identity_token: str
     ) -> StartedChat:
         _check_request_id(request_id)
+        if request_id and len(request_id) < 16:
+            # Anyone repeating it gets this chat's customer token back: it must be unguessable.
+            raise invalid("BAD_REQUEST_ID", "StartChat's request_id must be 16-64 characters: use a UUID.")
         if len(variables) > self.limits.max_variables:
             raise invalid("TOO_MANY_VARIABLES", f"At most {self.limits.max_variables} variables.")
         for name, value in variables.items():
@@ -376,6 +390,13 @@ def _feed_after(s, session_id: str, after_seq: int) -> list[FeedEventView]:
 def _position(s, conversation_id: str) -> QueuePositionView | None:
     conv = s.get(Conversation, conversation_id)
     return position_of(s, conv) if conv is not None and conv.status == "queued" else None
+
+
+def _invite_over(ev: EventView, invite_id: str) -> bool:
+    """The invite an invitee is looking through ended without them joining."""
+    if ev.kind != "invite_updated" or ev.payload["invite"]["invite_id"] != invite_id:
+        return False
+    return ev.payload["invite"]["state"] not in ("INVITE_STATE_PENDING", "INVITE_STATE_ACCEPTED")
 
 
 def _final(ev: EventView, who: Who) -> bool:

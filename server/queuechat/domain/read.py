@@ -112,11 +112,19 @@ def conversation_view(s: Session, conv: Conversation, *, for_agent: bool = True)
         customer_connected=conv.customer_connected,
         variables=variables(s, conv.id),
         agents=tuple(ParticipantView("agent", a.id, a.display_name) for a in active_agents(s, conv.id)),
-        last_seq=conv.last_seq,
+        last_seq=conv.last_seq if for_agent else last_public_seq(s, conv.id),
         created_at=conv.created_at,
         closed_at=conv.closed_at,
         pending_invite=invite_json(s, inv) if inv else None,
     )
+
+
+def last_public_seq(s: Session, conversation_id: str) -> int:
+    """What a customer may know of the log's length: private events do not count."""
+    from ..store.models import Event
+
+    seq = s.exec(select(func.max(Event.seq)).where(Event.conversation_id == conversation_id, Event.visibility == "all")).one()
+    return seq or 0
 
 
 def agent_loads(s: Session, agent_ids: Iterable[str] | None = None) -> dict[str, int]:

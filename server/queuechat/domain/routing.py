@@ -27,7 +27,15 @@ from ..store import Tx
 from ..store.models import Agent, AgentSession, Conversation, Offer, Participant
 from . import invites
 from .log import agent_participant, append_event, append_feed, ts, utcnow
-from .read import agent_loads, conversation_view, profile_queues, queue_json, variables, variables_json
+from .read import (
+    agent_loads,
+    conversation_view,
+    is_participant,
+    profile_queues,
+    queue_json,
+    variables,
+    variables_json,
+)
 from .views import AgentPrincipal, ConversationView
 
 if TYPE_CHECKING:
@@ -176,8 +184,10 @@ def accept_offer(tx: Tx, core: "Core", who: AgentPrincipal, offer_id: str) -> Co
     s = tx.session
     now = utcnow()
     offer = _own_pending_offer(tx, who, offer_id, "accepted")
-    if offer is None:  # accepted already: answer the retry the same way
+    if offer is None:  # accepted already: answer the retry the same way, if still in it
         conv = s.get(Conversation, s.get(Offer, offer_id).conversation_id)
+        if not is_participant(s, conv.id, who.agent_id):
+            raise precondition("OFFER_NO_LONGER_VALID", "You accepted this offer and have left the conversation since.")
         return conversation_view(s, conv)
     conv = s.get(Conversation, offer.conversation_id)
     agent = s.get(Agent, who.agent_id)
