@@ -88,7 +88,7 @@ def count(s, model, *where) -> int:
 def make_chat_offer(tx, core: Core, conversation_id: str, session_id: str) -> str:
     conv = tx.session.get(Conversation, conversation_id)
     sess = tx.session.get(AgentSession, session_id)
-    return routing.make_offer(tx, core, conv, sess, datetime.now(timezone.utc)).id
+    return routing.make_offer(tx, core, conv, sess.id, sess.agent_id, datetime.now(timezone.utc)).id
 
 
 def insert_offer(tx, conversation_id: str, session_id: str, *, kind: str = "chat", status: str = "pending") -> str:

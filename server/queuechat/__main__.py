@@ -20,6 +20,16 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--data-dir", default=os.environ.get("QUEUECHAT_DATA", "data"), help="embedded SQLite lives here")
     serve.add_argument("--database-url", default=os.environ.get("QUEUECHAT_DATABASE_URL"), help="e.g. postgresql+psycopg://...")
     serve.add_argument("--listen", default=os.environ.get("QUEUECHAT_LISTEN", "[::]:50051"))
+    serve.add_argument(
+        "--web-listen",
+        default=os.environ.get("QUEUECHAT_WEB_LISTEN", "0.0.0.0:8080"),
+        help="customer chat page and grpc-web bridge (empty: off)",
+    )
+    serve.add_argument(
+        "--web-origins",
+        default=os.environ.get("QUEUECHAT_WEB_ORIGINS", ""),
+        help="comma-separated origins of other sites whose pages may call the bridge (CORS)",
+    )
     serve.add_argument("--demo-help", action="store_true", help="print how to chat with the demo configuration")
     token = sub.add_parser("identity-token", help="sign a customer identity token (for testing a hosting site)")
     token.add_argument("--secret", required=True)
@@ -51,8 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.demo_help:
         from .demo import print_demo_help
 
-        print_demo_help(config, args.listen)
-    asyncio.run(run(core, args.listen))
+        print_demo_help(config, args.listen, args.web_listen)
+    origins = [o.strip() for o in args.web_origins.split(",") if o.strip()]
+    asyncio.run(run(core, args.listen, args.web_listen, origins))
     return 0
 
 

@@ -41,10 +41,13 @@ class Subscription:
         """The next item, or None after timeout seconds of silence."""
         if self.lagging:
             raise Lagging()
-        try:
-            item = await asyncio.wait_for(self._queue.get(), timeout)
-        except TimeoutError:
-            return None
+        if self._queue.empty():
+            try:
+                item = await asyncio.wait_for(self._queue.get(), timeout)
+            except TimeoutError:
+                return None
+        else:  # busy streams skip wait_for's timer and task
+            item = self._queue.get_nowait()
         if item is _LAGGING or self.lagging:
             raise Lagging()
         return item

@@ -9,7 +9,7 @@ import jwt
 from .config import Config
 
 
-def print_demo_help(config: Config, listen: str) -> None:
+def print_demo_help(config: Config, listen: str, web_listen: str = "") -> None:
     port = listen.rsplit(":", 1)[-1]
     addr = f"localhost:{port}"
     agent = config.agents[0] if config.agents else None
@@ -21,8 +21,17 @@ def print_demo_help(config: Config, listen: str) -> None:
             config.identity_secrets[0],
             algorithm="HS256",
         )
-    lines = [
-        "",
+    lines = [""]
+    if web_listen:
+        page = f"http://localhost:{web_listen.rsplit(':', 1)[-1]}/"
+        lines += [
+            f"Customer chat page: open {page} in a browser, pick a queue and start a chat.",
+            "As a customer the hosting site has signed in (the demo identity token, name and e-mail verified):",
+            f"  {page}#identity_token={token}" if token else "  (no identity secret configured)",
+            "Answer as an agent with the grpcurl calls below.",
+            "",
+        ]
+    lines += [
         f"queuechat demo on {addr} (gRPC, reflection on). With grpcurl:",
         "",
         "  # 1. an agent logs in (ready) and opens the offer stream",

@@ -55,6 +55,20 @@ def conversation(v: ConversationView) -> pb.Conversation:
 
 
 def event(v: EventView) -> pb.ConversationEvent:
+    """Converted once per event however many streams carry it. Callers copy, never change it."""
+    key = (v.conversation_id, v.seq)
+    msg = _events.get(key)
+    if msg is None:
+        if len(_events) > 4096:
+            _events.clear()
+        msg = _events[key] = _event(v)
+    return msg
+
+
+_events: dict[tuple[str, int], pb.ConversationEvent] = {}
+
+
+def _event(v: EventView) -> pb.ConversationEvent:
     msg = pb.ConversationEvent(
         conversation_id=v.conversation_id,
         seq=v.seq,

@@ -67,14 +67,28 @@ class ChatServer:
         self.core.db.close()
 
 
-async def serve(core: Core, address: str) -> None:
+async def serve(core: Core, address: str, web_listen: str = "", web_origins: list[str] | None = None) -> None:
+    """Run until SIGINT/SIGTERM; with web_listen ("HOST:PORT") also the customer page and grpc-web bridge."""
+    from queuechat_web import split_host_port, start_bridge
+
     srv = ChatServer(core, address)
     await srv.start()
     log.info("queuechat gRPC listening on port %d", srv.port)
+    bridge = None
+    if web_listen:
+        # The bridge calls this process's gRPC port; a wildcard listen address is reached on localhost.
+        grpc_host = address.rpartition(":")[0].strip("[]")
+        grpc_host = "localhost" if grpc_host in ("", "0.0.0.0", "::", "*") else grpc_host
+        target = f"[{grpc_host}]:{srv.port}" if ":" in grpc_host else f"{grpc_host}:{srv.port}"
+        bridge = await start_bridge(target, *split_host_port(web_listen), allowed_origins=web_origins)
+        log.info("queuechat web bridge and customer page listening on port %d", bridge.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("shutting down")
+    # Browsers first: their streams end with UNAVAILABLE and they reconnect once the server is back.
+    if bridge is not None:
+        await bridge.stop()
     await srv.stop()

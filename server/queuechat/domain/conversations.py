@@ -6,6 +6,7 @@ import json
 import uuid
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy import bindparam, insert, update
 from sqlmodel import or_, select
 
 from ..errors import denied, invalid, not_found, precondition
@@ -30,10 +31,11 @@ from .log import (
     customer_participant,
     event_view,
     find_request,
+    insert_event,
     utcnow,
 )
 from .read import active_agents, conversation_view, queue_json, variables_json
-from .views import AgentPrincipal, ConversationView, CustomerPrincipal, EventView, VariableView
+from .views import AgentPrincipal, ConversationView, CustomerPrincipal, EventView, ParticipantView, VariableView
 
 if TYPE_CHECKING:
     from .core import Core
@@ -61,8 +63,9 @@ def start_chat(
     now = utcnow()
     merged = {k: VariableView(k, v, False) for k, v in unverified.items()}
     merged.update({k: VariableView(k, v, True) for k, v in verified.items()})  # verified wins
-    variables = [merged[k] for k in sorted(merged)]
+    variables = tuple(merged[k] for k in sorted(merged))
     name = merged["name"].value if "name" in merged else ""
+    # A new log: its first two events take seq 1 and 2 directly.
     conv = Conversation(
         id=uuid.uuid4().hex,
         queue_id=queue_id,
@@ -71,28 +74,34 @@ def start_chat(
         customer_name=name,
         created_at=now,
         enqueued_at=now,
+        last_seq=2,
         start_request_id=request_id or None,
     )
     s.add(conv)
-    s.flush()
-    for v in variables:
-        s.add(CustomerVariable(conversation_id=conv.id, name=v.name, value=v.value, authenticated=v.authenticated))
-    append_event(
-        tx,
-        core,
-        conv,
-        "chat_started",
-        {"queue": queue_json(s, queue_id), "variables": variables_json(variables)},
-        actor="customer",
-        now=now,
-    )
-    append_event(
-        tx, core, conv, "participant_joined", {"participant": customer_participant(conv).to_json()}, actor="customer", now=now
-    )
-    s.flush()
-    core.queue_changed(tx, queue_id)
+    c = tx.conn
+    if variables:
+        c.execute(
+            insert(CustomerVariable),
+            [{"conversation_id": conv.id, "name": v.name, "value": v.value, "authenticated": v.authenticated} for v in variables],
+        )
+    queue = queue_json(s, queue_id)
+    insert_event(tx, core, conv.id, 1, "chat_started", {"queue": queue, "variables": variables_json(variables)},
+                 actor="customer", now=now)
+    insert_event(tx, core, conv.id, 2, "participant_joined", {"participant": customer_participant(conv).to_json()},
+                 actor="customer", now=now)
     routing.dispatch(tx, core, now)
-    return conversation_view(s, conv, for_agent=False)
+    return ConversationView(
+        id=conv.id,
+        queue_id=queue_id,
+        queue_name=queue["display_name"],
+        status="queued",
+        customer_connected=True,
+        variables=variables,
+        agents=(),
+        last_seq=2,
+        created_at=now,
+        closed_at=None,
+    )
 
 
 def _require_open(conv: Conversation) -> None:
@@ -122,23 +131,33 @@ def send_message(
     predefined_id: str,
     attachment_ids: list[str] = (),  # type: ignore[assignment]
 ) -> EventView:
+    """The hot path: a few Core statements, the ORM only for predefined messages and files."""
     from . import attachments
 
-    s = tx.session
+    c = tx.conn
+    actor = _actor(who)
     if isinstance(who, AgentPrincipal):
-        conv = require_member(tx, who, conversation_id)
-        sender = agent_participant(s.get(Agent, who.agent_id))
-    else:
-        conv = _require_customer(tx, who, conversation_id)
-        sender = customer_participant(conv)
-    prior = find_request(tx, conversation_id, _actor(who), request_id)
+        name = c.execute(_MEMBER_NAME, {"c": conversation_id, "a": who.agent_id}).scalar()
+        if name is None:
+            require_member(tx, who, conversation_id)  # raises the precise refusal
+        sender = ParticipantView("agent", who.agent_id, name)
+    elif who.conversation_id != conversation_id:
+        raise denied("NOT_YOUR_CONVERSATION", "This token is not for that conversation.")
+    prior = find_request(tx, conversation_id, actor, request_id)
     if prior is not None:
         return prior
-    _require_open(conv)
-    if isinstance(who, CustomerPrincipal) and not conv.customer_connected:
-        raise precondition("CHAT_ENDED", "You have ended this chat.")
+    # Take the seq and read the conversation in one statement; a refusal below rolls it back.
+    conv = c.execute(_CLAIM_SEQ, {"c": conversation_id}).first()
+    if conv is None:
+        raise not_found("CONVERSATION_NOT_FOUND", f"No conversation {conversation_id!r}.")
+    if conv.status == "closed":
+        raise precondition("CONVERSATION_CLOSED", "The conversation is closed.", conversation_id=conversation_id)
+    if isinstance(who, CustomerPrincipal):
+        if not conv.customer_connected:
+            raise precondition("CHAT_ENDED", "You have ended this chat.")
+        sender = ParticipantView("customer", display_name=conv.customer_name or "Customer")
     if predefined_id:
-        pm = _available_predefined(tx, who, conv).get(predefined_id)  # type: ignore[arg-type]
+        pm = _available_predefined(tx, who, tx.session.get(Conversation, conversation_id)).get(predefined_id)  # type: ignore[arg-type]
         if pm is None:
             raise not_found(
                 "PREDEFINED_MESSAGE_NOT_FOUND",
@@ -146,7 +165,9 @@ def send_message(
                 predefined_message_id=predefined_id,
             )
         text = text or pm.body
-    files = attachments.attach(tx, core, who, conversation_id, list(attachment_ids), "agents" if private else "all")
+    files = []
+    if attachment_ids:
+        files = attachments.attach(tx, core, who, conversation_id, list(attachment_ids), "agents" if private else "all")
     if not files or text:
         check_text(core, text)
     message: dict[str, Any] = {
@@ -159,19 +180,33 @@ def send_message(
         message["predefined_message_id"] = predefined_id
     if files:
         message["attachments"] = [attachments.attachment_json(f) for f in files]
-    event = append_event(
+    event = insert_event(
         tx,
         core,
-        conv,
+        conversation_id,
+        conv.last_seq,
         "message",
         message,
-        actor=_actor(who),
+        actor=actor,
         visibility="agents" if private else "all",
         request_id=request_id,
     )
     for f in files:
         f.event_seq = event.seq
     return event
+
+
+_MEMBER_NAME = (
+    select(Agent.display_name)
+    .join(Participant, Participant.agent_id == Agent.id)
+    .where(Participant.conversation_id == bindparam("c"), Participant.agent_id == bindparam("a"), Participant.left_at.is_(None))
+)
+_CLAIM_SEQ = (
+    update(Conversation)
+    .where(Conversation.id == bindparam("c"))
+    .values(last_seq=Conversation.last_seq + 1)
+    .returning(Conversation.last_seq, Conversation.status, Conversation.customer_connected, Conversation.customer_name)
+)
 
 
 def check_text(core: "Core", text: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
@@ -64,6 +65,9 @@ class Core:
         self._tasks: set[asyncio.Task] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sweeper: asyncio.Task | None = None
+        # token -> (principal, valid until): saves a read per call. Ends of sessions in this
+        # process evict at once; the short lifetime covers sessions ended by another process.
+        self._agent_tokens: dict[str, tuple[AgentPrincipal, float]] = {}
 
     # --- life cycle --------------------------------------------------------
 
@@ -127,12 +131,25 @@ class Core:
         tx.after_commit(lambda: self.positions.mark(queue_id))
 
     def session_ended(self, tx: Tx, session_id: str) -> None:
-        tx.after_commit(lambda: self.bus.publish(feed_topic(session_id), _SESSION_ENDED))
+        def ended() -> None:
+            for token in [t for t, (p, _) in self._agent_tokens.items() if p.session_id == session_id]:
+                del self._agent_tokens[token]
+            self.bus.publish(feed_topic(session_id), _SESSION_ENDED)
+
+        tx.after_commit(ended)
 
     # --- authentication ---------------------------------------------------
 
     async def authenticate_agent(self, token: str) -> AgentPrincipal:
-        return await self.db.read(agents.find_session, token)
+        now = time.monotonic()
+        hit = self._agent_tokens.get(token)
+        if hit is not None and hit[1] > now:
+            return hit[0]
+        who = await self.db.read(agents.find_session, token)
+        if len(self._agent_tokens) > 10_000:
+            self._agent_tokens.clear()
+        self._agent_tokens[token] = (who, now + _TOKEN_CACHE_SECONDS)
+        return who
 
     async def authenticate_admin(self, token: str) -> AdminPrincipal:
         return await self.db.read(admin.find_admin, token)
@@ -373,6 +390,7 @@ class Core:
 
 
 _PAGE = 500
+_TOKEN_CACHE_SECONDS = 5.0
 
 
 def _feed_after(s, session_id: str, after_seq: int) -> list[FeedEventView]:

@@ -118,7 +118,7 @@ def invite_agent(
     s.add(inv)
     s.flush()
     payload = invite_json(s, inv)
-    routing.make_offer(tx, core, conv, sess, now, invite_payload=payload)
+    routing.make_offer(tx, core, conv, sess.id, sess.agent_id, now, invite_payload=payload)
     _invite_event(tx, core, conv, payload, who.agent_id, now)
     return payload
 

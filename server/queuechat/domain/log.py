@@ -12,7 +12,7 @@ import json
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import update
+from sqlalchemy import insert, update
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlmodel import select
 
@@ -63,38 +63,55 @@ def append_event(
     request_id: str | None = None,
     now: datetime | None = None,
 ) -> EventView:
+    seq = next_seq(tx, Conversation, conv.id, "last_seq")
+    set_committed_value(conv, "last_seq", seq)  # the row is already up to date
+    return insert_event(tx, core, conv.id, seq, kind, payload, actor=actor, visibility=visibility,
+                        request_id=request_id, now=now)
+
+
+def insert_event(
+    tx: Tx,
+    core: "Core",
+    conversation_id: str,
+    seq: int,
+    kind: str,
+    payload: dict[str, Any],
+    *,
+    actor: str,
+    visibility: str = "all",
+    request_id: str | None = None,
+    now: datetime | None = None,
+) -> EventView:
+    """Store an event under a seq taken with next_seq in this transaction; publish it after commit."""
     now = now or utcnow()
-    seq = _next_seq(tx, Conversation, conv, "last_seq")
-    row = Event(
-        conversation_id=conv.id,
-        seq=seq,
-        kind=kind,
-        visibility=visibility,
-        created_at=now,
-        actor=actor,
-        request_id=request_id or None,
-        payload=json.dumps(payload, separators=(",", ":")),
+    tx.conn.execute(
+        _INSERT_EVENT,
+        {
+            "conversation_id": conversation_id,
+            "seq": seq,
+            "kind": kind,
+            "visibility": visibility,
+            "created_at": now,
+            "actor": actor,
+            "request_id": request_id or None,
+            "payload": json.dumps(payload, separators=(",", ":")),
+        },
     )
-    tx.session.add(row)
-    view = EventView(conv.id, seq, kind, visibility, now, payload)
-    tx.after_commit(lambda: core.bus.publish(conv_topic(conv.id), view))
+    view = EventView(conversation_id, seq, kind, visibility, now, payload)
+    tx.after_commit(lambda: core.bus.publish(conv_topic(conversation_id), view))
     return view
 
 
-def _next_seq(tx: Tx, model: type, obj: Any, column: str) -> int:
+_INSERT_EVENT = insert(Event)
+
+
+def next_seq(tx: Tx, model: type, row_id: str, column: str) -> int:
+    """Atomically take the next seq of a row; the row stays locked until commit."""
     col = getattr(model, column)
-    seq = tx.session.execute(
-        update(model)
-        .where(model.id == obj.id)
-        .values({column: col + 1})
-        .returning(col)
-        .execution_options(synchronize_session=False)
-    ).scalar_one()
-    set_committed_value(obj, column, seq)  # the row is already up to date
-    return seq
+    return tx.conn.execute(update(model).where(model.id == row_id).values({column: col + 1}).returning(col)).scalar_one()
 
 
-def event_view(row: Event) -> EventView:
+def event_view(row: Any) -> EventView:
     return EventView(row.conversation_id, row.seq, row.kind, row.visibility, row.created_at, json.loads(row.payload))
 
 
@@ -102,8 +119,8 @@ def find_request(tx: Tx, conversation_id: str, actor: str, request_id: str | Non
     """The event a previous try of this request stored, if any."""
     if not request_id:
         return None
-    row = tx.session.exec(
-        select(Event).where(
+    row = tx.conn.execute(
+        select(Event.__table__).where(
             Event.conversation_id == conversation_id, Event.actor == actor, Event.request_id == request_id
         )
     ).first()
@@ -111,20 +128,16 @@ def find_request(tx: Tx, conversation_id: str, actor: str, request_id: str | Non
 
 
 def append_feed(
-    tx: Tx, core: "Core", session: AgentSession, kind: str, payload: dict[str, Any], now: datetime
+    tx: Tx, core: "Core", session_id: str, kind: str, payload: dict[str, Any], now: datetime
 ) -> FeedEventView:
-    seq = _next_seq(tx, AgentSession, session, "feed_seq")
-    tx.session.add(
-        FeedEvent(
-            session_id=session.id,
-            seq=seq,
-            kind=kind,
-            created_at=now,
-            payload=json.dumps(payload, separators=(",", ":")),
-        )
+    seq = next_seq(tx, AgentSession, session_id, "feed_seq")
+    tx.conn.execute(
+        insert(FeedEvent),
+        {"session_id": session_id, "seq": seq, "kind": kind, "created_at": now,
+         "payload": json.dumps(payload, separators=(",", ":"))},
     )
-    view = FeedEventView(session.id, seq, kind, now, payload)
-    tx.after_commit(lambda: core.bus.publish(feed_topic(session.id), view))
+    view = FeedEventView(session_id, seq, kind, now, payload)
+    tx.after_commit(lambda: core.bus.publish(feed_topic(session_id), view))
     return view
 
 

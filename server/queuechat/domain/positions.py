@@ -1,8 +1,10 @@
 """Queue positions for waiting customers.
 
-Derived, not stored: after any commit that changes a queue, its waiting
-list is read once and each waiting chat whose position changed gets a
-QueuePosition on its stream. Changes within one loop turn are coalesced.
+Derived, not stored: after a chat leaves a queue (taken or ended), the
+queue's waiting list is read once and each waiting chat whose position
+changed gets a QueuePosition on its stream. Arrivals join at the back and
+move nobody, so they cost nothing here; a new customer's stream reads its
+own position when it opens. Changes within one loop turn are coalesced.
 """
 
 from __future__ import annotations

@@ -22,6 +22,13 @@ from .log import ts
 from .views import ConversationView, ParticipantView, VariableView
 
 
+def connection(s: Session):
+    """The session's connection for Core reads, with pending ORM changes flushed first."""
+    if s.new or s.dirty or s.deleted:
+        s.flush()
+    return s.connection()
+
+
 def variables(s: Session, conversation_id: str) -> tuple[VariableView, ...]:
     rows = s.exec(
         select(CustomerVariable).where(CustomerVariable.conversation_id == conversation_id).order_by(CustomerVariable.name)
@@ -140,16 +147,17 @@ def agent_loads(s: Session, agent_ids: Iterable[str] | None = None) -> dict[str,
     if ids is not None:
         q1 = q1.where(Participant.agent_id.in_(ids))
         q2 = q2.where(Offer.agent_id.in_(ids))
-    loads: dict[str, int] = {}
-    for agent_id, n in list(s.exec(q1).all()) + list(s.exec(q2).all()):
+    loads: dict[str, int] = {agent_id: 0 for agent_id in ids or ()}
+    c = connection(s)
+    for agent_id, n in list(c.execute(q1)) + list(c.execute(q2)):
         loads[agent_id] = loads.get(agent_id, 0) + n
     return loads
 
 
 def profile_queues(s: Session) -> dict[str, set[str]]:
     out: dict[str, set[str]] = {}
-    for pq in s.exec(select(ProfileQueue)).all():
-        out.setdefault(pq.profile_id, set()).add(pq.queue_id)
+    for profile_id, queue_id in connection(s).execute(select(ProfileQueue.profile_id, ProfileQueue.queue_id)):
+        out.setdefault(profile_id, set()).add(queue_id)
     return out
 
 

@@ -20,6 +20,7 @@ import uuid
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
+from sqlalchemy import update
 from sqlmodel import select
 
 from ..errors import not_found, precondition
@@ -57,70 +58,99 @@ _WITHDRAW_REASONS = {
 
 
 def dispatch(tx: Tx, core: "Core", now: datetime | None = None) -> int:
-    """Offer waiting chats to free agents until either runs out. Returns offers made."""
-    s = tx.session
+    """Offer waiting chats to free agents until either runs out. Returns offers made.
+
+    Runs after every change that may free capacity or add work, so it must stay cheap with
+    a long queue: plain rows, waiting chats read a page at a time, and a stop as soon as no
+    queue that has waiting chats has a free agent left."""
+    c = tx.conn
     now = now or utcnow()
-    rows = s.exec(
-        select(AgentSession, Agent)
-        .join(Agent, Agent.id == AgentSession.agent_id)
-        .where(AgentSession.ended_at.is_(None), AgentSession.ready == True, AgentSession.stream_count > 0)  # noqa: E712
-    ).all()
-    if not rows:
+    live = [dict(r._mapping) for r in c.execute(_LIVE_AGENTS)]
+    if not live:
         return 0
-    loads = agent_loads(s, [a.id for _, a in rows])
-    pq = profile_queues(s)
-    free = [(sess, agent) for sess, agent in rows if loads.get(agent.id, 0) < agent.max_chats]
-    if not free:
-        return 0
-    served = set().union(*(pq.get(sess.profile_id, set()) for sess, _ in free))
+    loads = agent_loads(tx.session, [a["agent_id"] for a in live])
+    pq = profile_queues(tx.session)
+    free = [a for a in live if loads.get(a["agent_id"], 0) < a["max_chats"]]
+    served = set().union(*(pq.get(a["profile_id"], set()) for a in free))
     if not served:
         return 0
-
     cutoff = now - timedelta(seconds=core.settings.reject_cooldown)
-    cooling = set(
-        s.exec(
+    cooling = {
+        tuple(r)
+        for r in c.execute(
             select(Offer.conversation_id, Offer.agent_id).where(
                 Offer.kind == "chat",
                 Offer.status.in_(("rejected", "timed_out")),
                 Offer.resolved_at > cutoff,
-                Offer.agent_id.in_([a.id for _, a in free]),
+                Offer.agent_id.in_([a["agent_id"] for a in free]),
             )
-        ).all()
-    )
-    offered = select(Offer.conversation_id).where(Offer.kind == "chat", Offer.status == "pending")
-    waiting = s.exec(
-        select(Conversation)
-        .where(Conversation.status == "queued", Conversation.queue_id.in_(served), Conversation.id.not_in(offered))
-        .order_by(Conversation.enqueued_at, Conversation.id)
-    )
+        )
+    }
     made = 0
-    for conv in waiting:
-        candidates = [
-            (sess, agent)
-            for sess, agent in free
-            if conv.queue_id in pq.get(sess.profile_id, ()) and loads.get(agent.id, 0) < agent.max_chats
-        ]
-        if not candidates:
-            continue
-        preferred = [c for c in candidates if (conv.id, c[1].id) not in cooling] or candidates
-        sess, agent = min(preferred, key=lambda c: (c[0].last_offer_at, c[0].created_at))
-        make_offer(tx, core, conv, sess, now)
-        loads[agent.id] = loads.get(agent.id, 0) + 1
-        made += 1
-        free = [c for c in free if loads.get(c[1].id, 0) < c[1].max_chats]
-        if not free:
+    after: tuple = ()
+    while served:
+        page = c.execute(_waiting_page(served, after)).all()
+        for conv_id, queue_id, enqueued_at in page:
+            after = (enqueued_at, conv_id)
+            if queue_id not in served:
+                continue
+            candidates = [a for a in free if queue_id in pq.get(a["profile_id"], ()) and loads[a["agent_id"]] < a["max_chats"]]
+            if not candidates:
+                served.discard(queue_id)  # nobody left for this queue in this round
+                continue
+            preferred = [a for a in candidates if (conv_id, a["agent_id"]) not in cooling] or candidates
+            pick = min(preferred, key=lambda a: (a["last_offer_at"], a["created_at"]))
+            make_offer(tx, core, tx.session.get(Conversation, conv_id), pick["id"], pick["agent_id"], now)
+            pick["last_offer_at"] = now
+            loads[pick["agent_id"]] = loads.get(pick["agent_id"], 0) + 1
+            made += 1
+        if len(page) < _PAGE:
             break
     return made
 
 
+_PAGE = 200
+_LIVE_AGENTS = (
+    select(
+        AgentSession.id,
+        AgentSession.agent_id,
+        AgentSession.profile_id,
+        AgentSession.last_offer_at,
+        AgentSession.created_at,
+        Agent.max_chats,
+    )
+    .join(Agent, Agent.id == AgentSession.agent_id)
+    .where(AgentSession.ended_at.is_(None), AgentSession.ready == True, AgentSession.stream_count > 0)  # noqa: E712
+)
+
+
+def _waiting_page(queues: set[str], after: tuple):
+    """The next waiting chats not on offer, oldest first, after the keyset `after`."""
+    offered = select(Offer.conversation_id).where(Offer.kind == "chat", Offer.status == "pending")
+    q = select(Conversation.id, Conversation.queue_id, Conversation.enqueued_at).where(
+        Conversation.status == "queued", Conversation.queue_id.in_(queues), Conversation.id.not_in(offered)
+    )
+    if after:
+        q = q.where(
+            (Conversation.enqueued_at > after[0]) | ((Conversation.enqueued_at == after[0]) & (Conversation.id > after[1]))
+        )
+    return q.order_by(Conversation.enqueued_at, Conversation.id).limit(_PAGE)
+
+
 def make_offer(
-    tx: Tx, core: "Core", conv: Conversation, sess: AgentSession, now: datetime, invite_payload: dict | None = None
+    tx: Tx,
+    core: "Core",
+    conv: Conversation,
+    session_id: str,
+    agent_id: str,
+    now: datetime,
+    invite_payload: dict | None = None,
 ) -> Offer:
     s = tx.session
     offer = Offer(
         id=uuid.uuid4().hex,
-        session_id=sess.id,
-        agent_id=sess.agent_id,
+        session_id=session_id,
+        agent_id=agent_id,
         conversation_id=conv.id,
         kind="invite" if invite_payload else "chat",
         invite_id=invite_payload["invite_id"] if invite_payload else None,
@@ -129,7 +159,7 @@ def make_offer(
         expires_at=now + timedelta(seconds=core.settings.offer_timeout),
     )
     s.add(offer)
-    sess.last_offer_at = now
+    tx.conn.execute(update(AgentSession).where(AgentSession.id == session_id).values(last_offer_at=now))
     payload = {
         "offer_id": offer.id,
         "kind": "OFFER_KIND_INVITE" if invite_payload else "OFFER_KIND_CHAT",
@@ -143,7 +173,7 @@ def make_offer(
     }
     if invite_payload:
         payload["invite"] = invite_payload
-    append_feed(tx, core, sess, "offer", payload, now)
+    append_feed(tx, core, session_id, "offer", payload, now)
     core.schedule(tx, offer.expires_at, expire_offer, offer.id)
     return offer
 
@@ -157,8 +187,7 @@ def close_offer(tx: Tx, core: "Core", offer: Offer, state: str, now: datetime, r
     update = {"offer_id": offer.id, "state": _OFFER_STATES[state]}
     if reason:
         update["withdraw_reason"] = _WITHDRAW_REASONS[reason]
-    sess = tx.session.get(AgentSession, offer.session_id)
-    append_feed(tx, core, sess, "offer_update", update, now)
+    append_feed(tx, core, offer.session_id, "offer_update", update, now)
 
 
 def _own_pending_offer(tx: Tx, who: AgentPrincipal, offer_id: str, answer: str) -> Offer | None:
