@@ -258,3 +258,20 @@ async def test_abandoned_uploads_expire_and_their_bytes_are_removed(server):
 
     await asyncio.wait_for(gone(), 10)
     await expect_error(c_up.get(up.upload_id), grpc.StatusCode.NOT_FOUND, "UPLOAD_NOT_FOUND")
+
+
+async def test_an_upload_resumes_across_a_server_restart(server):
+    agent, cust = await chat(server)
+    data = ("line of text\n" * 200_000).encode()  # 2.6 MB
+    c_up = Uploader(cust.stub, cust.md, cust.id, customer=True)
+    up = await c_up.create("log.txt", len(data), "text/plain")
+    await c_up.chunk(up.upload_id, 0, data[:MIB])
+    await server.restart()
+    c_up = Uploader(server.customer_stub, cust.md, cust.id, customer=True)
+    state = await c_up.get(up.upload_id)
+    assert state.received_bytes == MIB
+    await c_up.send_chunks(up.upload_id, data, start=MIB)
+    att = (await c_up.complete(up.upload_id, sha(data))).attachment
+    assert (att.sha256, att.content_type, att.size_bytes) == (sha(data), "text/plain", len(data))
+    _, back = await c_up.download(att.attachment_id)
+    assert back == data

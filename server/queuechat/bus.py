@@ -1,56 +1,61 @@
 """Post-commit fan-out to the streams of this process.
 
-Each subscriber has a bounded queue. A subscriber that falls behind is cut
+Each subscriber has a bounded buffer. A subscriber that falls behind is cut
 off (its next get raises Lagging) rather than allowed to stall publishers or
 other subscribers; it reconnects and resumes from its cursor.
+
+An idle stream costs a deque and, while waiting, one future and one timer:
+thousands of open chats are mostly idle streams.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections import defaultdict
+from collections import defaultdict, deque
 from typing import Any, Hashable, Iterable
 
 
 class Lagging(Exception):
-    """The subscriber's queue overflowed; resume from the last cursor."""
+    """The subscriber's buffer overflowed; resume from the last cursor."""
 
 
 class Subscription:
-    __slots__ = ("_bus", "_topics", "_queue", "lagging")
+    __slots__ = ("_bus", "_topics", "_items", "_maxsize", "_waiter", "lagging")
 
     def __init__(self, bus: "Bus", topics: tuple[Hashable, ...], maxsize: int):
         self._bus = bus
         self._topics = topics
-        self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize)
+        self._items: deque[Any] = deque()
+        self._maxsize = maxsize
+        self._waiter: asyncio.Future | None = None
         self.lagging = False
 
     def _offer(self, item: Any) -> None:
         if self.lagging:
             return
-        try:
-            self._queue.put_nowait(item)
-        except asyncio.QueueFull:
+        if len(self._items) >= self._maxsize:
             self.lagging = True
+            self._items.clear()
             self.close()
-            # Wake a waiting get() so it notices at once.
-            self._queue.get_nowait()
-            self._queue.put_nowait(_LAGGING)
+        else:
+            self._items.append(item)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     async def get(self, timeout: float) -> Any | None:
         """The next item, or None after timeout seconds of silence."""
+        if not self._items and not self.lagging:
+            loop = asyncio.get_running_loop()
+            waiter = self._waiter = loop.create_future()
+            timer = loop.call_later(timeout, _wake, waiter)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                self._waiter = None
         if self.lagging:
             raise Lagging()
-        if self._queue.empty():
-            try:
-                item = await asyncio.wait_for(self._queue.get(), timeout)
-            except TimeoutError:
-                return None
-        else:  # busy streams skip wait_for's timer and task
-            item = self._queue.get_nowait()
-        if item is _LAGGING or self.lagging:
-            raise Lagging()
-        return item
+        return self._items.popleft() if self._items else None
 
     def close(self) -> None:
         self._bus._remove(self)
@@ -62,7 +67,9 @@ class Subscription:
         self.close()
 
 
-_LAGGING = object()
+def _wake(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 class Bus:

@@ -22,7 +22,7 @@ from sqlmodel import func, select
 
 from ..errors import exhausted, invalid, not_found, precondition
 from ..store import Tx
-from ..store.blobs import BlobStore
+from ..store.blobs import BlobStore, Scanner
 from ..store.models import Attachment, Conversation
 from . import filetypes
 from .conversations import readable_conversation
@@ -225,6 +225,9 @@ class Attachments:
         self.core = core
         self.blobs = blobs
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        # upload id -> (row as last recorded, running scan): chunks after the first need no read,
+        # and completing needs no second pass over the file. Lost on restart: then a full scan.
+        self._live: dict[str, tuple[Attachment, Scanner | None]] = {}
 
     def _lock(self, upload_id: str) -> asyncio.Lock:
         lock = self._locks.get(upload_id)
@@ -249,7 +252,14 @@ class Attachments:
         if len(data) > limits.upload_chunk_bytes:
             raise invalid("CHUNK_TOO_LARGE", f"A chunk may have at most {limits.upload_chunk_bytes:,} bytes.")
         async with self._lock(upload_id):
-            row = await self.core.db.read(_own_upload, who, upload_id)
+            live = self._live.get(upload_id)
+            if live is not None and live[0].uploader == actor(who) and (
+                isinstance(who, AgentPrincipal) or live[0].conversation_id == who.conversation_id
+            ):
+                row, scanner = live
+            else:
+                row = await self.core.db.read(_own_upload, who, upload_id)
+                scanner = Scanner() if row.received_bytes == 0 else None  # resumed after a restart: scan at the end
             if row.status != "uploading":
                 raise precondition("UPLOAD_COMPLETED", "This upload is already complete.", upload_id=upload_id)
             if offset + len(data) > row.size_bytes:
@@ -266,8 +276,12 @@ class Attachments:
                     f"Send the chunk at offset {row.received_bytes}.",
                     expected_offset=row.received_bytes,
                 )
-            await self._io(self.blobs.write_chunk, upload_id, offset, data)
-            return await self.core.db.write(_record_chunk, self.core, upload_id, offset, len(data))
+            self._live.pop(upload_id, None)  # until this chunk is recorded
+            await self._io(self.blobs.write_and_scan, upload_id, offset, data, scanner)
+            received = await self.core.db.write(_record_chunk, self.core, upload_id, offset, len(data))
+            row.received_bytes = received
+            self._live[upload_id] = (row, scanner)
+            return received
 
     async def complete(self, who: Who, upload_id: str, sha256: str) -> dict:
         sha256 = sha256.lower()
@@ -285,12 +299,18 @@ class Attachments:
                     f"{row.received_bytes:,} of {row.size_bytes:,} bytes received.",
                     received_bytes=row.received_bytes,
                 )
-            scan = await self._io(self.blobs.scan, upload_id)
+            live = self._live.get(upload_id)
+            if live is not None and live[1] is not None and live[1].size == row.size_bytes:
+                scan = live[1].result()
+            else:
+                scan = await self._io(self.blobs.scan, upload_id)
             if scan.sha256 != sha256:
                 raise invalid("CHECKSUM_MISMATCH", "The SHA-256 of the bytes received differs; upload the file again.")
             content_type = filetypes.classify(row.declared_type, scan.head, scan.tail, scan.utf8)
             await self._io(self.blobs.commit, upload_id, sha256)
-            return await self.core.db.write(_complete, self.core, upload_id, sha256, content_type)
+            done = await self.core.db.write(_complete, self.core, upload_id, sha256, content_type)
+            self._live.pop(upload_id, None)
+            return done
 
     async def download(self, who: Who, attachment_id: str, offset: int) -> AsyncIterator[dict | tuple[int, bytes]]:
         row = await self.core.db.read(_downloadable, who, attachment_id)
@@ -308,6 +328,7 @@ class Attachments:
     async def sweep(self) -> None:
         parts, blobs = await self.core.db.write(expire, self.core, utcnow())
         for upload_id in parts:
+            self._live.pop(upload_id, None)
             await self._io(self.blobs.remove_part, upload_id)
         for sha in blobs:
             await self._io(self.blobs.remove_blob, sha)

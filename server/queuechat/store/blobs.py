@@ -24,6 +24,41 @@ class Scan:
     utf8: bool  # valid UTF-8 with no NUL bytes
 
 
+class Scanner:
+    """The same checks as BlobStore.scan, fed chunk by chunk as an upload arrives."""
+
+    def __init__(self, head_size: int = 8192, tail_size: int = 2048):
+        self._h = hashlib.sha256()
+        self._decoder = codecs.getincrementaldecoder("utf-8")()
+        self._head_size, self._tail_size = head_size, tail_size
+        self.utf8 = True
+        self.size = 0
+        self.head = b""
+        self.tail = b""
+
+    def update(self, block: bytes) -> None:
+        if len(self.head) < self._head_size:
+            self.head = (self.head + block[: self._head_size])[: self._head_size]
+        self._h.update(block)
+        self.size += len(block)
+        self.tail = (self.tail + block[-self._tail_size :])[-self._tail_size :]
+        if self.utf8:
+            try:
+                self._decoder.decode(block)
+                self.utf8 = b"\x00" not in block
+            except UnicodeDecodeError:
+                self.utf8 = False
+
+    def result(self) -> Scan:
+        utf8 = self.utf8
+        if utf8:
+            try:
+                self._decoder.decode(b"", final=True)
+            except UnicodeDecodeError:
+                utf8 = False
+        return Scan(self._h.hexdigest(), self.size, self.head, self.tail, utf8)
+
+
 class BlobStore:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
@@ -45,33 +80,18 @@ class BlobStore:
             f.write(data)
             f.truncate()
 
-    def scan(self, upload_id: str, head_size: int = 8192, tail_size: int = 2048) -> Scan:
-        """Hash and check the part file in one streaming pass."""
-        h = hashlib.sha256()
-        decoder = codecs.getincrementaldecoder("utf-8")()
-        utf8 = True
-        head = b""
-        tail = b""
-        size = 0
+    def scan(self, upload_id: str) -> Scan:
+        """Hash and check the whole part file in one streaming pass (after a restart lost the running scan)."""
+        scanner = Scanner()
         with open(self.part_path(upload_id), "rb") as f:
             while block := f.read(READ_BLOCK):
-                if not head:
-                    head = block[:head_size]
-                h.update(block)
-                size += len(block)
-                tail = (tail + block)[-tail_size:]
-                if utf8:
-                    try:
-                        decoder.decode(block)
-                        utf8 = b"\x00" not in block
-                    except UnicodeDecodeError:
-                        utf8 = False
-        if utf8:
-            try:
-                decoder.decode(b"", final=True)
-            except UnicodeDecodeError:
-                utf8 = False
-        return Scan(h.hexdigest(), size, head, tail, utf8)
+                scanner.update(block)
+        return scanner.result()
+
+    def write_and_scan(self, upload_id: str, offset: int, data: bytes, scanner: "Scanner | None") -> None:
+        self.write_chunk(upload_id, offset, data)
+        if scanner is not None:
+            scanner.update(data)
 
     def commit(self, upload_id: str, sha256: str) -> None:
         """Move a checked upload to its content address (a file already there is the same bytes)."""
