@@ -52,21 +52,12 @@ def agent_participant(agent: Agent) -> ParticipantView:
 
 
 def append_event(
-    tx: Tx,
-    core: "Core",
-    conv: Conversation,
-    kind: str,
-    payload: dict[str, Any],
-    *,
-    actor: str,
-    visibility: str = "all",
-    request_id: str | None = None,
-    now: datetime | None = None,
+    tx: Tx, core: "Core", conv: Conversation, kind: str, payload: dict[str, Any], **options: Any
 ) -> EventView:
+    """Take the conversation's next seq and store the event under it (options as for insert_event)."""
     seq = next_seq(tx, Conversation, conv.id, "last_seq")
     set_committed_value(conv, "last_seq", seq)  # the row is already up to date
-    return insert_event(tx, core, conv.id, seq, kind, payload, actor=actor, visibility=visibility,
-                        request_id=request_id, now=now)
+    return insert_event(tx, core, conv.id, seq, kind, payload, **options)
 
 
 def insert_event(
