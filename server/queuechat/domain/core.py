@@ -203,6 +203,7 @@ class Core:
                     yield ev
                 if len(page) < _PAGE:
                     break
+            del page
             yield Heartbeat(last)  # caught up: live from here
             while True:
                 item = await sub.get(self.limits.heartbeat_interval)
@@ -253,6 +254,7 @@ class Core:
                         return
                 if len(page) < _PAGE:
                     break
+            del page  # a stream lives for hours: keep no backlog alive
             yield Heartbeat(sent if customer else seen)  # caught up: live from here
             pos = await self.db.read(_position, conversation_id)
             if pos is not None:
