@@ -26,8 +26,8 @@ def print_demo_help(config: Config, listen: str, web_listen: str = "") -> None:
         page = f"http://localhost:{web_listen.rsplit(':', 1)[-1]}/"
         lines += [
             f"Customer chat page: open {page} in a browser, pick a queue and start a chat.",
-            "As a customer the hosting site has signed in (the demo identity token, name and e-mail verified):",
-            f"  {page}#identity_token={token}" if token else "  (no identity secret configured)",
+            "Or chat as a customer the hosting site signed in (the demo identity token: verified name and e-mail):",
+            f"  {page}#identity_token={token}" if token else "  (none: the configuration has no identity secret)",
             "Answer as an agent with the grpcurl calls below.",
             "",
         ]
