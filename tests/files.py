@@ -69,6 +69,10 @@ class Uploader:
         req = self._req(agent_pb.CompleteUploadRequest, cust_pb.CustomerServiceCompleteUploadRequest, upload_id=upload_id, sha256=digest)
         return (await self.stub.CompleteUpload(req, metadata=self.md)).upload
 
+    async def delete(self, upload_id: str) -> None:
+        req = self._req(agent_pb.DeleteUploadRequest, cust_pb.CustomerServiceDeleteUploadRequest, upload_id=upload_id)
+        await self.stub.DeleteUpload(req, metadata=self.md)
+
     async def send_chunks(self, upload_id: str, data: bytes, start: int = 0, step: int = MIB) -> None:
         for off in range(start, len(data), step):
             await self.chunk(upload_id, off, data[off : off + step])

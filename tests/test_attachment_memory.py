@@ -55,7 +55,7 @@ def server_process(tmp_path):
     (tmp_path / "qc.toml").write_text(CONFIG)
     proc = subprocess.Popen(
         [sys.executable, "-m", "queuechat", "serve", "--config", str(tmp_path / "qc.toml"),
-         "--data-dir", str(tmp_path / "data"), "--listen", "127.0.0.1:0"],
+         "--data-dir", str(tmp_path / "data"), "--listen", "127.0.0.1:0", "--web-listen", ""],
         stderr=subprocess.PIPE, text=True,
     )
     # The server logs the port it bound; read until then.

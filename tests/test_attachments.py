@@ -275,3 +275,28 @@ async def test_an_upload_resumes_across_a_server_restart(server):
     assert (att.sha256, att.content_type, att.size_bytes) == (sha(data), "text/plain", len(data))
     _, back = await c_up.download(att.attachment_id)
     assert back == data
+
+
+async def test_an_unsent_upload_can_be_deleted_and_frees_its_place(server):
+    agent, cust = await chat(server)
+    _, c_up = uploaders(agent, cust)
+    refused = await c_up.create("x.exe", len(ELF))
+    await c_up.send_chunks(refused.upload_id, ELF)
+    await expect_error(c_up.complete(refused.upload_id, sha(ELF)), INVALID, "TYPE_NOT_ALLOWED")
+    kept = [await c_up.upload(f"{i}\n".encode(), f"{i}.txt") for i in range(4)]
+    await expect_error(c_up.create("six.txt", 3), grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_UPLOADS")
+
+    await c_up.delete(refused.upload_id)  # the refused one goes, with its bytes
+    assert not (server.data_dir / "files" / "uploads" / refused.upload_id).exists()
+    await expect_error(c_up.get(refused.upload_id), grpc.StatusCode.NOT_FOUND, "UPLOAD_NOT_FOUND")
+    await c_up.create("five.txt", 3)
+
+    # A completed one can be dropped too (its blob goes when nothing else uses it); a sent one cannot.
+    blob = server.data_dir / "files" / "blobs" / kept[0].sha256[:2] / kept[0].sha256
+    assert blob.exists()
+    await c_up.delete(kept[0].attachment_id)
+    assert not blob.exists()
+    await customer_send(cust, "sent", [kept[1].attachment_id])
+    await expect_error(c_up.delete(kept[1].attachment_id), PRECONDITION, "ATTACHMENT_ALREADY_SENT")
+    a_up, _ = uploaders(agent, cust)
+    await expect_error(a_up.delete(kept[2].attachment_id), grpc.StatusCode.NOT_FOUND, "UPLOAD_NOT_FOUND")

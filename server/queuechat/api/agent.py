@@ -148,6 +148,10 @@ class AgentService(agent_service_pb2_grpc.AgentServiceServicer):
         return await files.complete_upload(self.core, await self._who(context), request, pb.CompleteUploadResponse)
 
     @rpc
+    async def DeleteUpload(self, request: pb.DeleteUploadRequest, context) -> pb.DeleteUploadResponse:
+        return await files.delete_upload(self.core, await self._who(context), request, pb.DeleteUploadResponse)
+
+    @rpc
     async def DownloadAttachment(self, request: pb.DownloadAttachmentRequest, context):
         who = await self._who(context)
         async for item in files.download(self.core, who, request, pb.DownloadAttachmentResponse):

@@ -93,6 +93,11 @@ class CustomerService(customer_service_pb2_grpc.CustomerServiceServicer):
         return await files.complete_upload(self.core, who, request, pb.CustomerServiceCompleteUploadResponse)
 
     @rpc
+    async def DeleteUpload(self, request, context):
+        who = self._who(context, request.conversation_id)
+        return await files.delete_upload(self.core, who, request, pb.CustomerServiceDeleteUploadResponse)
+
+    @rpc
     async def DownloadAttachment(self, request, context):
         who = self._who(context, request.conversation_id)
         async for item in files.download(self.core, who, request, pb.CustomerServiceDownloadAttachmentResponse):

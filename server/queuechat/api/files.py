@@ -30,6 +30,11 @@ async def complete_upload(core: Core, who: Any, req: Any, response_type: type) -
     return response_type(upload=convert.upload(await core.attachments.complete(who, req.upload_id, req.sha256)))
 
 
+async def delete_upload(core: Core, who: Any, req: Any, response_type: type) -> Any:
+    await core.attachments.delete(who, req.upload_id)
+    return response_type()
+
+
 async def download(core: Core, who: Any, req: Any, response_type: type):
     async for item in core.attachments.download(who, req.attachment_id, req.offset):
         if isinstance(item, dict):

@@ -199,21 +199,36 @@ def attach(tx: Tx, core: "Core", who: Who, conversation_id: str, ids: list[str],
     return out
 
 
+def delete_upload(tx: Tx, core: "Core", who: Who, upload_id: str) -> tuple[list[str], list[str]]:
+    """Returns (part files, blobs) to remove once committed, like expire."""
+    row = _own_upload(tx.session, who, upload_id)
+    if row.status == "attached":
+        raise precondition("ATTACHMENT_ALREADY_SENT", f"{row.file_name} is on a message already.", upload_id=upload_id)
+    tx.session.delete(row)
+    tx.session.flush()
+    return _leftovers(tx, [row])
+
+
 def expire(tx: Tx, core: "Core", now: datetime) -> tuple[list[str], list[str]]:
     """Remove abandoned uploads; returns (part files, blobs) to delete once committed."""
     s = tx.session
     rows = s.exec(
         select(Attachment).where(Attachment.status != "attached", Attachment.expires_at < now)
     ).all()
-    parts, blobs = [], []
     for row in rows:
         s.delete(row)
-        if row.status == "uploading":
-            parts.append(row.id)
     s.flush()
-    for sha in {r.sha256 for r in rows if r.sha256}:
-        if s.exec(select(Attachment.id).where(Attachment.sha256 == sha)).first() is None:
-            blobs.append(sha)
+    return _leftovers(tx, rows)
+
+
+def _leftovers(tx: Tx, deleted: list[Attachment]) -> tuple[list[str], list[str]]:
+    """Part files of deleted uploads, and blobs no remaining attachment uses."""
+    parts = [r.id for r in deleted if r.status == "uploading"]
+    blobs = [
+        sha
+        for sha in {r.sha256 for r in deleted if r.sha256}
+        if tx.session.exec(select(Attachment.id).where(Attachment.sha256 == sha)).first() is None
+    ]
     return parts, blobs
 
 
@@ -325,8 +340,14 @@ class Attachments:
             yield (offset, data)
             offset += len(data)
 
+    async def delete(self, who: Who, upload_id: str) -> None:
+        async with self._lock(upload_id):
+            await self._remove(*await self.core.db.write(delete_upload, self.core, who, upload_id))
+
     async def sweep(self) -> None:
-        parts, blobs = await self.core.db.write(expire, self.core, utcnow())
+        await self._remove(*await self.core.db.write(expire, self.core, utcnow()))
+
+    async def _remove(self, parts: list[str], blobs: list[str]) -> None:
         for upload_id in parts:
             self._live.pop(upload_id, None)
             await self._io(self.blobs.remove_part, upload_id)
