@@ -64,6 +64,12 @@ export async function upload(
     progress(offset);
   }
   const sha256 = await digest;
-  const done = await retrying(() => client.completeUpload({ conversationId, uploadId: up.uploadId, sha256 }, opts(session)), onRetry);
-  return done.upload!.attachment!.attachmentId;
+  try {
+    const done = await retrying(() => client.completeUpload({ conversationId, uploadId: up.uploadId, sha256 }, opts(session)), onRetry);
+    return done.upload!.attachment!.attachmentId;
+  } catch (refused) {
+    // A refused file would hold one of the five places until it expires: drop it now.
+    await client.deleteUpload({ conversationId, uploadId: up.uploadId }, opts(session)).catch(() => undefined);
+    throw refused;
+  }
 }
