@@ -1,2 +1,8 @@
-def main() -> int:
-    raise SystemExit("queuechat-agent: not built yet")
+"""`queuechat-agent` and `python -m queuechat_agent`."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

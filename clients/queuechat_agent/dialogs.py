@@ -1,0 +1,286 @@
+"""Modal dialogs of a chat tab: predefined messages, offer menu, invite, attach, download, close warning."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Awaitable, Callable
+
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.content import Content
+from textual.screen import ModalScreen
+from textual.suggester import SuggestFromList
+from textual.widgets import Button, Input, Label, OptionList, ProgressBar, Static, TextArea
+from textual.widgets.option_list import Option
+
+from chat.v1 import resources_pb2 as rpb
+
+from . import text
+from .client import Progress, Refused
+
+MAX_FILES = 5
+
+
+class Dialog(ModalScreen):
+    """A centred box; Escape cancels (dismisses with None)."""
+
+    BINDINGS = [Binding("escape", "dismiss(None)", "Cancel")]
+    DEFAULT_CSS = """
+    Dialog { align: center middle; }
+    Dialog > Vertical {
+        width: 72; height: auto; max-height: 90%;
+        border: thick $accent; background: $surface; padding: 1 2;
+    }
+    Dialog .title { text-style: bold; margin-bottom: 1; }
+    Dialog .hint { color: $text-muted; margin-top: 1; }
+    Dialog .error { color: $error; }
+    Dialog Horizontal.buttons { height: auto; margin-top: 1; align-horizontal: right; }
+    Dialog Horizontal.buttons Button { margin-left: 1; }
+    Dialog OptionList { max-height: 14; }
+    Dialog TextArea { height: 8; }
+    Dialog Input { margin-bottom: 1; }
+    """
+
+    def error(self, message: str) -> None:
+        self.query_one(".error", Static).update(Content(message))
+
+
+class PredefinedPicker(Dialog):
+    """The titles of the predefined messages; choosing one returns it."""
+
+    def __init__(self, messages: list[rpb.PredefinedMessage]):
+        super().__init__()
+        self.messages = messages
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            yield Label("Predefined messages", classes="title")
+            yield OptionList(*[Option(Content(m.title), id=m.predefined_message_id) for m in self.messages])
+            yield Label("Enter puts the message in the input · Esc cancels", classes="hint")
+
+    def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
+        self.dismiss(self.messages[event.option_index])
+
+
+class MenuComposer(Dialog):
+    """A prompt and 2 to 10 options, one per line: returns (prompt, labels)."""
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            yield Label("Offer the customer a menu", classes="title")
+            yield Input(placeholder="Prompt, e.g. What is it about?", classes="prompt")
+            yield Label("Options, one per line (2 to 10):")
+            yield TextArea(classes="options")
+            yield Static(classes="error")
+            with Horizontal(classes="buttons"):
+                yield Button("Cancel", name="cancel")
+                yield Button("Send menu", name="send", variant="primary")
+
+    @on(Button.Pressed)
+    def pressed(self, event: Button.Pressed) -> None:
+        if event.button.name == "cancel":
+            self.dismiss(None)
+            return
+        prompt = self.query_one(".prompt", Input).value.strip()
+        labels = [line.strip() for line in self.query_one(".options", TextArea).text.splitlines() if line.strip()]
+        if not prompt:
+            self.error("Write a prompt.")
+        elif not 2 <= len(labels) <= 10:
+            self.error(f"Give 2 to 10 options (now {len(labels)}).")
+        else:
+            self.dismiss((prompt, labels))
+
+
+class InviteDialog(Dialog):
+    """Invite a named agent or a random one from a queue: ("agent", id) or ("queue", id).
+
+    While an invite is pending only one is allowed: the dialog offers to cancel it ("cancel", invite_id).
+    """
+
+    def __init__(self, pending: rpb.Invite | None, queue_ids: list[str]):
+        super().__init__()
+        self.pending = pending
+        self.queue_ids = queue_ids
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            yield Label("Invite an agent", classes="title")
+            if self.pending is not None:
+                yield Label(Content(f"The invite to {text.invite_target(self.pending)} is waiting for an answer."))
+                with Horizontal(classes="buttons"):
+                    yield Button("Keep waiting", name="close")
+                    yield Button("Cancel invite", name="cancel-invite", variant="warning")
+                return
+            yield Label("A named agent:")
+            yield Input(placeholder="agent id, e.g. bob", classes="agent")
+            yield Label("…or a random available agent from a queue:")
+            yield Input(
+                placeholder=f"queue id, e.g. {', '.join(self.queue_ids) or 'support'}",
+                classes="queue",
+                suggester=SuggestFromList(self.queue_ids),
+            )
+            yield Static(classes="error")
+            with Horizontal(classes="buttons"):
+                yield Button("Cancel", name="close")
+                yield Button("Invite", name="invite", variant="primary")
+
+    @on(Input.Submitted)
+    def submitted(self) -> None:
+        self._invite()
+
+    @on(Button.Pressed)
+    def pressed(self, event: Button.Pressed) -> None:
+        if event.button.name == "close":
+            self.dismiss(None)
+        elif event.button.name == "cancel-invite":
+            self.dismiss(("cancel", self.pending.invite_id))
+        else:
+            self._invite()
+
+    def _invite(self) -> None:
+        agent = self.query_one(".agent", Input).value.strip()
+        queue = self.query_one(".queue", Input).value.strip()
+        if bool(agent) == bool(queue):
+            self.error("Give either an agent or a queue.")
+        else:
+            self.dismiss(("agent", agent) if agent else ("queue", queue))
+
+
+class AttachDialog(Dialog):
+    """Up to `room` file paths, uploaded with progress; returns the completed attachments."""
+
+    # Closing returns what did upload even when some failed: unsent uploads count against the five allowed.
+    BINDINGS = [Binding("escape", "finish", "Close")]
+
+    def __init__(self, room: int, upload: Callable[[Path, Progress], Awaitable[rpb.Attachment]]):
+        super().__init__()
+        self.room = room
+        self.upload = upload
+        self.done: list[rpb.Attachment] = []
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            yield Label(f"Attach up to {self.room} file(s): text, PDF or images, at most 20 MB each", classes="title")
+            for i in range(self.room):
+                yield Input(placeholder=f"path of file {i + 1}", classes="path")
+                yield ProgressBar(total=100, show_eta=False, classes="progress")
+            yield Static(classes="error")
+            with Horizontal(classes="buttons"):
+                yield Button("Cancel", name="cancel", classes="cancel")
+                yield Button("Upload", name="upload", classes="upload", variant="primary")
+
+    def on_mount(self) -> None:
+        for bar in self.query(ProgressBar):
+            bar.display = False
+
+    @on(Button.Pressed)
+    def pressed(self, event: Button.Pressed) -> None:
+        if event.button.name == "upload":
+            self.start()
+        else:
+            self.action_finish()
+
+    def action_finish(self) -> None:
+        self.dismiss(self.done)
+
+    @on(Input.Submitted)
+    def start(self) -> None:
+        jobs = [
+            (i, bar)
+            for i, bar in zip(self.query(".path").results(Input), self.query(ProgressBar), strict=True)
+            if i.value.strip()
+        ]
+        if not jobs:
+            self.error("Give the path of at least one file.")
+            return
+        self.query_one("Button.upload", Button).disabled = True
+        self._upload_all(jobs)
+
+    @work(exclusive=True)
+    async def _upload_all(self, jobs: list[tuple[Input, ProgressBar]]) -> None:
+        errors = []
+        for field, bar in jobs:
+            field.disabled = True
+            bar.display = True
+            path = Path(field.value.strip()).expanduser()
+            try:
+                self.done.append(
+                    await self.upload(path, lambda sent, total, bar=bar: bar.update(total=total, progress=sent))
+                )
+            except (Refused, OSError) as err:
+                errors.append(f"{path.name}: {err}")
+        if errors:
+            # Keep the dialog up so the agent can read why.
+            self.error("\n".join(errors))
+            self.query_one("Button.cancel", Button).label = "Done"
+        else:
+            self.dismiss(self.done)
+
+
+class DownloadDialog(Dialog):
+    """The files received in the chat; choosing one downloads it with progress and returns its path."""
+
+    def __init__(
+        self, files: list[tuple[rpb.Attachment, str]], download: Callable[[rpb.Attachment, Progress], Awaitable[Path]]
+    ):
+        super().__init__()
+        self.files = files
+        self.download = download
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            yield Label("Download a received file", classes="title")
+            yield OptionList(*[Option(Content(f"{text.attachment(a)} · from {sender}")) for a, sender in self.files])
+            yield ProgressBar(total=100, show_eta=False)
+            yield Static(classes="error")
+            yield Label("Enter downloads the file · Esc cancels", classes="hint")
+
+    def on_mount(self) -> None:
+        self.query_one(ProgressBar).display = False
+
+    def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
+        self._download(self.files[event.option_index][0])
+
+    @work(exclusive=True)
+    async def _download(self, attachment: rpb.Attachment) -> None:
+        bar = self.query_one(ProgressBar)
+        bar.display = True
+        try:
+            path = await self.download(attachment, lambda got, total: bar.update(total=total, progress=got))
+        except (Refused, OSError, ValueError) as err:
+            self.error(str(err))
+            return
+        self.dismiss(path)
+
+
+class ConfirmClose(ModalScreen[bool]):
+    """The customer is still connected: really close the chat?"""
+
+    BINDINGS = [Binding("y", "dismiss(True)", "Close chat"), Binding("n,escape", "dismiss(False)", "Keep open")]
+    DEFAULT_CSS = """
+    ConfirmClose { align: center middle; }
+    ConfirmClose > Vertical { width: 60; height: auto; border: thick $error; background: $surface; padding: 1 2; }
+    ConfirmClose .title { text-style: bold; color: $error; margin-bottom: 1; }
+    ConfirmClose Horizontal { height: auto; margin-top: 1; align-horizontal: right; }
+    ConfirmClose Button { margin-left: 1; }
+    """
+
+    def __init__(self, customer: str):
+        super().__init__()
+        self.customer = customer
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            yield Label("Close this chat?", classes="title")
+            yield Label(Content(f"{self.customer} is still connected. Closing ends the chat for them too."))
+            with Horizontal():
+                yield Button("Keep open (n)", name="keep", classes="keep")
+                yield Button("Close chat (y)", name="close", variant="error")
+
+    def on_mount(self) -> None:
+        self.query_one("Button.keep").focus()
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        self.dismiss(event.button.name == "close")

@@ -1,0 +1,444 @@
+"""The tabs of the agent's desktop: an offer waiting for an answer, and an accepted chat."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from textual import on, work
+from textual.app import ComposeResult
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.content import Content
+from textual.reactive import reactive
+from textual.widgets import Button, Input, Label, Static, TabbedContent, TabPane
+
+from chat.v1 import agent_service_pb2 as pb
+from chat.v1 import resources_pb2 as rpb
+
+from . import text
+from .client import AgentClient, Feed, Progress, Refused, SessionEnded
+from .dialogs import MAX_FILES, AttachDialog, ConfirmClose, DownloadDialog, InviteDialog, MenuComposer, PredefinedPicker
+
+if TYPE_CHECKING:
+    from .app import AgentApp
+
+UNREAD = "● "
+
+
+class Entry(Static):
+    """One line of a conversation or of the home tab's activity log."""
+
+    def __init__(self, line: text.Line):
+        self.line = line
+        parts: list[str | tuple[str, str]] = [(f"{line.time} ", "dim")] if line.time else []
+        if line.private:
+            parts.append(f"{text.EYE} ")
+        if line.sender:
+            parts += [(line.sender, "bold"), ": "]
+        parts.append(line.text)
+        super().__init__(Content.assemble(*parts), classes=f"entry {line.role}" + (" private" if line.private else ""))
+
+
+class Pane(TabPane):
+    """A tab with a label that shows unread activity until the tab is looked at."""
+
+    app: "AgentApp"
+    FOCUS = ""  # what takes the keyboard when the tab is activated
+
+    def __init__(self, caption: str, *, id: str):
+        super().__init__(Content(caption), id=id)
+        self.caption = caption
+        self.unread = False
+
+    @property
+    def tabs(self) -> TabbedContent:
+        return self.app.query_one("#tabs", TabbedContent)
+
+    @property
+    def is_active(self) -> bool:
+        return self.tabs.active == self.id
+
+    def set_caption(self, caption: str) -> None:
+        if caption != self.caption:
+            self.caption = caption
+            self._relabel()
+
+    def mark_unread(self) -> None:
+        if not self.is_active and not self.unread:
+            self.unread = True
+            self._relabel()
+
+    def mark_read(self) -> None:
+        if self.unread:
+            self.unread = False
+            self._relabel()
+
+    def _relabel(self) -> None:
+        self.tabs.get_tab(self).label = Content((UNREAD if self.unread else "") + self.caption)
+
+    def focus_default(self) -> None:
+        """Put the keyboard on FOCUS; a tab on its way out has nothing left to focus."""
+        for widget in self.query(self.FOCUS):
+            widget.focus()
+            break
+
+
+class OfferPane(Pane):
+    """A chat or invite offer: queue, waiting time, the customer's variables; accept or reject."""
+
+    FOCUS = "Button.accept"
+
+    def __init__(self, client: AgentClient, offer: pb.Offer):
+        invite = offer.kind == pb.OFFER_KIND_INVITE
+        queue = offer.queue.display_name or offer.queue.queue_id
+        super().__init__(f"{'Invite' if invite else 'Offer'}: {queue}", id=f"offer-{offer.offer_id}")
+        self.client = client
+        self.offer = offer
+        self.invite = invite
+        self.received = time.monotonic()
+        self.answering = False
+
+    def compose(self) -> ComposeResult:
+        o = self.offer
+        queue = o.queue.display_name or o.queue.queue_id
+        with Vertical(classes="offer"):
+            if self.invite:
+                title = f"{o.invite.inviter.display_name} invites you into a chat in {queue}"
+            else:
+                title = f"New chat in {queue}"
+            yield Label(Content(title), classes="offer-title")
+            yield Static(classes="waiting")
+            yield Label("Customer", classes="heading")
+            yield Static(self._variables(o.variables), classes="variables")
+            with Horizontal(classes="answer"):
+                yield Button("Accept (a)", name="accept", classes="accept", variant="success")
+                yield Button("Reject (r)", name="reject", variant="error")
+
+    def on_mount(self) -> None:
+        self._tick()
+        self.set_interval(1, self._tick)
+        if self.invite:
+            # Invite offers carry no variables; the invitee may look at the conversation before answering.
+            self._load_variables()
+
+    @staticmethod
+    def _variables(variables) -> Content:
+        lines = [text.variable(v) for v in variables]
+        return Content("\n".join(lines) if lines else "(no details)")
+
+    @work(exit_on_error=False)
+    async def _load_variables(self) -> None:
+        try:
+            conv = await self.client.conversation(self.offer.conversation_id)
+        except Refused:
+            return  # e.g. the invite was withdrawn meanwhile: its update removes this tab
+        self.query_one(".variables", Static).update(self._variables(conv.variables))
+
+    def _tick(self) -> None:
+        o = self.offer
+        elapsed = time.monotonic() - self.received
+        waiting = o.waiting_time.ToTimedelta().total_seconds() + elapsed
+        left = (o.expire_time.ToDatetime() - o.create_time.ToDatetime()).total_seconds() - elapsed
+        waiting_text, left_text = text.duration(timedelta(seconds=waiting)), text.duration(timedelta(seconds=left))
+        self.query_one(".waiting", Static).update(Content(f"Waiting {waiting_text} · answer within {left_text}"))
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        self.answer(event.button.name == "accept")
+
+    def answer(self, accept: bool) -> None:
+        if not self.answering:
+            self.answering = True
+            self.app.answer_offer(self, accept)
+
+
+class ChatPane(Pane):
+    """An accepted chat: the conversation, customer information, the input and the chat tools."""
+
+    FOCUS = "Input.message"
+    private = reactive(False)
+
+    def __init__(self, client: AgentClient, conversation: rpb.Conversation, me: str, downloads: Path):
+        self.conversation_id = conversation.conversation_id
+        self.customer = text.customer_name(conversation.variables)
+        self.customer_connected = conversation.customer_connected
+        self.closed = conversation.state == rpb.CONVERSATION_STATE_CLOSED
+        super().__init__(self._caption(), id=f"chat-{self.conversation_id}")
+        self.client = client
+        self.me = me
+        self.downloads = downloads
+        self.queue = conversation.queue
+        self.variables = list(conversation.variables)
+        self.agents = {a.agent_id: a.display_name for a in conversation.agents}
+        self.pending_invite = conversation.pending_invite if conversation.HasField("pending_invite") else None
+        self.received: list[tuple[rpb.Attachment, str]] = []
+        self.staged: list[rpb.Attachment] = []
+        self.predefined_id = ""
+        self.menus: dict[str, str] = {}
+        self.feed: Feed | None = None
+        self._send_lock = asyncio.Lock()
+
+    def compose(self) -> ComposeResult:
+        with Horizontal():
+            with Vertical(classes="conversation"):
+                yield VerticalScroll(classes="log")
+                yield Static(classes="notice")
+                yield Static(classes="staged")
+                with Horizontal(classes="compose"):
+                    yield Label("Message", classes="mode")
+                    yield Input(placeholder="Type a message · Enter sends", classes="message")
+                    yield Button("Send", name="send", classes="send", variant="primary", compact=True)
+                with Horizontal(classes="tools"):
+                    for name, label in (
+                        ("predefined", "Predefined"),
+                        ("menu", "☰ Menu"),
+                        ("invite", "Invite"),
+                        ("private", f"{text.EYE} Private"),
+                        ("attach", f"{text.CLIP} Attach"),
+                        ("download", "Download"),
+                        ("leave", "Leave"),
+                        ("close", "✕ Close"),
+                    ):
+                        yield Button(label, name=name, compact=True)
+            with VerticalScroll(classes="info"):
+                yield Static(classes="info-customer")
+                yield Static(classes="info-chat")
+
+    def on_mount(self) -> None:
+        self.query_one(".log").anchor()
+        self.notice("")
+        self._refresh_staged()
+        self._refresh_info()
+        self._refresh_state()
+        self._follow()
+
+    # --- the conversation stream ------------------------------------------------
+
+    @work(exit_on_error=False, group="follow")
+    async def _follow(self) -> None:
+        self.feed = self.client.follow(self.conversation_id)
+        try:
+            async for ev in self.feed:
+                await self._apply(ev, live=self.feed.caught_up.is_set())
+        except SessionEnded as err:
+            self.app.session_ended(err)
+        except Refused as err:
+            self.notice(f"The conversation stream stopped: {err}", error=True)
+
+    async def _apply(self, ev: rpb.ConversationEvent, live: bool) -> None:
+        line = text.describe(ev, self.me, self.menus)
+        kind = ev.WhichOneof("kind")
+        if kind == "message" and ev.message.sender.agent_id != self.me:
+            self.received += [(a, ev.message.sender.display_name) for a in ev.message.attachments]
+        elif kind == "participant_joined" and ev.participant_joined.participant.kind == rpb.PARTICIPANT_KIND_AGENT:
+            p = ev.participant_joined.participant
+            self.agents[p.agent_id] = p.display_name
+        elif kind == "participant_left":
+            self.agents.pop(ev.participant_left.participant.agent_id, None)
+        elif kind == "invite_updated":
+            inv = ev.invite_updated.invite
+            self.pending_invite = inv if inv.state == rpb.INVITE_STATE_PENDING else None
+        elif kind == "chat_ended":
+            self.customer_connected = False
+        elif kind == "chat_closed":
+            self.closed = True
+        self._refresh_info()
+        self._refresh_state()
+        await self.query_one(".log").mount(Entry(line))
+        if live and line.role != "me":
+            self.mark_unread()
+
+    # --- what the tab shows -----------------------------------------------------------
+
+    def _caption(self) -> str:
+        return self.customer + (" (ended)" if self.closed or not self.customer_connected else "")
+
+    def _refresh_info(self) -> None:
+        variables = [text.variable(v) + "\n" for v in self.variables] or ["(no details)\n"]
+        self.query_one(".info-customer", Static).update(Content.assemble(("Customer\n", "bold"), *variables))
+        chat = [("Queue\n", "bold"), f"{self.queue.display_name or self.queue.queue_id}\n", ("\nAgents\n", "bold")]
+        chat += [f"{name}\n" for name in self.agents.values()]
+        if self.pending_invite is not None:
+            chat += [("\nInvite\n", "bold"), f"{text.invite_target(self.pending_invite)}: pending\n"]
+        if self.received:
+            chat += [("\nFiles received\n", "bold")] + [f"{text.attachment(a)}\n" for a, _ in self.received]
+        self.query_one(".info-chat", Static).update(Content.assemble(*chat))
+
+    def _refresh_state(self) -> None:
+        if self.closed:
+            self.notice("The chat is closed. Ctrl+W closes the tab.")
+        elif not self.customer_connected:
+            self.notice("Customer ended the chat. Ctrl+W closes the tab without asking.")
+        self.set_caption(self._caption())
+
+    def notice(self, message: str, error: bool = False) -> None:
+        notice = self.query_one(".notice", Static)
+        notice.update(Content(message))
+        notice.set_class(error, "error")
+        notice.display = bool(message)
+
+    def _refresh_staged(self) -> None:
+        files = "  ".join(text.attachment(a) for a in self.staged)
+        staged = self.query_one(".staged", Static)
+        staged.update(Content(f"To send: {files} · Enter sends"))
+        staged.display = bool(files)
+
+    def watch_private(self, private: bool) -> None:
+        self.query_one(".mode", Label).update(f"{text.EYE} Private" if private else "Message")
+        self.query_one(".message", Input).set_class(private, "private")
+        self.query_one(".mode", Label).set_class(private, "private")
+
+    # --- sending ------------------------------------------------------------------------
+
+    @on(Input.Submitted, ".message")
+    def submitted(self) -> None:
+        self._send()
+
+    @on(Input.Changed, ".message")
+    def changed(self, event: Input.Changed) -> None:
+        if not event.value:
+            self.predefined_id = ""
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        event.stop()
+        if event.button.name == "send":
+            self._send()
+        elif event.button.name == "close":
+            self.request_close()
+        else:
+            getattr(self, f"action_{event.button.name}")()
+
+    @work(exit_on_error=False, group="send")
+    async def _send(self) -> None:
+        field = self.query_one(".message", Input)
+        body, predefined, files, private = field.value, self.predefined_id, list(self.staged), self.private
+        if not (body.strip() or predefined or files):
+            return
+        field.value, self.predefined_id, self.staged = "", "", []
+        self._refresh_staged()
+        # One at a time, so messages arrive in the order they were typed.
+        async with self._send_lock:
+            try:
+                await self.client.send(
+                    self.conversation_id,
+                    body,
+                    private=private,
+                    predefined_id=predefined,
+                    attachment_ids=[a.attachment_id for a in files],
+                )
+            except Refused as err:
+                self.notice(f"Not sent: {err}", error=True)
+                if not field.value:
+                    field.value, self.predefined_id, self.staged = body, predefined, files
+                    self._refresh_staged()
+                return
+        self.notice("")
+        self._refresh_state()
+
+    # --- tools ------------------------------------------------------------------------------
+
+    def action_private(self) -> None:
+        self.private = not self.private
+
+    @work(exit_on_error=False)
+    async def action_predefined(self) -> None:
+        try:
+            messages = await self.client.predefined(self.conversation_id)
+        except Refused as err:
+            self.notice(f"No predefined messages: {err}", error=True)
+            return
+        if not messages:
+            self.notice("There are no predefined messages for this chat.")
+            return
+        chosen = await self.app.push_screen_wait(PredefinedPicker(messages))
+        if chosen is not None:
+            field = self.query_one(".message", Input)
+            field.value = chosen.body
+            self.predefined_id = chosen.predefined_message_id
+            field.focus()
+
+    @work(exit_on_error=False)
+    async def action_menu(self) -> None:
+        composed = await self.app.push_screen_wait(MenuComposer())
+        if composed is not None:
+            prompt, labels = composed
+            await self._call(self.client.send_menu(self.conversation_id, prompt, labels), "Menu not sent")
+
+    @work(exit_on_error=False)
+    async def action_invite(self) -> None:
+        queues = list(self.app.session.queue_ids) if self.app.session else []
+        choice = await self.app.push_screen_wait(InviteDialog(self.pending_invite, queues))
+        if choice is None:
+            return
+        what, target = choice
+        if what == "cancel":
+            await self._call(self.client.cancel_invite(target), "Invite not cancelled")
+        elif what == "agent":
+            await self._call(self.client.invite(self.conversation_id, agent_id=target), "Invite failed")
+        else:
+            await self._call(self.client.invite(self.conversation_id, queue_id=target), "Invite failed")
+
+    @work(exit_on_error=False)
+    async def action_attach(self) -> None:
+        room = MAX_FILES - len(self.staged)
+        if room <= 0:
+            self.notice(f"At most {MAX_FILES} files per message: send these first.", error=True)
+            return
+        attached = await self.app.push_screen_wait(AttachDialog(room, self._upload_file))
+        if attached:
+            self.staged += attached
+            self._refresh_staged()
+            self.focus_default()
+
+    @work(exit_on_error=False)
+    async def action_download(self) -> None:
+        if not self.received:
+            self.notice("No files received in this chat yet.")
+            return
+        self.downloads.mkdir(parents=True, exist_ok=True)
+        path = await self.app.push_screen_wait(DownloadDialog(self.received, self._download_file))
+        if path is not None:
+            self.notice(f"Saved {path}")
+
+    async def _upload_file(self, path: Path, progress: Progress) -> rpb.Attachment:
+        return await self.client.upload(self.conversation_id, path, progress)
+
+    async def _download_file(self, attachment: rpb.Attachment, progress: Progress) -> Path:
+        return await self.client.download(attachment.attachment_id, self.downloads, progress)
+
+    @work(exit_on_error=False)
+    async def action_leave(self) -> None:
+        try:
+            await self.client.leave(self.conversation_id)
+        except Refused as err:
+            if err.reason == "LAST_AGENT_MUST_CLOSE":
+                self.notice("You are the last agent here: close the chat instead (Ctrl+W).", error=True)
+            else:
+                self.notice(f"Could not leave: {err}", error=True)
+            return
+        self.app.drop_pane(self, f"You left the chat with {self.customer}")
+
+    async def _call(self, coro, failure: str) -> None:
+        try:
+            await coro
+        except Refused as err:
+            self.notice(f"{failure}: {err}", error=True)
+
+    # --- closing ----------------------------------------------------------------------------
+
+    @work(exit_on_error=False, exclusive=True, group="close")
+    async def request_close(self) -> None:
+        """Close the tab: a closed chat just goes; a connected customer needs a confirmation first."""
+        if not self.closed:
+            # customer_connected only ever turns false, so a stale view errs on the side of asking.
+            confirm = self.customer_connected
+            if confirm and not await self.app.push_screen_wait(ConfirmClose(self.customer)):
+                return
+            try:
+                await self.client.close(self.conversation_id, confirm=confirm)
+            except Refused as err:
+                self.notice(f"Not closed: {err}", error=True)
+                return
+        self.app.drop_pane(self, f"Closed the chat with {self.customer}")

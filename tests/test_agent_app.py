@@ -1,0 +1,383 @@
+"""The agent's terminal desktop, driven through Textual's pilot against a real server in the same event loop."""
+
+import pytest
+from textual.widgets import Button, Input, Label, OptionList, Static
+
+from agent_helpers import click, customer_sends_file, identity_token, lines, log_in, offer_pane, until
+from chat.v1 import agent_service_pb2 as agent_pb
+from chat.v1 import resources_pb2 as rpb
+from files import Uploader, pdf
+from harness import is_event
+from queuechat_agent.app import AgentApp, LoginScreen
+from queuechat_agent.dialogs import AttachDialog, ConfirmClose, DownloadDialog, InviteDialog, MenuComposer
+from queuechat_agent.dialogs import PredefinedPicker
+from queuechat_agent.panes import ChatPane, Entry
+
+SIZE = (120, 36)
+
+
+def desktop(**kw) -> AgentApp:
+    app = AgentApp(**kw)
+    app.animation_level = "none"  # the pilot waits out every animation (tab underlines, button presses)
+    return app
+
+
+def plain(widget: Static) -> str:
+    return widget.render().plain
+
+
+def press_button(screen, name: str) -> None:
+    next(b for b in screen.query(Button) if b.name == name).press()
+
+
+def tab_label(app: AgentApp, pane) -> str:
+    return app.tabs.get_tab(pane).label_text
+
+
+def message(text):
+    return is_event("message", lambda e: e.message.text == text)
+
+
+async def show(pilot, pane) -> None:
+    """Click the pane's tab, as the agent would."""
+    await click(pilot, f"#--content-tab-{pane.id}")
+    await until(pilot, lambda: pilot.app.tabs.active == pane.id, f"{pane.id} in front")
+
+
+async def say(pilot, chat: ChatPane, text: str) -> None:
+    """Put text in the chat's input (typing is Textual's business) and press Enter."""
+    chat.query_one(".message", Input).value = text
+    await pilot.press("enter")
+
+
+async def dialog(pilot, kind):
+    return await until(pilot, lambda: isinstance(pilot.app.screen, kind) and pilot.app.screen, kind.__name__)
+
+
+async def accept_chat(pilot, server, queue="sales", variables=None, **kw) -> tuple:
+    """A customer starts a chat; the agent accepts its offer tab with the a key."""
+    app = pilot.app
+    cust = await server.customer(queue, variables or {}, **kw)
+    cust.open()
+    offer = await until(pilot, lambda: offer_pane(app, cust.id), "the offer tab")
+    await show(pilot, offer)
+    await pilot.press("a")
+    chat = await until(pilot, lambda: app.chats.get(cust.id), "the chat tab")
+    await until(
+        pilot, lambda: app.tabs.active == chat.id and "Agent 1 joined" in lines(chat), "the chat with its history"
+    )
+    return cust, chat
+
+
+async def test_offer_accept_messages_predefined_menu_invite_private_files_close(server, tmp_path):
+    app = desktop(downloads=tmp_path / "downloads")
+    async with app.run_test(size=SIZE) as pilot:
+        await log_in(pilot, server.address)
+        a2 = await server.agent("agent2")
+        token = identity_token(name="Ada Lovelace", email="ada@example.com")
+        cust = await server.customer("sales", {"order": "A-1001"}, identity_token=token)
+        cust.open()
+
+        # The offer opens as a tab with the queue, the waiting time and the variables; locks on authenticated ones.
+        offer = await until(pilot, lambda: offer_pane(app, cust.id), "the offer tab")
+        await until(pilot, lambda: app.tabs.active == offer.id, "the offer tab in front")
+        assert tab_label(app, offer) == "Offer: Sales"
+        assert plain(offer.query_one(".offer-title")) == "New chat in Sales"
+        assert plain(offer.query_one(".waiting")).startswith("Waiting 0:0")
+        assert plain(offer.query_one(".variables")).splitlines() == [
+            "🔒 email: ada@example.com",
+            "🔒 name: Ada Lovelace",
+            "   order: A-1001",
+        ]
+        await pilot.press("a")
+        chat = await until(pilot, lambda: app.chats.get(cust.id), "the chat tab")
+        await until(pilot, lambda: not app.offers and app.tabs.active == chat.id, "the offer tab replaced by the chat")
+        assert tab_label(app, chat) == "Ada Lovelace"
+        info = plain(chat.query_one(".info-customer"))
+        assert "🔒 name: Ada Lovelace" in info and "🔒 email: ada@example.com" in info and "   order: A-1001" in info
+
+        # Messages both ways.
+        await cust.send("Hi, my order is late")
+        await until(pilot, lambda: "Ada Lovelace: Hi, my order is late" in lines(chat), "the customer's message")
+        await pilot.press(*"Let me check", "enter")
+        await cust.stream.wait_for(message("Let me check"))
+        await until(pilot, lambda: "Agent 1: Let me check" in lines(chat), "our message")
+        assert lines(chat).count("Agent 1: Let me check") == 1  # from the stream only, not also from the reply
+
+        # Predefined: the picker lists titles; choosing one fills the input; Enter sends it.
+        await pilot.press("f2")
+        picker = await dialog(pilot, PredefinedPicker)
+        options = picker.query_one(OptionList)
+        titles = [str(options.get_option_at_index(i).prompt) for i in range(options.option_count)]
+        assert titles == ["Deal", "Hello"]
+        options.highlighted = titles.index("Deal")
+        await pilot.press("enter")
+        field = chat.query_one(".message", Input)
+        await until(pilot, lambda: field.value == "Two months free.", "the predefined text in the input")
+        await pilot.press("enter")
+        got = await cust.stream.wait_for(message("Two months free."))
+        assert got.event.message.predefined_message_id == "sales-deal"
+
+        # Offer menu: prompt and options; the customer's choice shows as a structured line.
+        await pilot.press("f3")
+        composer = await dialog(pilot, MenuComposer)
+        composer.query_one(".prompt", Input).value = "What is it about?"
+        composer.query_one(".options").text = "Billing\nDelivery\n"
+        press_button(composer, "send")
+        menu = (await cust.stream.wait_for(is_event("offer_menu"))).event.offer_menu
+        assert [o.label for o in menu.options] == ["Billing", "Delivery"]
+        await cust.choose(menu.menu_id, menu.options[1].option_id)
+        await until(pilot, lambda: "Ada Lovelace: ☑ chose “Delivery” (What is it about?)" in lines(chat), "the choice")
+
+        # Invite a named agent; the outcome shows; we stay.
+        await pilot.press("f4")
+        invite = await dialog(pilot, InviteDialog)
+        invite.query_one(".agent", Input).value = "agent2"
+        press_button(invite, "invite")
+        await until(pilot, lambda: "Invite to Agent 2: pending" in lines(chat), "the pending invite")
+        assert "Agent 2: pending" in plain(chat.query_one(".info-chat"))
+        invite_offer = await a2.wait_offer(cust.id, kind=agent_pb.OFFER_KIND_INVITE)
+        await a2.accept(invite_offer.offer_id)
+        await until(
+            pilot, lambda: "Invite to Agent 2: accepted. Stay, or leave the chat (F8)" in lines(chat), "the outcome"
+        )
+        await until(pilot, lambda: "Agent 2" in plain(chat.query_one(".info-chat")), "agent 2 among the agents")
+        s2 = a2.open_conversation(cust.id)
+
+        # Private mode: the eye marker and a colour; agents see it, the customer never does.
+        await pilot.press("f5")
+        assert plain(chat.query_one(".mode", Label)) == "👁 Private" and field.has_class("private")
+        await say(pilot, chat, "VIP customer")
+        note = await s2.wait_for(message("VIP customer"))
+        assert note.event.visibility == rpb.VISIBILITY_AGENTS_ONLY
+        await a2.send(cust.id, "Noted", private=True)
+        reply = await until(
+            pilot, lambda: next((e for e in chat.query(Entry) if "Noted" in e.line.plain), None), "agent 2's note"
+        )
+        assert reply.line.plain == "👁 Agent 2: Noted" and reply.has_class("private")
+        mine = next(e for e in chat.query(Entry) if "VIP customer" in e.line.plain)
+        assert mine.line.plain == "👁 Agent 1: VIP customer" and mine.has_class("private")
+        await pilot.press("f5")
+        assert plain(chat.query_one(".mode", Label)) == "Message" and not field.has_class("private")
+        field.value = "Back to you"
+        await click(pilot, f"#{chat.id} Button.send")  # the Send button does what Enter does
+        await cust.stream.wait_for(message("Back to you"))
+        assert not {"VIP customer", "Noted"} & {e.message.text for e in cust.stream.events("message")}
+
+        # Attach: a file from a path, with progress; it goes on the next message.
+        report = tmp_path / "report.pdf"
+        report.write_bytes(pdf())
+        await pilot.press("f6")
+        attach = await dialog(pilot, AttachDialog)
+        assert len(attach.query(".path")) == 5
+        attach.query(".path").first(Input).value = str(report)
+        press_button(attach, "upload")
+        await until(pilot, lambda: chat.staged, "the upload")
+        assert "📎 report.pdf" in plain(chat.query_one(".staged"))
+        await say(pilot, chat, "Your invoice")
+        sent = await cust.stream.wait_for(message("Your invoice"))
+        [att] = sent.event.message.attachments
+        assert (att.file_name, att.content_type) == ("report.pdf", "application/pdf")
+        _, data = await Uploader(cust.stub, cust.md, cust.id, customer=True).download(att.attachment_id)
+        assert data == pdf()
+        await until(
+            pilot,
+            lambda: f"Agent 1: Your invoice  📎 report.pdf ({len(pdf())} B)" in lines(chat),
+            "our file in the log",
+        )
+
+        # Download what the customer sent.
+        order = b"name;amount\nAda;12\n"
+        await customer_sends_file(cust, order, "order.csv", "my order")
+        await until(
+            pilot, lambda: "📎 order.csv (19 B)" in plain(chat.query_one(".info-chat")), "the file in the info pane"
+        )
+        await pilot.press("f7")
+        download = await dialog(pilot, DownloadDialog)
+        download.query_one(OptionList).highlighted = 0
+        await pilot.press("enter")
+        saved = tmp_path / "downloads" / "order.csv"
+        await until(pilot, lambda: plain(chat.query_one(".notice")) == f"Saved {saved}", "the download")
+        assert saved.read_bytes() == order
+
+        # Closing while the customer is connected asks first; keeping it open changes nothing.
+        await pilot.press("ctrl+w")
+        await dialog(pilot, ConfirmClose)
+        await pilot.press("n")
+        await until(pilot, lambda: len(app.screen_stack) == 1, "the warning gone")
+        assert chat.is_attached
+        conv = await a2.stub.GetConversation(agent_pb.GetConversationRequest(conversation_id=cust.id), metadata=a2.md)
+        assert conv.conversation.state == rpb.CONVERSATION_STATE_ACTIVE
+
+        # The customer ends: the tab says so, and closes without asking.
+        await cust.end()
+        await until(pilot, lambda: "Customer ended the chat" in lines(chat), "the end")
+        assert plain(chat.query_one(".notice")).startswith("Customer ended the chat")
+        assert tab_label(app, chat) == "Ada Lovelace (ended)"
+        await pilot.press("ctrl+w")
+        await until(pilot, lambda: not chat.is_attached, "the tab closed")
+        assert not isinstance(app.screen, ConfirmClose) and cust.id not in app.chats
+        await s2.wait_for(is_event("chat_closed"))
+
+
+async def test_several_chats_unread_markers_and_a_new_offer_does_not_steal_focus(server):
+    app = desktop()
+    async with app.run_test(size=SIZE) as pilot:
+        await log_in(pilot, server.address)
+        ada, ada_tab = await accept_chat(pilot, server, variables={"name": "Ada"})
+        _, bob_tab = await accept_chat(pilot, server, variables={"name": "Bob"})
+        assert app.tabs.active == bob_tab.id and [tab_label(app, t) for t in (ada_tab, bob_tab)] == ["Ada", "Bob"]
+
+        await ada.send("anyone there?")
+        await until(pilot, lambda: tab_label(app, ada_tab) == "● Ada", "the unread marker")
+        assert tab_label(app, bob_tab) == "Bob"
+        await show(pilot, ada_tab)
+        assert tab_label(app, ada_tab) == "Ada"
+        assert "Ada: anyone there?" in lines(ada_tab) and "Ada: anyone there?" not in lines(bob_tab)
+
+        # A third offer while working a chat: its tab is marked, the agent stays where they are. r rejects it.
+        a2 = await server.agent("agent2", "support")
+        cleo = await server.customer("support", {"name": "Cleo"})
+        offer = await until(pilot, lambda: offer_pane(app, cleo.id), "the third offer")
+        assert app.tabs.active == ada_tab.id and tab_label(app, offer) == "● Offer: Support"
+        await show(pilot, offer)
+        assert tab_label(app, offer) == "Offer: Support"
+        await pilot.press("r")
+        await until(pilot, lambda: not app.offers and not offer.is_attached, "the rejected offer gone")
+        await a2.wait_offer(cleo.id)  # back in the queue, and on to the next agent
+        assert len(app.chats) == 2 and "Offer in Support: rejected" in lines(app.home)
+
+
+@pytest.mark.configure(settings={"offer_timeout": 0.5})
+async def test_an_unanswered_offer_times_out_and_its_tab_goes(server):
+    app = desktop()
+    async with app.run_test(size=SIZE) as pilot:
+        await log_in(pilot, server.address)
+        cust = await server.customer("sales", {"name": "Ada"})
+        offer = await until(pilot, lambda: offer_pane(app, cust.id), "the offer tab")
+        await until(pilot, lambda: not offer.is_attached, "the offer tab gone")
+        assert "Offer in Sales: timed out" in lines(app.home)
+
+
+async def test_invites_both_ways_and_leaving_after_an_invite(server):
+    app = desktop()
+    async with app.run_test(size=SIZE) as pilot:
+        await log_in(pilot, server.address)
+        # Another agent's invite reaches us like a chat offer, with the customer's details.
+        a2 = await server.agent("agent2")
+        status = app.query_one("#status")
+        await pilot.press("ctrl+r")  # not ready: the customer below goes to agent2
+        await until(pilot, lambda: "○ Not ready" in plain(status), "not ready")
+        cust = await server.customer("sales", {"name": "Ada"})
+        cust.open()
+        await a2.take(cust.id)
+        await a2.send(cust.id, "note: wants a refund", private=True)
+        await pilot.press("ctrl+r")
+        await until(pilot, lambda: "● Ready" in plain(status), "ready again")
+        await a2.invite(cust.id, agent_id="agent1")
+        offer = await until(pilot, lambda: offer_pane(app, cust.id), "the invite offer")
+        assert tab_label(app, offer) == "Invite: Sales"
+        assert plain(offer.query_one(".offer-title")) == "Agent 2 invites you into a chat in Sales"
+        await until(pilot, lambda: plain(offer.query_one(".variables")) == "   name: Ada", "the customer's details")
+        await pilot.press("a")
+        chat = await until(pilot, lambda: app.chats.get(cust.id), "the chat tab")
+        # We see the history, the private note included.
+        await until(pilot, lambda: "👁 Agent 2: note: wants a refund" in lines(chat), "the history")
+
+        # We invite a random agent from the support queue, who accepts; then we leave, they stay.
+        a3 = await server.agent("agent3", "support")
+        await show(pilot, chat)
+        await pilot.press("f4")
+        invite = await dialog(pilot, InviteDialog)
+        invite.query_one(".queue", Input).value = "support"
+        press_button(invite, "invite")
+        offer3 = await a3.wait_offer(cust.id, kind=agent_pb.OFFER_KIND_INVITE)
+        await a3.accept(offer3.offer_id)
+        await until(
+            pilot,
+            lambda: "Invite to Agent 3 (from queue support): accepted. Stay, or leave the chat (F8)" in lines(chat),
+            "the outcome",
+        )
+        await pilot.press("f8")
+        await until(pilot, lambda: not chat.is_attached, "the tab gone after leaving")
+        left = await cust.stream.wait_for(is_event("participant_left"))
+        assert left.event.participant_left.participant.agent_id == "agent1"
+
+
+async def test_last_agent_cannot_leave_and_a_pending_invite_can_be_cancelled(server):
+    app = desktop()
+    async with app.run_test(size=SIZE) as pilot:
+        await log_in(pilot, server.address)
+        a2 = await server.agent("agent2")
+        cust, chat = await accept_chat(pilot, server, variables={"name": "Ada"})
+        await pilot.press("f8")
+        await until(pilot, lambda: "last agent" in plain(chat.query_one(".notice")), "the refusal")
+        assert chat.is_attached
+
+        await pilot.press("f4")
+        invite = await dialog(pilot, InviteDialog)
+        invite.query_one(".agent", Input).value = "agent2"
+        press_button(invite, "invite")
+        offer = await a2.wait_offer(cust.id, kind=agent_pb.OFFER_KIND_INVITE)
+        await until(pilot, lambda: chat.pending_invite is not None, "the pending invite")
+        await pilot.press("f4")
+        pending = await dialog(pilot, InviteDialog)
+        press_button(pending, "cancel-invite")
+        await until(pilot, lambda: "Invite to Agent 2: cancelled" in lines(chat), "the cancel")
+        update = await a2.wait_offer_update(offer.offer_id)
+        assert update.withdraw_reason == agent_pb.WITHDRAW_REASON_CANCELLED
+
+
+@pytest.mark.configure(settings={"stream_grace": 30})
+async def test_server_restart_while_the_app_runs_loses_and_repeats_nothing(server):
+    app = desktop()
+    async with app.run_test(size=SIZE) as pilot:
+        await log_in(pilot, server.address)
+        cust, chat = await accept_chat(pilot, server, variables={"name": "Ada"})
+        await cust.send("before")
+        await say(pilot, chat, "answer before")
+        await until(pilot, lambda: "Agent 1: answer before" in lines(chat), "the messages before")
+        banner = app.query_one("#banner")
+
+        await server.stop()
+        await until(pilot, lambda: banner.display, "the reconnecting banner")
+        assert "reconnecting" in plain(banner)
+        await server.start()
+        cust.stub = server.customer_stub
+        await cust.send("after 1")  # most likely before the app is back: it comes with the replay
+        await cust.send("after 2")
+        await until(pilot, lambda: "Ada: after 2" in lines(chat), "the messages after the restart")
+        await until(pilot, lambda: not banner.display, "the banner gone")
+        await cust.send("live")
+        await until(pilot, lambda: "Ada: live" in lines(chat), "a live message")
+        said = [line for line in lines(chat) if line.startswith(("Ada:", "Agent 1:"))]
+        assert said == ["Ada: before", "Agent 1: answer before", "Ada: after 1", "Ada: after 2", "Ada: live"]
+
+        # The offer feed came back too.
+        other = await server.customer("support", {"name": "Bob"})
+        await until(pilot, lambda: offer_pane(app, other.id), "an offer after the restart")
+        # Sending works again.
+        await show(pilot, chat)
+        await say(pilot, chat, "still here")
+        await until(pilot, lambda: lines(chat).count("Agent 1: still here") == 1, "our message after the restart")
+
+
+async def test_login_errors_and_an_ended_session_go_back_to_the_login_screen(server):
+    app = desktop(server=server.address, username="agent1", password="nope", profile="both")
+    async with app.run_test(size=SIZE) as pilot:
+        await click(pilot, "#login")
+        error = app.screen.query_one(".error")
+        await until(pilot, lambda: "BAD_CREDENTIALS" in plain(error), "the refusal")
+        await log_in(pilot, server.address)
+        cust, chat = await accept_chat(pilot, server, variables={"name": "Ada"})
+        await cust.send("still there?")
+
+        await server.agent("agent1")  # the same agent logs in elsewhere
+        screen = await until(pilot, lambda: isinstance(app.screen, LoginScreen) and app.screen, "the login screen")
+        assert "session has ended" in plain(screen.query_one(".error"))
+        assert not app.chats and not chat.is_attached
+
+        # Logging in again brings the agent's open chats back as tabs, with their history.
+        await log_in(pilot, server.address)
+        again = await until(pilot, lambda: app.chats.get(cust.id), "the chat restored")
+        await until(pilot, lambda: "Ada: still there?" in lines(again), "its history")
