@@ -131,12 +131,14 @@ async def phase_chat(args) -> dict:
     desk.expected = args.chats
     sent: dict[str, float] = {}
     customers: dict[str, tuple] = {}
+    answered: list[float] = []
 
     async def arrive(i: int):
         await asyncio.sleep(i / args.rate)
         stub = pool.customers()
         t0 = time.monotonic()
         resp = await start_chat(stub)
+        answered.append((time.monotonic() - t0) * 1000)
         cid = resp.conversation.conversation_id
         sent[cid] = t0
         customers[cid] = (stub, resp.customer_token)
@@ -202,6 +204,8 @@ async def phase_chat(args) -> dict:
         "agents": args.agents,
         "offer_p50_ms": percentile(offer_ms, 0.5),
         "offer_p99_ms": percentile(offer_ms, 0.99),
+        "start_chat_p50_ms": percentile(answered, 0.5),
+        "start_chat_p99_ms": percentile(answered, 0.99),
         "conversations": len(desk.accepted),
         "messages": len(both),
         "message_p50_ms": percentile(both, 0.5),

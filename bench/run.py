@@ -32,9 +32,9 @@ TARGETS = {
 }
 
 PROFILES = {
-    "quick": dict(agents=20, chats=200, rate=200, interval=5.0, duration=8, sat_convs=20, sat_seconds=4,
+    "quick": dict(agents=20, chats=200, rate=40, interval=5.0, duration=8, sat_convs=20, sat_seconds=4,
                   counts=[100, 1000], repeat=1),
-    "full": dict(agents=100, chats=1000, rate=100, interval=5.0, duration=30, sat_convs=50, sat_seconds=15,
+    "full": dict(agents=100, chats=1000, rate=40, interval=5.0, duration=30, sat_convs=50, sat_seconds=15,
                  counts=[100, 1000, 5000], repeat=3),
 }
 

@@ -15,6 +15,7 @@ import re
 import unicodedata
 import uuid
 import weakref
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, AsyncIterator
 
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 
 Who = AgentPrincipal | CustomerPrincipal
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_RECORD_EVERY = 8 * 1024 * 1024
 _STATES = {"uploading": "UPLOAD_STATE_UPLOADING", "complete": "UPLOAD_STATE_COMPLETE", "attached": "UPLOAD_STATE_ATTACHED"}
 
 
@@ -155,14 +157,14 @@ def _own_upload(s: Any, who: Who, upload_id: str) -> Attachment:
     return row
 
 
-def _record_chunk(tx: Tx, core: "Core", upload_id: str, offset: int, length: int) -> int:
+def _record_chunk(tx: Tx, core: "Core", upload_id: str, stored: int, received: int) -> int:
     row = tx.session.get(Attachment, upload_id)
-    if row is None or row.status != "uploading" or row.received_bytes != offset:
+    if row is None or row.status != "uploading" or row.received_bytes != stored:
         raise precondition("UPLOAD_CHANGED", "The upload changed meanwhile; ask GetUpload where it stands.")
-    row.received_bytes = offset + length
+    row.received_bytes = received
     row.expires_at = utcnow() + timedelta(seconds=core.limits.upload_ttl)
     tx.session.add(row)
-    return row.received_bytes
+    return received
 
 
 def _complete(tx: Tx, core: "Core", upload_id: str, sha256: str, content_type: str) -> dict[str, Any]:
@@ -235,20 +237,43 @@ def _leftovers(tx: Tx, deleted: list[Attachment]) -> tuple[list[str], list[str]]
 # --- the async side: file I/O on threads, one chunk at a time ---------------
 
 
+@dataclass
+class _Live:
+    uploader: str
+    conversation_id: str
+    size: int
+    stored: int  # what the database has
+    scanner: Scanner | None
+    received: int = -1
+
+    def __post_init__(self) -> None:
+        if self.received < 0:
+            self.received = self.stored
+
+    def owned_by(self, who: Who) -> bool:
+        return self.uploader == actor(who) and (
+            isinstance(who, AgentPrincipal) or self.conversation_id == who.conversation_id
+        )
+
+
 class Attachments:
     def __init__(self, core: "Core", blobs: BlobStore):
         self.core = core
         self.blobs = blobs
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
-        # upload id -> (row as last recorded, running scan): chunks after the first need no read,
-        # and completing needs no second pass over the file. Lost on restart: then a full scan.
-        self._live: dict[str, tuple[Attachment, Scanner | None]] = {}
+        # Uploads in progress: chunks after the first need no read, completing needs no second
+        # pass over the file. Lost on restart: then the stored lower bound and a full scan.
+        self._live: dict[str, _Live] = {}
 
     def _lock(self, upload_id: str) -> asyncio.Lock:
         lock = self._locks.get(upload_id)
         if lock is None:
             lock = self._locks[upload_id] = asyncio.Lock()
         return lock
+
+    async def _on_disk(self, row: Attachment) -> int:
+        """Bytes confirmed before a restart are in the part file; a torn tail fails the SHA-256 check."""
+        return max(row.received_bytes, min(row.size_bytes, await self._io(self.blobs.part_size, row.id)))
 
     async def _io(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
@@ -258,6 +283,9 @@ class Attachments:
 
     async def get(self, who: Who, upload_id: str) -> dict:
         row = await self.core.db.read(_own_upload, who, upload_id)
+        live = self._live.get(upload_id)
+        if row.status == "uploading":  # the stored count is a lower bound: report what was confirmed
+            row.received_bytes = live.received if live is not None else await self._on_disk(row)
         return upload_json(row, self.core.limits.upload_chunk_bytes)
 
     async def chunk(self, who: Who, upload_id: str, offset: int, data: bytes) -> int:
@@ -268,34 +296,36 @@ class Attachments:
             raise invalid("CHUNK_TOO_LARGE", f"A chunk may have at most {limits.upload_chunk_bytes:,} bytes.")
         async with self._lock(upload_id):
             live = self._live.get(upload_id)
-            if live is not None and live[0].uploader == actor(who) and (
-                isinstance(who, AgentPrincipal) or live[0].conversation_id == who.conversation_id
-            ):
-                row, scanner = live
-            else:
+            if live is None or not live.owned_by(who):
                 row = await self.core.db.read(_own_upload, who, upload_id)
-                scanner = Scanner() if row.received_bytes == 0 else None  # resumed after a restart: scan at the end
-            if row.status != "uploading":
-                raise precondition("UPLOAD_COMPLETED", "This upload is already complete.", upload_id=upload_id)
-            if offset + len(data) > row.size_bytes:
+                if row.status != "uploading":
+                    raise precondition("UPLOAD_COMPLETED", "This upload is already complete.", upload_id=upload_id)
+                received = await self._on_disk(row)
+                # Resumed after a restart (bytes already in): no running scan, the file is scanned at the end.
+                live = _Live(row.uploader, row.conversation_id, row.size_bytes, row.received_bytes,
+                             Scanner() if received == 0 else None, received)
+            if offset + len(data) > live.size:
                 raise invalid(
                     "SIZE_EXCEEDED",
-                    f"The upload was declared {row.size_bytes:,} bytes; this chunk goes beyond that.",
-                    size_bytes=row.size_bytes,
+                    f"The upload was declared {live.size:,} bytes; this chunk goes beyond that.",
+                    size_bytes=live.size,
                 )
-            if offset != row.received_bytes:
-                if offset + len(data) == row.received_bytes and offset >= 0:
-                    return row.received_bytes  # a retry of the chunk we already have
+            if offset != live.received:
+                if offset + len(data) == live.received and offset >= 0:
+                    return live.received  # a retry of the chunk we already have
                 raise precondition(
-                    "OFFSET_MISMATCH",
-                    f"Send the chunk at offset {row.received_bytes}.",
-                    expected_offset=row.received_bytes,
+                    "OFFSET_MISMATCH", f"Send the chunk at offset {live.received}.", expected_offset=live.received
                 )
-            self._live.pop(upload_id, None)  # until this chunk is recorded
-            await self._io(self.blobs.write_and_scan, upload_id, offset, data, scanner)
-            received = await self.core.db.write(_record_chunk, self.core, upload_id, offset, len(data))
-            row.received_bytes = received
-            self._live[upload_id] = (row, scanner)
+            self._live.pop(upload_id, None)  # until this chunk is on disk
+            await self._io(self.blobs.write_and_scan, upload_id, offset, data, live.scanner)
+            received = offset + len(data)
+            # The stored count is a lower bound written every few MiB: resuming from it is always
+            # safe (a chunk write cuts what lies beyond), and most chunks skip a database write.
+            if received // _RECORD_EVERY != live.stored // _RECORD_EVERY or received == live.size:
+                await self.core.db.write(_record_chunk, self.core, upload_id, live.stored, received)
+                live.stored = received
+            live.received = received
+            self._live[upload_id] = live
             return received
 
     async def complete(self, who: Who, upload_id: str, sha256: str) -> dict:
@@ -315,8 +345,8 @@ class Attachments:
                     received_bytes=row.received_bytes,
                 )
             live = self._live.get(upload_id)
-            if live is not None and live[1] is not None and live[1].size == row.size_bytes:
-                scan = live[1].result()
+            if live is not None and live.scanner is not None and live.scanner.size == row.size_bytes:
+                scan = live.scanner.result()
             else:
                 scan = await self._io(self.blobs.scan, upload_id)
             if scan.sha256 != sha256:

@@ -237,6 +237,7 @@ class Core:
         """Backlog after the cursor, then live. Customers never get private events; an agent's
         stream ends with their session, when they leave, or when the invite that let them look ends."""
         customer = isinstance(who, CustomerPrincipal)
+        watching: QueuePositionView | None = None
         topics = [conv_topic(conversation_id)]
         if not customer:
             topics.append(feed_topic(who.session_id))  # carries the end of the session
@@ -258,6 +259,8 @@ class Core:
             yield Heartbeat(sent if customer else seen)  # caught up: live from here
             pos = await self.db.read(_position, conversation_id)
             if pos is not None:
+                watching = pos  # while it waits, this stream gets position updates
+                self.positions.watch(pos.queue_id, conversation_id)
                 yield pos
             while True:
                 item = await sub.get(self.limits.heartbeat_interval)
@@ -274,12 +277,17 @@ class Core:
                         continue
                     if watching_invite and _invite_over(item, watching_invite):
                         raise denied("NOT_A_PARTICIPANT", "The invite that let you see this conversation has ended.")
+                    if watching is not None and item.kind in ("participant_joined", "chat_ended", "chat_closed"):
+                        self.positions.unwatch(watching.queue_id, conversation_id)  # out of the queue now
+                        watching = None
                     sent = item.seq
                     yield item
                     if _final(item, who):
                         return
         finally:
             sub.close()
+            if watching is not None:
+                self.positions.unwatch(watching.queue_id, conversation_id)
 
     async def send_message(
         self,

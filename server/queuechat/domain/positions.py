@@ -38,37 +38,60 @@ def waiting_ids(s, queue_id: str) -> list[str]:
 def position_of(s, conv: Conversation) -> QueuePositionView:
     ids = waiting_ids(s, conv.queue_id)
     pos = ids.index(conv.id) + 1 if conv.id in ids else 0
-    return QueuePositionView(conv.id, pos, len(ids))
+    return QueuePositionView(conv.id, pos, len(ids), conv.queue_id)
 
 
 class QueuePositions:
-    def __init__(self, core: "Core"):
+    """Pushes positions to the waiting customers who watch them.
+
+    A queue with nobody watching costs nothing; one with watchers is re-read at
+    most every `interval` seconds however fast chats leave it (positions are for
+    people: a fifth of a second is soon enough, and a long queue is one read)."""
+
+    def __init__(self, core: "Core", interval: float = 0.2):
         self._core = core
+        self._interval = interval
         self._dirty: set[str] = set()
         self._task: asyncio.Task | None = None
-        self._last: dict[str, dict[str, int]] = {}  # queue -> conversation -> position
+        self._watchers: dict[str, set[str]] = {}  # queue -> waiting conversations with an open stream
+        self._last: dict[str, dict[str, int]] = {}  # queue -> conversation -> position last sent
+
+    def watch(self, queue_id: str, conversation_id: str) -> None:
+        self._watchers.setdefault(queue_id, set()).add(conversation_id)
+
+    def unwatch(self, queue_id: str, conversation_id: str) -> None:
+        watchers = self._watchers.get(queue_id)
+        if watchers is not None:
+            watchers.discard(conversation_id)
+            if not watchers:
+                del self._watchers[queue_id]
+                self._last.pop(queue_id, None)
 
     def mark(self, queue_id: str) -> None:
+        if queue_id not in self._watchers:
+            return
         self._dirty.add(queue_id)
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
-        await asyncio.sleep(0)  # let commits of this loop turn pile up
         while self._dirty:
-            queue_id = self._dirty.pop()
-            try:
-                ids = await self._core.db.read(waiting_ids, queue_id)
-            except Exception:  # pragma: no cover - a failed read must not kill future updates
-                log.exception("queue position refresh failed")
-                continue
-            last = self._last.get(queue_id, {})
-            now = {cid: i + 1 for i, cid in enumerate(ids)}
-            bus = self._core.bus
-            for cid, pos in now.items():
-                if last.get(cid) != pos and bus.subscriber_count(conv_topic(cid)):
-                    bus.publish(conv_topic(cid), QueuePositionView(cid, pos, len(ids)))
-            self._last[queue_id] = now
+            await asyncio.sleep(self._interval)  # let departures pile up
+            dirty, self._dirty = self._dirty, set()
+            for queue_id in dirty:
+                watchers = self._watchers.get(queue_id)
+                if not watchers:
+                    continue
+                try:
+                    ids = await self._core.db.read(waiting_ids, queue_id)
+                except Exception:  # pragma: no cover - a failed read must not stop later updates
+                    log.exception("queue position refresh failed")
+                    continue
+                last = self._last.setdefault(queue_id, {})
+                for i, cid in enumerate(ids):
+                    if cid in watchers and last.get(cid) != i + 1:
+                        last[cid] = i + 1
+                        self._core.bus.publish(conv_topic(cid), QueuePositionView(cid, i + 1, len(ids)))
 
     async def stop(self) -> None:
         if self._task is not None:

@@ -39,6 +39,7 @@ class QueuePositionView:
     conversation_id: str
     position: int
     waiting_count: int
+    queue_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -80,6 +80,12 @@ class BlobStore:
             f.write(data)
             f.truncate()
 
+    def part_size(self, upload_id: str) -> int:
+        try:
+            return self.part_path(upload_id).stat().st_size
+        except FileNotFoundError:
+            return 0
+
     def scan(self, upload_id: str) -> Scan:
         """Hash and check the whole part file in one streaming pass (after a restart lost the running scan)."""
         scanner = Scanner()
