@@ -245,6 +245,7 @@ class _Live:
     stored: int  # what the database has
     scanner: Scanner | None
     received: int = -1
+    hashing: "asyncio.Future | None" = None
 
     def __post_init__(self) -> None:
         if self.received < 0:
@@ -317,7 +318,12 @@ class Attachments:
                     "OFFSET_MISMATCH", f"Send the chunk at offset {live.received}.", expected_offset=live.received
                 )
             self._live.pop(upload_id, None)  # until this chunk is on disk
-            await self._io(self.blobs.write_and_scan, upload_id, offset, data, live.scanner)
+            if live.hashing is not None:
+                await live.hashing  # the previous chunk's: at most one in flight, in order
+            await self._io(self.blobs.write_chunk, upload_id, offset, data)
+            if live.scanner is not None:
+                # Hashed while the next chunk travels (hashlib runs without the GIL).
+                live.hashing = asyncio.ensure_future(self._io(live.scanner.update, data))
             received = offset + len(data)
             # The stored count is a lower bound written every few MiB: resuming from it is always
             # safe (a chunk write cuts what lies beyond), and most chunks skip a database write.
@@ -345,6 +351,8 @@ class Attachments:
                     received_bytes=row.received_bytes,
                 )
             live = self._live.get(upload_id)
+            if live is not None and live.hashing is not None:
+                await asyncio.gather(live.hashing, return_exceptions=True)  # a failure falls back to a scan
             if live is not None and live.scanner is not None and live.scanner.size == row.size_bytes:
                 scan = live.scanner.result()
             else:

@@ -94,11 +94,6 @@ class BlobStore:
                 scanner.update(block)
         return scanner.result()
 
-    def write_and_scan(self, upload_id: str, offset: int, data: bytes, scanner: "Scanner | None") -> None:
-        self.write_chunk(upload_id, offset, data)
-        if scanner is not None:
-            scanner.update(data)
-
     def commit(self, upload_id: str, sha256: str) -> None:
         """Move a checked upload to its content address (a file already there is the same bytes)."""
         part = self.part_path(upload_id)
