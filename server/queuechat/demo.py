@@ -28,7 +28,13 @@ def print_demo_help(config: Config, listen: str, web_listen: str = "") -> None:
             f"Customer chat page: open {page} in a browser, pick a queue and start a chat.",
             "Or chat as a customer the hosting site signed in (the demo identity token: verified name and e-mail):",
             f"  {page}#identity_token={token}" if token else "  (none: the configuration has no identity secret)",
-            "Answer as an agent with the grpcurl calls below.",
+            "",
+        ]
+    if agent:
+        lines += [
+            "Answer as an agent in the terminal desktop (another terminal):",
+            f"  .venv/bin/queuechat-agent --server {addr} ui --username {agent.id} --profile {agent.profiles[0]}",
+            f"  (password: {agent.password}; the footer shows the keys), or with the grpcurl calls below.",
             "",
         ]
     lines += [
