@@ -34,6 +34,9 @@ TARGETS = {
 PROFILES = {
     "quick": dict(agents=20, chats=200, rate=40, interval=5.0, duration=8, sat_convs=20, sat_seconds=4,
                   counts=[100, 1000], repeat=1),
+    # For the test suite: every phase, seconds in all; its figures mean nothing.
+    "tiny": dict(agents=2, chats=6, rate=20, interval=0.5, duration=1, sat_convs=2, sat_seconds=1,
+                 counts=[5, 10], repeat=1),
     "full": dict(agents=100, chats=1000, rate=40, interval=5.0, duration=30, sat_convs=50, sat_seconds=15,
                  counts=[100, 1000, 5000], repeat=3),
 }
@@ -208,20 +211,23 @@ def plot(s: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="a run of under a minute")
-    args = ap.parse_args()
-    res = run("quick" if args.quick else "full")
+    ap.add_argument("--profile", choices=sorted(PROFILES), help=argparse.SUPPRESS)
+    ap.add_argument("--out", type=Path, default=OUT, help="where results go (default bench-results/)")
+    args = ap.parse_args(argv)
+    profile = args.profile or ("quick" if args.quick else "full")
+    res = run(profile)
     s = summary(res)
-    OUT.mkdir(exist_ok=True)
-    (OUT / "raw").mkdir(exist_ok=True)
-    (OUT / "raw" / f"{res['profile']}-{res['started']}.json").write_text(json.dumps(res, indent=2))
-    (OUT / "latest.json").write_text(json.dumps({**s, "profile": res["profile"], "started": res["started"]}, indent=2))
+    out = args.out
+    (out / "raw").mkdir(parents=True, exist_ok=True)
+    (out / "raw" / f"{res['profile']}-{res['started']}.json").write_text(json.dumps(res, indent=2))
+    (out / "latest.json").write_text(json.dumps({**s, "profile": res["profile"], "started": res["started"]}, indent=2))
     md = markdown(res, s)
-    if not args.quick:
-        (OUT / "latest.md").write_text(md)
-        plot(s, OUT / "latest.png")
+    if profile == "full":
+        (out / "latest.md").write_text(md)
+        plot(s, out / "latest.png")
     print(md)
     return 0
 
