@@ -143,7 +143,11 @@ async def test_offer_menu_answered_once(server):
     assert chosen.option_chosen.label == "Tech"
     got = await stream.wait_for(is_event("option_chosen"))
     assert (got.event.option_chosen.menu_id, got.event.option_chosen.option_id) == (menu.menu_id, "tech")
+    # A retry of the same answer (its response was lost) gets the same event back; another answer is refused.
+    again = await cust.choose(menu.menu_id, "tech")
+    assert again.seq == chosen.seq
     await expect_error(cust.choose(menu.menu_id, "bill"), grpc.StatusCode.FAILED_PRECONDITION, "OPTION_ALREADY_CHOSEN")
+    assert len(stream.events("option_chosen")) == 1
 
 
 async def test_offer_menu_validation(server):

@@ -302,6 +302,10 @@ def choose_option(
     if menu is None or menu.conversation_id != conversation_id:
         raise not_found("MENU_NOT_FOUND", f"No offer menu {menu_id!r} in this chat.", menu_id=menu_id)
     if menu.chosen_option_id is not None:
+        if menu.chosen_option_id == option_id:  # a retry: the same answer again
+            prior = _chosen_event(tx, conversation_id, menu_id)
+            if prior is not None:
+                return prior
         raise precondition(
             "OPTION_ALREADY_CHOSEN", "This menu has been answered already.", menu_id=menu_id, chosen=menu.chosen_option_id
         )
@@ -326,6 +330,13 @@ def choose_option(
         actor="customer",
         now=now,
     )
+
+
+def _chosen_event(tx: Tx, conversation_id: str, menu_id: str) -> EventView | None:
+    rows = tx.conn.execute(
+        select(Event.__table__).where(Event.conversation_id == conversation_id, Event.kind == "option_chosen")
+    )
+    return next((v for v in map(event_view, rows) if v.payload["menu_id"] == menu_id), None)
 
 
 def end_chat(tx: Tx, core: "Core", who: CustomerPrincipal, conversation_id: str) -> ConversationView:
