@@ -1013,3 +1013,18 @@ async def test_admin_service_refuses_agent_and_customer_tokens(server, credentia
     # The same calls with an admin token work.
     log = await export(server, cust.id)
     assert any(e.message.text == "secret: internal" for e in log.events if e.HasField("message"))
+
+
+async def test_identity_claims_that_are_not_variables_are_ignored(server):
+    """Real tokens carry namespaced and bulky claims: they are not stored as customer variables."""
+    token = identity_token(
+        {
+            "name": "Ada",
+            "https://example.com/roles": "admin",
+            "blob": "x" * 5000,
+            "email": "ada@example.com",
+        }
+    )
+    cust = await server.customer("sales", identity_token=token)
+    got = {v.name: (v.value, v.authenticated) for v in cust.conversation.variables}
+    assert got == {"name": ("Ada", True), "email": ("ada@example.com", True)}

@@ -362,6 +362,11 @@ class Core:
             if len(value) > self.limits.max_variable_chars:
                 raise invalid("VARIABLE_TOO_LONG", f"Variable {name!r} is longer than {self.limits.max_variable_chars}.")
         verified = verify_identity_token(identity_token, self.config.identity_secrets).variables if identity_token else {}
+        # Tokens often carry claims that are not customer variables (namespaced URIs, large blobs): keep the rest.
+        verified = {
+            k: v for k, v in verified.items() if _VAR_NAME.match(k) and len(v) <= self.limits.max_variable_chars
+        }
+        verified = dict(sorted(verified.items())[: self.limits.max_variables])
         conv = await self.db.write(conversations.start_chat, self, queue_id, request_id, variables, verified)
         return StartedChat(conv, customer_token(self.token_secret, conv.id))
 
