@@ -372,6 +372,14 @@ class Harness:
         self._clients.append(client)
         return client
 
+    async def chat(self, agent_id: str = "agent1", queue: str = "sales", variables: dict[str, str] | None = None):
+        """An agent who took a customer's chat; both streams open."""
+        agent = await self.agent(agent_id)
+        cust = await self.customer(queue, variables)
+        cust.open()
+        await agent.take(cust.id)
+        return agent, cust
+
     async def admin_token(self) -> str:
         resp = await self.admin_stub.Login(admin_pb.AdminServiceLoginRequest(username="admin", password="adminpw"))
         return resp.admin_token

@@ -17,14 +17,6 @@ PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
 LIMIT = 20 * MIB  # 20 MiB = 20,971,520 bytes
 
 
-async def chat(server, queue="sales"):
-    agent = await server.agent("agent1")
-    cust = await server.customer(queue, {"name": "Ada"})
-    cust.open()
-    await agent.take(cust.id)
-    return agent, cust
-
-
 def uploaders(agent, cust):
     return (
         Uploader(agent.stub, agent.md, cust.id, customer=False),
@@ -40,7 +32,7 @@ async def customer_send(cust, text="", ids=(), request_id=""):
 
 
 async def test_customer_sends_files_the_agent_downloads_them(server):
-    agent, cust = await chat(server)
+    agent, cust = await server.chat(variables={"name": "Ada"})
     a_up, c_up = uploaders(agent, cust)
     doc, pic = pdf(), png()
     att_pdf = await c_up.upload(doc, "invoice.pdf", "application/pdf")
@@ -73,7 +65,7 @@ async def test_customer_sends_files_the_agent_downloads_them(server):
 
 
 async def test_exactly_five_files_pass_a_sixth_is_refused(server):
-    agent, cust = await chat(server)
+    agent, cust = await server.chat(variables={"name": "Ada"})
     a_up, _ = uploaders(agent, cust)
     ids = [(await a_up.upload(f"note {i}\n".encode(), f"n{i}.txt")).attachment_id for i in range(5)]
     await expect_error(a_up.create("six.txt", 10), grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_UPLOADS")
@@ -87,7 +79,7 @@ async def test_exactly_five_files_pass_a_sixth_is_refused(server):
 
 
 async def test_twenty_mib_passes_one_byte_more_is_refused(server):
-    agent, cust = await chat(server)
+    agent, cust = await server.chat(variables={"name": "Ada"})
     a_up, _ = uploaders(agent, cust)
     err = await expect_error(a_up.create("big.txt", LIMIT + 1), INVALID, "FILE_TOO_LARGE")
     assert "20,971,520 bytes (20 MiB)" in err.details()
@@ -107,7 +99,7 @@ async def test_twenty_mib_passes_one_byte_more_is_refused(server):
 
 
 async def test_checksum_mismatch_is_refused(server):
-    agent, cust = await chat(server)
+    agent, cust = await server.chat(variables={"name": "Ada"})
     a_up, _ = uploaders(agent, cust)
     data = b"hello\n"
     up = await a_up.create("a.txt", len(data))
@@ -133,7 +125,7 @@ async def test_checksum_mismatch_is_refused(server):
     ],
 )
 async def test_types_are_judged_by_content(server, name, data, declared, reason):
-    agent, cust = await chat(server)
+    agent, cust = await server.chat(variables={"name": "Ada"})
     _, c_up = uploaders(agent, cust)
     up = await c_up.create(name, len(data), declared)
     await c_up.send_chunks(up.upload_id, data)
@@ -141,7 +133,7 @@ async def test_types_are_judged_by_content(server, name, data, declared, reason)
 
 
 async def test_text_kinds_and_declared_types(server):
-    agent, cust = await chat(server)
+    agent, cust = await server.chat(variables={"name": "Ada"})
     _, c_up = uploaders(agent, cust)
     csv = await c_up.upload("name;amount\nÅsa;12\n".encode(), "data.csv", "text/csv")
     assert csv.content_type == "text/csv"
@@ -151,7 +143,7 @@ async def test_text_kinds_and_declared_types(server):
 
 
 async def test_interrupted_upload_resumes_from_the_confirmed_offset(server):
-    agent, cust = await chat(server)
+    agent, cust = await server.chat(variables={"name": "Ada"})
     _, c_up = uploaders(agent, cust)
     data = os.urandom(2 * MIB + 123)
     data = b"\x89PNG\r\n\x1a\n" + png()[8:] + data  # a PNG with trailing bytes: still a PNG
@@ -174,7 +166,7 @@ async def test_interrupted_upload_resumes_from_the_confirmed_offset(server):
 
 
 async def test_a_message_with_an_unfinished_file_is_refused_whole(server):
-    agent, cust = await chat(server)
+    agent, cust = await server.chat(variables={"name": "Ada"})
     _, c_up = uploaders(agent, cust)
     done = await c_up.upload(b"ready\n", "ready.txt")
     half = await c_up.create("half.txt", 10)
@@ -191,7 +183,7 @@ async def test_a_message_with_an_unfinished_file_is_refused_whole(server):
 
 
 async def test_private_attachments_between_agents_never_reach_the_customer(server):
-    a1, cust = await chat(server)
+    a1, cust = await server.chat(variables={"name": "Ada"})
     a2 = await server.agent("agent2")
     await a1.invite(cust.id, agent_id="agent2")
     offer = await a2.wait_offer(cust.id, kind=agent_pb.OFFER_KIND_INVITE)
@@ -215,7 +207,7 @@ async def test_private_attachments_between_agents_never_reach_the_customer(serve
 
 
 async def test_a_customer_cannot_fetch_another_conversations_file(server):
-    agent, cust = await chat(server)
+    agent, cust = await server.chat(variables={"name": "Ada"})
     a_up, _ = uploaders(agent, cust)
     att = await a_up.upload(b"for Ada only\n", "ada.txt")
     await agent.send(cust.id, "file", attachment_ids=[att.attachment_id])
@@ -232,7 +224,7 @@ async def test_a_customer_cannot_fetch_another_conversations_file(server):
 
 
 async def test_storage_is_content_addressed_with_no_user_names(server):
-    agent, cust = await chat(server)
+    agent, cust = await server.chat(variables={"name": "Ada"})
     a_up, c_up = uploaders(agent, cust)
     data = b"same bytes\n"
     first = await c_up.upload(data, "../../etc/passwd\x00.txt")
@@ -245,7 +237,7 @@ async def test_storage_is_content_addressed_with_no_user_names(server):
 
 @pytest.mark.configure(limits={"upload_ttl": 0.2, "upload_sweep_interval": 0.05})
 async def test_abandoned_uploads_expire_and_their_bytes_are_removed(server):
-    agent, cust = await chat(server)
+    agent, cust = await server.chat(variables={"name": "Ada"})
     _, c_up = uploaders(agent, cust)
     up = await c_up.create("left.txt", 100)
     await c_up.chunk(up.upload_id, 0, b"x" * 50)
@@ -261,7 +253,7 @@ async def test_abandoned_uploads_expire_and_their_bytes_are_removed(server):
 
 
 async def test_an_upload_resumes_across_a_server_restart(server):
-    agent, cust = await chat(server)
+    agent, cust = await server.chat(variables={"name": "Ada"})
     data = ("line of text\n" * 200_000).encode()  # 2.6 MB
     c_up = Uploader(cust.stub, cust.md, cust.id, customer=True)
     up = await c_up.create("log.txt", len(data), "text/plain")
@@ -278,7 +270,7 @@ async def test_an_upload_resumes_across_a_server_restart(server):
 
 
 async def test_an_unsent_upload_can_be_deleted_and_frees_its_place(server):
-    agent, cust = await chat(server)
+    agent, cust = await server.chat(variables={"name": "Ada"})
     _, c_up = uploaders(agent, cust)
     refused = await c_up.create("x.exe", len(ELF))
     await c_up.send_chunks(refused.upload_id, ELF)

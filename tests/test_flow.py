@@ -119,10 +119,7 @@ async def test_predefined_messages(server):
 
 
 async def test_offer_menu_answered_once(server):
-    alice = await server.agent("agent1")
-    cust = await server.customer()
-    cust.open()
-    await alice.take(cust.id)
+    alice, cust = await server.chat()
     stream = alice.streams[cust.id]
 
     req = agent_pb.SendOfferMenuRequest(
@@ -174,10 +171,7 @@ async def test_offer_menu_validation(server):
 
 
 async def test_private_messages_reach_agents_only(server):
-    alice = await server.agent("agent1")
-    cust = await server.customer()
-    cust.open()
-    await alice.take(cust.id)
+    alice, cust = await server.chat()
     stream = alice.streams[cust.id]
 
     note = await alice.send(cust.id, "internal note: VIP", private=True)
@@ -217,10 +211,7 @@ async def test_private_messages_reach_agents_only(server):
 
 
 async def test_close_needs_confirmation_while_customer_connected(server):
-    alice = await server.agent("agent1")
-    cust = await server.customer()
-    cust.open()
-    await alice.take(cust.id)
+    alice, cust = await server.chat()
 
     await expect_error(alice.close(cust.id), grpc.StatusCode.FAILED_PRECONDITION, "CUSTOMER_STILL_CONNECTED")
     await expect_error(alice.leave(cust.id), grpc.StatusCode.FAILED_PRECONDITION, "LAST_AGENT_MUST_CLOSE")

@@ -8,20 +8,12 @@ from chat.v1 import resources_pb2 as rpb
 from harness import expect_error, is_event
 
 
-async def chat_with(server, agent_id="agent1"):
-    agent = await server.agent(agent_id)
-    cust = await server.customer("sales")
-    cust.open()
-    await agent.take(cust.id)
-    return agent, cust
-
-
 def invite_state(state):
     return is_event("invite_updated", lambda e: e.invite_updated.invite.state == state)
 
 
 async def test_named_invite_accepted_invitee_sees_history_and_inviter_leaves(server):
-    a1, cust = await chat_with(server)
+    a1, cust = await server.chat()
     a2 = await server.agent("agent2", ready=True)
     await cust.send("my order is late")
     await a1.send(cust.id, "note: order #42 stuck in customs", private=True)
@@ -62,7 +54,7 @@ async def test_named_invite_accepted_invitee_sees_history_and_inviter_leaves(ser
 
 
 async def test_one_pending_invite_at_a_time_then_more(server):
-    a1, cust = await chat_with(server)
+    a1, cust = await server.chat()
     a2 = await server.agent("agent2")
     a3 = await server.agent("agent3")
     first = await a1.invite(cust.id, agent_id="agent2", request_id="inv-1")
@@ -83,7 +75,7 @@ async def test_one_pending_invite_at_a_time_then_more(server):
 
 
 async def test_inviter_cancels_and_invitee_can_no_longer_accept(server):
-    a1, cust = await chat_with(server)
+    a1, cust = await server.chat()
     a2 = await server.agent("agent2")
     invite = await a1.invite(cust.id, agent_id="agent2")
     offer = await a2.wait_offer(cust.id, kind=agent_pb.OFFER_KIND_INVITE)
@@ -107,7 +99,7 @@ async def test_inviter_cancels_and_invitee_can_no_longer_accept(server):
 
 @pytest.mark.configure(settings={"offer_timeout": 0.4})
 async def test_unanswered_invite_times_out(server):
-    a1, cust = await chat_with(server)
+    a1, cust = await server.chat()
     a2 = await server.agent("agent2")
     await a1.invite(cust.id, agent_id="agent2")
     offer = await a2.wait_offer(cust.id, kind=agent_pb.OFFER_KIND_INVITE)
@@ -116,7 +108,7 @@ async def test_unanswered_invite_times_out(server):
 
 
 async def test_random_agent_from_a_queue(server):
-    a1, cust = await chat_with(server)
+    a1, cust = await server.chat()
     await expect_error(a1.invite(cust.id, queue_id="support"), grpc.StatusCode.FAILED_PRECONDITION, "NO_AGENT_AVAILABLE")
     await server.agent("agent2", "sales")  # not in the support queue
     await server.agent("agent3", "support", ready=False)  # not ready
@@ -129,7 +121,7 @@ async def test_random_agent_from_a_queue(server):
 
 
 async def test_invite_refusals(server):
-    a1, cust = await chat_with(server)
+    a1, cust = await server.chat()
     await expect_error(a1.invite(cust.id), grpc.StatusCode.INVALID_ARGUMENT, "INVITE_TARGET_REQUIRED")
     await expect_error(a1.invite(cust.id, agent_id="ghost"), grpc.StatusCode.NOT_FOUND, "AGENT_NOT_FOUND")
     await expect_error(a1.invite(cust.id, agent_id="agent1"), grpc.StatusCode.FAILED_PRECONDITION, "ALREADY_IN_CONVERSATION")
@@ -143,12 +135,12 @@ async def test_invitee_at_capacity_is_refused(server):
     a2 = await server.agent("agent2")
     other = await server.customer("sales")
     await a2.take(other.id)
-    a1, cust = await chat_with(server)
+    a1, cust = await server.chat()
     await expect_error(a1.invite(cust.id, agent_id="agent2"), grpc.StatusCode.FAILED_PRECONDITION, "AGENT_AT_CAPACITY")
 
 
 async def test_closing_withdraws_a_pending_invite(server):
-    a1, cust = await chat_with(server)
+    a1, cust = await server.chat()
     a2 = await server.agent("agent2")
     await a1.invite(cust.id, agent_id="agent2")
     offer = await a2.wait_offer(cust.id, kind=agent_pb.OFFER_KIND_INVITE)

@@ -11,10 +11,7 @@ def texts(stream):
 
 
 async def test_reconnect_with_last_seq_loses_and_repeats_nothing(server):
-    a1 = await server.agent("agent1")
-    cust = await server.customer()
-    cust.open()
-    await a1.take(cust.id)
+    a1, cust = await server.chat()
     stream = a1.streams[cust.id]
     for i in range(3):
         await cust.send(f"m{i}")

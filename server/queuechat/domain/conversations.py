@@ -13,7 +13,6 @@ from ..errors import denied, invalid, not_found, precondition
 from ..store import Tx
 from ..store.models import (
     Agent,
-    AgentSession,
     Conversation,
     CustomerVariable,
     Event,
@@ -467,8 +466,3 @@ def agent_conversations(s: Any, who: AgentPrincipal, include_closed: bool) -> li
     if not include_closed:
         q = q.where(Conversation.status != "closed")
     return [conversation_view(s, c) for c in s.exec(q).all()]
-
-
-def session_is_live(s: Any, session_id: str) -> bool:
-    sess = s.get(AgentSession, session_id)
-    return sess is not None and sess.ended_at is None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any, Iterable
 
 from sqlalchemy import func
@@ -160,6 +159,3 @@ def profile_queues(s: Session) -> dict[str, set[str]]:
         out.setdefault(profile_id, set()).add(queue_id)
     return out
 
-
-def menu_options(raw: str) -> list[dict[str, str]]:
-    return json.loads(raw)

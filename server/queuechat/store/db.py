@@ -151,14 +151,6 @@ class Database:
 
         return await loop.run_in_executor(self._readers, run)
 
-    def run_sync(self, fn: Callable[..., T], *args: Any) -> T:
-        """A write outside the event loop (start-up, tools); after-commit effects are dropped."""
-        with Session(self.engine, expire_on_commit=False) as session:
-            tx = Tx(session)
-            result = fn(tx, *args)
-            session.commit()
-            return result
-
     def close(self) -> None:
         self._jobs.put(None)
         self._writer.join()
