@@ -1,4 +1,9 @@
+import os
+
 import pytest
+
+# Every event a test server stores is parsed with its chat.v1 message at write time.
+os.environ["QUEUECHAT_CHECK_EVENTS"] = "1"
 
 from harness import Harness, base_config, configure
 

@@ -57,7 +57,7 @@ async def refuse(server, call, code, reason):
 
 async def writer_idle(server):
     """Writes run one at a time in order: once this one ran, those queued before it have too."""
-    await server.core.db.write(lambda tx: None)
+    await server.core.write(lambda tx: None)
 
 
 async def offers_for(server, conversation_id):

@@ -19,6 +19,7 @@ from sqlmodel import select
 
 from harness import base_config
 from pgutil import pg_schema, pg_url, schema_url  # noqa: F401  (pg_url: fixture)
+from queuechat.api.convert import check_payload
 from queuechat.config import parse_config
 from queuechat.domain import agents, conversations, routing
 from queuechat.domain.core import Core
@@ -48,7 +49,7 @@ def backend(request, tmp_path):
 
 @pytest.fixture
 async def core(backend):
-    c = Core(Database(backend), parse_config(base_config()))
+    c = Core(Database(backend), parse_config(base_config()), check_event=check_payload)
     await c.start()
     try:
         yield c
@@ -61,19 +62,19 @@ async def core(backend):
 
 
 async def new_chat(core: Core, queue: str = "sales", **variables: str) -> str:
-    view = await core.db.write(conversations.start_chat, core, queue, uuid.uuid4().hex, variables, {})
+    view = await core.write(conversations.start_chat, queue, uuid.uuid4().hex, variables, {})
     return view.id
 
 
 async def login(core: Core, agent_id: str = "agent1") -> str:
-    view = await core.db.write(agents.login, core, agent_id, "both", True, f"qa_{uuid.uuid4().hex}")
+    view = await core.write(agents.login, agent_id, "both", True, f"qa_{uuid.uuid4().hex}")
     return view.session_id
 
 
-def append_n(tx, core: Core, conversation_id: str, n: int, tag: str) -> list[int]:
+def append_n(tx, conversation_id: str, n: int, tag: str) -> list[int]:
     conv = tx.session.get(Conversation, conversation_id)
     return [
-        append_event(tx, core, conv, "message", {"text": f"{tag}-{i}"}, actor="customer").seq for i in range(n)
+        append_event(tx, conv, "message", {"text": f"{tag}-{i}"}, actor="customer").seq for i in range(n)
     ]
 
 
@@ -85,10 +86,10 @@ def count(s, model, *where) -> int:
     return s.exec(select(func.count()).select_from(model).where(*where)).one()
 
 
-def make_chat_offer(tx, core: Core, conversation_id: str, session_id: str) -> str:
+def make_chat_offer(tx, conversation_id: str, session_id: str) -> str:
     conv = tx.session.get(Conversation, conversation_id)
     sess = tx.session.get(AgentSession, session_id)
-    return routing.make_offer(tx, core, conv, sess.id, sess.agent_id, datetime.now(timezone.utc)).id
+    return routing.make_offer(tx, conv, sess.id, sess.agent_id, datetime.now(timezone.utc)).id
 
 
 def insert_offer(tx, conversation_id: str, session_id: str, *, kind: str = "chat", status: str = "pending") -> str:
@@ -169,7 +170,7 @@ async def test_seq_gap_free_and_increasing_across_many_appends(core):
 
     # Many concurrent writes, several appends each, interleaved over two conversations.
     results = await asyncio.gather(
-        *(core.db.write(append_n, core, cid, 1 + i % 4, f"w{i}") for i in range(60) for cid in (a, b))
+        *(core.write(append_n, cid, 1 + i % 4, f"w{i}") for i in range(60) for cid in (a, b))
     )
     per_write = [r for r in results if r]
     for r in per_write:  # each transaction's own appends are consecutive
@@ -191,15 +192,15 @@ async def test_two_servers_on_one_postgresql_store_get_distinct_seqs(pg_url):  #
         cid = await new_chat(a)
         both_read = threading.Barrier(2, timeout=WAIT)
 
-        def append_after_both_read(tx, core):
+        def append_after_both_read(tx):
             conv = tx.session.get(Conversation, cid)
             try:
                 both_read.wait()  # both transactions have seen last_seq == 2
             except threading.BrokenBarrierError:
                 pass  # a fix that makes the other wait for this one: go on alone
-            return append_event(tx, core, conv, "message", {"text": "x"}, actor="customer").seq
+            return append_event(tx, conv, "message", {"text": "x"}, actor="customer").seq
 
-        got = await asyncio.gather(a.db.write(append_after_both_read, a), b.db.write(append_after_both_read, b))
+        got = await asyncio.gather(a.write(append_after_both_read), b.write(append_after_both_read))
         assert sorted(got) == [3, 4]
         assert await a.db.read(seqs, cid) == [1, 2, 3, 4]
     finally:
@@ -215,13 +216,13 @@ async def test_one_pending_chat_offer_per_conversation(core):
     cid, other = await new_chat(core), await new_chat(core)
     s1, s2 = await login(core, "agent1"), await login(core, "agent2")
 
-    first = await core.db.write(make_chat_offer, core, cid, s1)
+    first = await core.write(make_chat_offer, cid, s1)
     # The database, not only the dispatcher, refuses a second pending chat offer.
     with pytest.raises(IntegrityError) as err:
-        await core.db.write(make_chat_offer, core, cid, s2)
+        await core.write(make_chat_offer, cid, s2)
     assert _violates(err.value, "ux_offer_one_pending_chat", "offer.conversation_id")
     with pytest.raises(IntegrityError) as err:
-        await core.db.write(insert_offer, cid, s2)
+        await core.write(insert_offer, cid, s2)
     assert _violates(err.value, "ux_offer_one_pending_chat", "offer.conversation_id")
     # The failed writes left nothing behind (the feed entry of the refused offer included).
     assert await core.db.read(lambda s: [o.id for o in s.exec(select(Offer).where(Offer.conversation_id == cid))]) == [
@@ -230,11 +231,11 @@ async def test_one_pending_chat_offer_per_conversation(core):
     assert await core.db.read(lambda s: s.get(AgentSession, s2).feed_seq) == 0
 
     # Non-pending chat offers and pending invite offers are not limited.
-    await core.db.write(partial(insert_offer, status="rejected"), cid, s2)
-    await core.db.write(partial(insert_offer, status="timed_out"), cid, s2)
-    await core.db.write(partial(insert_offer, kind="invite"), cid, s2)
+    await core.write(partial(insert_offer, status="rejected"), cid, s2)
+    await core.write(partial(insert_offer, status="timed_out"), cid, s2)
+    await core.write(partial(insert_offer, kind="invite"), cid, s2)
     # Another conversation has its own slot.
-    await core.db.write(insert_offer, other, s2)
+    await core.write(insert_offer, other, s2)
 
     # Once the pending one is resolved, a new pending chat offer is allowed.
     def resolve(tx):
@@ -243,8 +244,8 @@ async def test_one_pending_chat_offer_per_conversation(core):
         o.resolved_at = datetime.now(timezone.utc)
         tx.session.add(o)
 
-    await core.db.write(resolve)
-    await core.db.write(make_chat_offer, core, cid, s2)
+    await core.write(resolve)
+    await core.write(make_chat_offer, cid, s2)
     pending = await core.db.read(
         lambda s: count(s, Offer, Offer.conversation_id == cid, Offer.kind == "chat", Offer.status == "pending")
     )
@@ -256,21 +257,21 @@ async def test_request_id_unique_per_conversation_and_actor(core):
 
     def append(tx, conversation_id, actor, request_id):
         conv = tx.session.get(Conversation, conversation_id)
-        return append_event(tx, core, conv, "message", {"text": "x"}, actor=actor, request_id=request_id).seq
+        return append_event(tx, conv, "message", {"text": "x"}, actor=actor, request_id=request_id).seq
 
-    await core.db.write(append, cid, "customer", "req-1")
+    await core.write(append, cid, "customer", "req-1")
     with pytest.raises(IntegrityError) as err:
-        await core.db.write(append, cid, "customer", "req-1")
+        await core.write(append, cid, "customer", "req-1")
     assert _violates(
         err.value,
         "conversation_event_conversation_id_actor_request_id_key",
         "conversation_event.conversation_id, conversation_event.actor, conversation_event.request_id",
     )
     # Scoped by actor and by conversation; absent request ids never collide.
-    await core.db.write(append, cid, "agent:agent1", "req-1")
-    await core.db.write(append, other, "customer", "req-1")
-    await core.db.write(append, cid, "customer", None)
-    await core.db.write(append, cid, "customer", None)
+    await core.write(append, cid, "agent:agent1", "req-1")
+    await core.write(append, other, "customer", "req-1")
+    await core.write(append, cid, "customer", None)
+    await core.write(append, cid, "customer", None)
     # The refused append used no seq: the log stays gap-free.
     assert await core.db.read(seqs, cid) == [1, 2, 3, 4, 5, 6]
 
@@ -290,7 +291,7 @@ async def test_aware_utc_datetimes_round_trip(core, backend):
         conv.created_at, conv.enqueued_at, conv.closed_at = created, enqueued, closed
         tx.session.add(conv)
 
-    await core.db.write(set_times)
+    await core.write(set_times)
 
     def check(conv):
         for got, want in ((conv.created_at, created), (conv.enqueued_at, enqueued), (conv.closed_at, closed)):
@@ -327,7 +328,7 @@ async def test_aware_utc_datetimes_round_trip(core, backend):
         tx.session.add(conv)
 
     with pytest.raises((StatementError, ValueError)):
-        await core.db.write(naive)
+        await core.write(naive)
     check(await core.db.read(lambda s: s.get(Conversation, cid)))
 
 
@@ -343,16 +344,16 @@ async def test_failed_write_rolls_back_everything(core):
         pass
 
     def fails(tx):
-        append_n(tx, core, cid, 3, "lost")
+        append_n(tx, cid, 3, "lost")
         conv = tx.session.get(Conversation, cid)
         conv.customer_name = "Changed"
         tx.session.add(CustomerVariable(conversation_id=cid, name="extra", value="v"))
-        conversations.start_chat(tx, core, "support", "lost-chat", {}, {})
+        conversations.start_chat(tx, "support", "lost-chat", {}, {})
         tx.session.flush()  # the rows really reached the database before the failure
         raise Boom()
 
     with pytest.raises(Boom):
-        await core.db.write(fails)
+        await core.write(fails)
 
     def state(s):
         conv = s.get(Conversation, cid)
@@ -369,7 +370,7 @@ async def test_failed_write_rolls_back_everything(core):
 
     # No after-commit effect ran for it: the next thing published is the next successful append,
     # with the seq the failed write had taken.
-    [seq] = await core.db.write(append_n, core, cid, 1, "kept")
+    [seq] = await core.write(append_n, cid, 1, "kept")
     assert seq == before[0] + 1
     item = await sub.get(WAIT)
     while isinstance(item, QueuePositionView):  # queue positions share the topic
@@ -381,7 +382,7 @@ async def test_failed_write_rolls_back_everything(core):
 async def test_read_sees_committed_write_at_once(core):
     cid = await new_chat(core)
     for i in range(40):
-        [seq] = await core.db.write(append_n, core, cid, 1, f"r{i}")
+        [seq] = await core.write(append_n, cid, 1, f"r{i}")
         # Every reader thread sees it, right after write() returned.
         got = await asyncio.gather(
             core.db.read(lambda s: s.get(Conversation, cid).last_seq),

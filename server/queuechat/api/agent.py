@@ -9,75 +9,75 @@ from chat.v1 import agent_service_pb2_grpc
 from chat.v1 import resources_pb2 as rpb
 
 from ..domain.core import Core
-from ..domain.views import EventView, FeedEventView, Heartbeat
+from ..domain.views import AgentPrincipal, EventView, FeedEventView, Heartbeat
 from ..errors import invalid
 from . import convert, files
-from .errors import bearer, rpc
+from .errors import authenticated, bearer, rpc
+
+
+async def _agent(service: AgentService, request: object, context: grpc.aio.ServicerContext) -> AgentPrincipal:
+    return await service.core.authenticate_agent(bearer(context))
+
+
+agent_call = authenticated(_agent)
 
 
 class AgentService(agent_service_pb2_grpc.AgentServiceServicer):
     def __init__(self, core: Core):
         self.core = core
 
-    async def _who(self, context: grpc.aio.ServicerContext):
-        return await self.core.authenticate_agent(bearer(context))
-
     @rpc
     async def Login(self, request: pb.LoginRequest, context) -> pb.LoginResponse:
         view = await self.core.login(request.username, request.password, request.profile_id, request.ready)
         return convert.session(view)
 
-    @rpc
-    async def Logout(self, request, context) -> pb.LogoutResponse:
-        await self.core.logout(await self._who(context))
+    @agent_call
+    async def Logout(self, request, context, who: AgentPrincipal) -> pb.LogoutResponse:
+        await self.core.logout(who)
         return pb.LogoutResponse()
 
-    @rpc
-    async def SetAgentState(self, request: pb.SetAgentStateRequest, context) -> pb.SetAgentStateResponse:
-        who = await self._who(context)
+    @agent_call
+    async def SetAgentState(self, request: pb.SetAgentStateRequest, context, who: AgentPrincipal) -> pb.SetAgentStateResponse:
         if request.state == pb.AGENT_STATE_UNSPECIFIED:
             raise invalid("STATE_REQUIRED", "state must be AGENT_STATE_READY or AGENT_STATE_NOT_READY.")
         ready = await self.core.set_ready(who, request.state == pb.AGENT_STATE_READY)
         return pb.SetAgentStateResponse(state=pb.AGENT_STATE_READY if ready else pb.AGENT_STATE_NOT_READY)
 
-    @rpc
-    async def StreamOffers(self, request: pb.StreamOffersRequest, context):
-        who = await self._who(context)
+    @agent_call
+    async def StreamOffers(self, request: pb.StreamOffersRequest, context, who: AgentPrincipal):
         async for item in self.core.offer_feed(who, request.after_seq):
             if isinstance(item, FeedEventView):
                 yield pb.StreamOffersResponse(event=convert.offer_event(item))
             elif isinstance(item, Heartbeat):
                 yield pb.StreamOffersResponse(heartbeat=convert.heartbeat(item))
 
-    @rpc
-    async def AcceptOffer(self, request: pb.AcceptOfferRequest, context) -> pb.AcceptOfferResponse:
-        view = await self.core.accept_offer(await self._who(context), request.offer_id)
+    @agent_call
+    async def AcceptOffer(self, request: pb.AcceptOfferRequest, context, who: AgentPrincipal) -> pb.AcceptOfferResponse:
+        view = await self.core.accept_offer(who, request.offer_id)
         return pb.AcceptOfferResponse(conversation=convert.conversation(view))
 
-    @rpc
-    async def RejectOffer(self, request: pb.RejectOfferRequest, context) -> pb.RejectOfferResponse:
-        await self.core.reject_offer(await self._who(context), request.offer_id)
+    @agent_call
+    async def RejectOffer(self, request: pb.RejectOfferRequest, context, who: AgentPrincipal) -> pb.RejectOfferResponse:
+        await self.core.reject_offer(who, request.offer_id)
         return pb.RejectOfferResponse()
 
-    @rpc
-    async def ListConversations(self, request: pb.ListConversationsRequest, context):
-        views = await self.core.list_conversations(await self._who(context), request.include_closed)
+    @agent_call
+    async def ListConversations(self, request: pb.ListConversationsRequest, context, who: AgentPrincipal):
+        views = await self.core.list_conversations(who, request.include_closed)
         return pb.ListConversationsResponse(conversations=[convert.conversation(v) for v in views])
 
-    @rpc
-    async def GetConversation(self, request: pb.GetConversationRequest, context):
-        view = await self.core.get_conversation(await self._who(context), request.conversation_id)
+    @agent_call
+    async def GetConversation(self, request: pb.GetConversationRequest, context, who: AgentPrincipal):
+        view = await self.core.get_conversation(who, request.conversation_id)
         return pb.GetConversationResponse(conversation=convert.conversation(view))
 
-    @rpc
-    async def StreamConversation(self, request: pb.StreamConversationRequest, context):
-        who = await self._who(context)
+    @agent_call
+    async def StreamConversation(self, request: pb.StreamConversationRequest, context, who: AgentPrincipal):
         async for item in self.core.conversation_stream(who, request.conversation_id, request.after_seq):
             yield stream_item(pb.StreamConversationResponse, item)
 
-    @rpc
-    async def SendMessage(self, request: pb.SendMessageRequest, context) -> pb.SendMessageResponse:
-        who = await self._who(context)
+    @agent_call
+    async def SendMessage(self, request: pb.SendMessageRequest, context, who: AgentPrincipal) -> pb.SendMessageResponse:
         ev = await self.core.send_message(
             who,
             request.conversation_id,
@@ -89,9 +89,9 @@ class AgentService(agent_service_pb2_grpc.AgentServiceServicer):
         )
         return pb.SendMessageResponse(event=convert.event(ev))
 
-    @rpc
-    async def ListPredefinedMessages(self, request: pb.ListPredefinedMessagesRequest, context):
-        rows = await self.core.list_predefined(await self._who(context), request.conversation_id)
+    @agent_call
+    async def ListPredefinedMessages(self, request: pb.ListPredefinedMessagesRequest, context, who: AgentPrincipal):
+        rows = await self.core.list_predefined(who, request.conversation_id)
         return pb.ListPredefinedMessagesResponse(
             predefined_messages=[
                 rpb.PredefinedMessage(
@@ -101,59 +101,56 @@ class AgentService(agent_service_pb2_grpc.AgentServiceServicer):
             ]
         )
 
-    @rpc
-    async def SendOfferMenu(self, request: pb.SendOfferMenuRequest, context) -> pb.SendOfferMenuResponse:
-        who = await self._who(context)
+    @agent_call
+    async def SendOfferMenu(self, request: pb.SendOfferMenuRequest, context, who: AgentPrincipal) -> pb.SendOfferMenuResponse:
         options = [(o.option_id, o.label) for o in request.options]
         ev = await self.core.send_offer_menu(who, request.conversation_id, request.request_id, request.prompt, options)
         return pb.SendOfferMenuResponse(event=convert.event(ev))
 
-    @rpc
-    async def InviteAgent(self, request: pb.InviteAgentRequest, context) -> pb.InviteAgentResponse:
-        who = await self._who(context)
+    @agent_call
+    async def InviteAgent(self, request: pb.InviteAgentRequest, context, who: AgentPrincipal) -> pb.InviteAgentResponse:
         inv = await self.core.invite_agent(
             who, request.conversation_id, request.request_id, request.agent_id, request.queue_id
         )
         return pb.InviteAgentResponse(invite=convert.invite(inv))
 
-    @rpc
-    async def CancelInvite(self, request: pb.CancelInviteRequest, context) -> pb.CancelInviteResponse:
-        inv = await self.core.cancel_invite(await self._who(context), request.invite_id)
+    @agent_call
+    async def CancelInvite(self, request: pb.CancelInviteRequest, context, who: AgentPrincipal) -> pb.CancelInviteResponse:
+        inv = await self.core.cancel_invite(who, request.invite_id)
         return pb.CancelInviteResponse(invite=convert.invite(inv))
 
-    @rpc
-    async def LeaveConversation(self, request: pb.LeaveConversationRequest, context):
-        await self.core.leave(await self._who(context), request.conversation_id)
+    @agent_call
+    async def LeaveConversation(self, request: pb.LeaveConversationRequest, context, who: AgentPrincipal):
+        await self.core.leave(who, request.conversation_id)
         return pb.LeaveConversationResponse()
 
-    @rpc
-    async def CloseConversation(self, request: pb.CloseConversationRequest, context):
-        view = await self.core.close(await self._who(context), request.conversation_id, request.confirm)
+    @agent_call
+    async def CloseConversation(self, request: pb.CloseConversationRequest, context, who: AgentPrincipal):
+        view = await self.core.close(who, request.conversation_id, request.confirm)
         return pb.CloseConversationResponse(conversation=convert.conversation(view))
 
-    @rpc
-    async def CreateUpload(self, request: pb.CreateUploadRequest, context) -> pb.CreateUploadResponse:
-        return await files.create_upload(self.core, await self._who(context), request, pb.CreateUploadResponse)
+    @agent_call
+    async def CreateUpload(self, request: pb.CreateUploadRequest, context, who: AgentPrincipal) -> pb.CreateUploadResponse:
+        return await files.create_upload(self.core, who, request, pb.CreateUploadResponse)
 
-    @rpc
-    async def UploadChunk(self, request: pb.UploadChunkRequest, context) -> pb.UploadChunkResponse:
-        return await files.upload_chunk(self.core, await self._who(context), request, pb.UploadChunkResponse)
+    @agent_call
+    async def UploadChunk(self, request: pb.UploadChunkRequest, context, who: AgentPrincipal) -> pb.UploadChunkResponse:
+        return await files.upload_chunk(self.core, who, request, pb.UploadChunkResponse)
 
-    @rpc
-    async def GetUpload(self, request: pb.GetUploadRequest, context) -> pb.GetUploadResponse:
-        return await files.get_upload(self.core, await self._who(context), request, pb.GetUploadResponse)
+    @agent_call
+    async def GetUpload(self, request: pb.GetUploadRequest, context, who: AgentPrincipal) -> pb.GetUploadResponse:
+        return await files.get_upload(self.core, who, request, pb.GetUploadResponse)
 
-    @rpc
-    async def CompleteUpload(self, request: pb.CompleteUploadRequest, context) -> pb.CompleteUploadResponse:
-        return await files.complete_upload(self.core, await self._who(context), request, pb.CompleteUploadResponse)
+    @agent_call
+    async def CompleteUpload(self, request: pb.CompleteUploadRequest, context, who: AgentPrincipal) -> pb.CompleteUploadResponse:
+        return await files.complete_upload(self.core, who, request, pb.CompleteUploadResponse)
 
-    @rpc
-    async def DeleteUpload(self, request: pb.DeleteUploadRequest, context) -> pb.DeleteUploadResponse:
-        return await files.delete_upload(self.core, await self._who(context), request, pb.DeleteUploadResponse)
+    @agent_call
+    async def DeleteUpload(self, request: pb.DeleteUploadRequest, context, who: AgentPrincipal) -> pb.DeleteUploadResponse:
+        return await files.delete_upload(self.core, who, request, pb.DeleteUploadResponse)
 
-    @rpc
-    async def DownloadAttachment(self, request: pb.DownloadAttachmentRequest, context):
-        who = await self._who(context)
+    @agent_call
+    async def DownloadAttachment(self, request: pb.DownloadAttachmentRequest, context, who: AgentPrincipal):
         async for item in files.download(self.core, who, request, pb.DownloadAttachmentResponse):
             yield item
 

@@ -81,6 +81,19 @@ def _event(v: EventView) -> pb.ConversationEvent:
     return msg
 
 
+def check_payload(stream: str, kind: str, payload: dict) -> None:
+    """Parse a payload with the chat.v1 message it claims to be; raises ValueError if it is not one.
+    Installed as Core.check_event in tests (QUEUECHAT_CHECK_EVENTS=1), so a wrong key fails the
+    write that stored it rather than a stream later."""
+    envelope = pb.ConversationEvent() if stream == "event" else agent_pb.OfferEvent()
+    if envelope.DESCRIPTOR.fields_by_name.get(kind) is None:
+        raise ValueError(f"{type(envelope).__name__} has no kind {kind!r}")
+    try:
+        json_format.ParseDict(payload, getattr(envelope, kind))
+    except json_format.ParseError as e:
+        raise ValueError(f"{stream} {kind}: {e}") from None
+
+
 def offer_event(v: FeedEventView) -> agent_pb.OfferEvent:
     msg = agent_pb.OfferEvent(seq=v.seq, create_time=timestamp(v.created_at))
     body = getattr(msg, v.kind)

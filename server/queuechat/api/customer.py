@@ -2,22 +2,32 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import grpc
+
 from chat.v1 import customer_service_pb2 as pb
 from chat.v1 import customer_service_pb2_grpc
 from chat.v1 import resources_pb2 as rpb
 
 from ..domain.core import Core
+from ..domain.views import CustomerPrincipal
 from . import convert, files
 from .agent import stream_item
-from .errors import bearer, rpc
+from .errors import authenticated, bearer, rpc
+
+
+async def _customer(service: CustomerService, request: Any, context: grpc.aio.ServicerContext) -> CustomerPrincipal:
+    """Customer tokens name their conversation: the call's conversation_id must be that one."""
+    return service.core.authenticate_customer(bearer(context), request.conversation_id)
+
+
+customer_call = authenticated(_customer)
 
 
 class CustomerService(customer_service_pb2_grpc.CustomerServiceServicer):
     def __init__(self, core: Core):
         self.core = core
-
-    def _who(self, context, conversation_id: str):
-        return self.core.authenticate_customer(bearer(context), conversation_id)
 
     @rpc
     async def ListQueues(self, request, context) -> pb.ListQueuesResponse:
@@ -33,72 +43,61 @@ class CustomerService(customer_service_pb2_grpc.CustomerServiceServicer):
             conversation=convert.conversation(started.conversation), customer_token=started.customer_token
         )
 
-    @rpc
-    async def GetConversation(self, request, context):
-        view = await self.core.get_conversation(self._who(context, request.conversation_id), request.conversation_id)
+    @customer_call
+    async def GetConversation(self, request, context, who: CustomerPrincipal):
+        view = await self.core.get_conversation(who, request.conversation_id)
         return pb.CustomerServiceGetConversationResponse(conversation=convert.conversation(view))
 
-    @rpc
-    async def StreamConversation(self, request, context):
-        who = self._who(context, request.conversation_id)
+    @customer_call
+    async def StreamConversation(self, request, context, who: CustomerPrincipal):
         async for item in self.core.conversation_stream(who, request.conversation_id, request.after_seq):
             yield stream_item(pb.CustomerServiceStreamConversationResponse, item)
 
-    @rpc
-    async def SendMessage(self, request, context):
-        who = self._who(context, request.conversation_id)
+    @customer_call
+    async def SendMessage(self, request, context, who: CustomerPrincipal):
         ev = await self.core.send_message(
             who, request.conversation_id, request.request_id, request.text, attachment_ids=list(request.attachment_ids)
         )
         return pb.CustomerServiceSendMessageResponse(event=convert.event(ev))
 
-    @rpc
-    async def ChooseOption(self, request: pb.ChooseOptionRequest, context) -> pb.ChooseOptionResponse:
-        who = self._who(context, request.conversation_id)
+    @customer_call
+    async def ChooseOption(self, request: pb.ChooseOptionRequest, context, who: CustomerPrincipal) -> pb.ChooseOptionResponse:
         ev = await self.core.choose_option(who, request.conversation_id, request.menu_id, request.option_id)
         return pb.ChooseOptionResponse(event=convert.event(ev))
 
-    @rpc
-    async def EndChat(self, request: pb.EndChatRequest, context) -> pb.EndChatResponse:
-        who = self._who(context, request.conversation_id)
+    @customer_call
+    async def EndChat(self, request: pb.EndChatRequest, context, who: CustomerPrincipal) -> pb.EndChatResponse:
         view = await self.core.end_chat(who, request.conversation_id)
         return pb.EndChatResponse(conversation=convert.conversation(view))
 
-    @rpc
-    async def GetTranscript(self, request: pb.GetTranscriptRequest, context) -> pb.GetTranscriptResponse:
-        who = self._who(context, request.conversation_id)
+    @customer_call
+    async def GetTranscript(self, request: pb.GetTranscriptRequest, context, who: CustomerPrincipal) -> pb.GetTranscriptResponse:
         t = await self.core.transcript(who, request.conversation_id)
         return pb.GetTranscriptResponse(
             conversation=convert.conversation(t.conversation), events=[convert.event(e) for e in t.events]
         )
 
-    @rpc
-    async def CreateUpload(self, request, context):
-        who = self._who(context, request.conversation_id)
+    @customer_call
+    async def CreateUpload(self, request, context, who: CustomerPrincipal):
         return await files.create_upload(self.core, who, request, pb.CustomerServiceCreateUploadResponse)
 
-    @rpc
-    async def UploadChunk(self, request, context):
-        who = self._who(context, request.conversation_id)
+    @customer_call
+    async def UploadChunk(self, request, context, who: CustomerPrincipal):
         return await files.upload_chunk(self.core, who, request, pb.CustomerServiceUploadChunkResponse)
 
-    @rpc
-    async def GetUpload(self, request, context):
-        who = self._who(context, request.conversation_id)
+    @customer_call
+    async def GetUpload(self, request, context, who: CustomerPrincipal):
         return await files.get_upload(self.core, who, request, pb.CustomerServiceGetUploadResponse)
 
-    @rpc
-    async def CompleteUpload(self, request, context):
-        who = self._who(context, request.conversation_id)
+    @customer_call
+    async def CompleteUpload(self, request, context, who: CustomerPrincipal):
         return await files.complete_upload(self.core, who, request, pb.CustomerServiceCompleteUploadResponse)
 
-    @rpc
-    async def DeleteUpload(self, request, context):
-        who = self._who(context, request.conversation_id)
+    @customer_call
+    async def DeleteUpload(self, request, context, who: CustomerPrincipal):
         return await files.delete_upload(self.core, who, request, pb.CustomerServiceDeleteUploadResponse)
 
-    @rpc
-    async def DownloadAttachment(self, request, context):
-        who = self._who(context, request.conversation_id)
+    @customer_call
+    async def DownloadAttachment(self, request, context, who: CustomerPrincipal):
         async for item in files.download(self.core, who, request, pb.CustomerServiceDownloadAttachmentResponse):
             yield item

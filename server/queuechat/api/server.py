@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 
 import grpc
@@ -14,6 +15,7 @@ from chat.v1 import admin_service_pb2, admin_service_pb2_grpc, agent_service_pb2
 from chat.v1 import customer_service_pb2, customer_service_pb2_grpc
 
 from ..domain.core import Core
+from . import convert
 from .admin import AdminService
 from .agent import AgentService
 from .customer import CustomerService
@@ -40,6 +42,8 @@ _OPTIONS = [
 class ChatServer:
     def __init__(self, core: Core, address: str):
         self.core = core
+        if os.environ.get("QUEUECHAT_CHECK_EVENTS") == "1":
+            core.check_event = convert.check_payload  # every stored payload must parse as its message
         self.server = grpc.aio.server(options=_OPTIONS)
         agent_service_pb2_grpc.add_AgentServiceServicer_to_server(AgentService(core), self.server)
         customer_service_pb2_grpc.add_CustomerServiceServicer_to_server(CustomerService(core), self.server)

@@ -10,15 +10,13 @@ import re
 import secrets
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from sqlmodel import and_, delete, or_, select
+from sqlmodel import Session, and_, delete, or_, select
 
 from ..config import Config, Settings
 from ..errors import already_exists, invalid, not_found, precondition, unauthenticated
-from ..store import Tx
 from ..store.models import (
     Admin,
     AdminSession,
@@ -36,14 +34,12 @@ from ..store.models import (
     Queue,
     Setting,
 )
-from . import agents, routing
+from . import agents
 from .auth import Passwords, token_hash
-from .log import utcnow
 from .read import conversation_view, profile_queues
-from .views import AdminPrincipal, ConversationView
+from .tx import Tx
+from .views import AdminPrincipal, AgentAccountView, ConversationView, PredefinedView, ProfileView, QueueView
 
-if TYPE_CHECKING:
-    from .core import Core
 
 SETTING_KEYS = ("offer_timeout", "reject_cooldown", "stream_grace")
 
@@ -98,7 +94,7 @@ def load_settings(s) -> tuple[Settings, bytes]:
 
 
 def create_admin_session(tx: Tx, admin_id: str, token: str) -> None:
-    tx.session.add(AdminSession(token_hash=token_hash(token), admin_id=admin_id, created_at=utcnow()))
+    tx.session.add(AdminSession(token_hash=token_hash(token), admin_id=admin_id, created_at=tx.now))
 
 
 def find_admin(s, token: str) -> AdminPrincipal:
@@ -117,21 +113,6 @@ MAX_MAX_CHATS = 50
 MAX_SETTING_SECONDS = 86400.0
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
-
-
-@dataclass(frozen=True, slots=True)
-class ProfileRow:
-    id: str
-    display_name: str
-    queue_ids: tuple[str, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class AgentRow:
-    id: str
-    display_name: str
-    max_chats: int
-    profile_ids: tuple[str, ...]
 
 
 def check_id(value: str, field: str) -> str:
@@ -180,25 +161,33 @@ def _known(s, model: type, ids: Iterable[str], reason: str, field: str) -> list[
 # Queues
 
 
-def list_queues(s) -> list[Queue]:
-    return list(s.exec(select(Queue).order_by(Queue.id)).all())
+def queue_view(q: Queue) -> QueueView:
+    return QueueView(q.id, q.display_name)
 
 
-def create_queue(tx: Tx, core: "Core", queue_id: str, display_name: str) -> Queue:
+def predefined_view(m: PredefinedMessage) -> PredefinedView:
+    return PredefinedView(m.id, m.title, m.body, m.queue_id, m.profile_id)
+
+
+def list_queues(s: Session) -> list[QueueView]:
+    return [queue_view(q) for q in s.exec(select(Queue).order_by(Queue.id)).all()]
+
+
+def create_queue(tx: Tx, queue_id: str, display_name: str) -> QueueView:
     _absent(tx.session, Queue, queue_id, "QUEUE_EXISTS", "queue", "queue_id")
     q = Queue(id=queue_id, display_name=_text(display_name, "display_name"))
     tx.session.add(q)
-    return q
+    return queue_view(q)
 
 
-def update_queue(tx: Tx, core: "Core", queue_id: str, display_name: str) -> Queue:
+def update_queue(tx: Tx, queue_id: str, display_name: str) -> QueueView:
     q = _get(tx.session, Queue, queue_id, "QUEUE_NOT_FOUND", "queue", "queue_id")
     q.display_name = _text(display_name, "display_name")
     tx.session.add(q)
-    return q
+    return queue_view(q)
 
 
-def delete_queue(tx: Tx, core: "Core", queue_id: str) -> None:
+def delete_queue(tx: Tx, queue_id: str) -> None:
     s = tx.session
     q = _get(s, Queue, queue_id, "QUEUE_NOT_FOUND", "queue", "queue_id")
     # Conversations keep their queue for the record.
@@ -213,13 +202,13 @@ def delete_queue(tx: Tx, core: "Core", queue_id: str) -> None:
 # Profiles
 
 
-def list_profiles(s) -> list[ProfileRow]:
+def list_profiles(s) -> list[ProfileView]:
     pq = profile_queues(s)
     rows = s.exec(select(Profile).order_by(Profile.id)).all()
-    return [ProfileRow(p.id, p.display_name, tuple(sorted(pq.get(p.id, ())))) for p in rows]
+    return [ProfileView(p.id, p.display_name, tuple(sorted(pq.get(p.id, ())))) for p in rows]
 
 
-def _set_profile(tx: Tx, p: Profile, display_name: str, queue_ids: Iterable[str]) -> ProfileRow:
+def _set_profile(tx: Tx, p: Profile, display_name: str, queue_ids: Iterable[str]) -> ProfileView:
     s = tx.session
     p.display_name = _text(display_name, "display_name")
     queues = _known(s, Queue, queue_ids, "UNKNOWN_QUEUE", "queue_id")
@@ -229,22 +218,22 @@ def _set_profile(tx: Tx, p: Profile, display_name: str, queue_ids: Iterable[str]
     for qid in queues:
         s.add(ProfileQueue(profile_id=p.id, queue_id=qid))
     s.flush()
-    return ProfileRow(p.id, p.display_name, tuple(queues))
+    return ProfileView(p.id, p.display_name, tuple(queues))
 
 
-def create_profile(tx: Tx, core: "Core", profile_id: str, display_name: str, queue_ids: list[str]) -> ProfileRow:
+def create_profile(tx: Tx, profile_id: str, display_name: str, queue_ids: list[str]) -> ProfileView:
     _absent(tx.session, Profile, profile_id, "PROFILE_EXISTS", "profile", "profile_id")
     return _set_profile(tx, Profile(id=profile_id, display_name=""), display_name, queue_ids)
 
 
-def update_profile(tx: Tx, core: "Core", profile_id: str, display_name: str, queue_ids: list[str]) -> ProfileRow:
+def update_profile(tx: Tx, profile_id: str, display_name: str, queue_ids: list[str]) -> ProfileView:
     p = _get(tx.session, Profile, profile_id, "PROFILE_NOT_FOUND", "profile", "profile_id")
     row = _set_profile(tx, p, display_name, queue_ids)
-    routing.dispatch(tx, core)  # agents logged in with it may now serve more queues
+    tx.needs_dispatch()  # agents logged in with it may now serve more queues
     return row
 
 
-def delete_profile(tx: Tx, core: "Core", profile_id: str) -> None:
+def delete_profile(tx: Tx, profile_id: str) -> None:
     s = tx.session
     p = _get(s, Profile, profile_id, "PROFILE_NOT_FOUND", "profile", "profile_id")
     if _exists(
@@ -270,12 +259,12 @@ def _purge_ended_sessions(s, where) -> None:
 # Agents
 
 
-def _agent_row(s, a: Agent) -> AgentRow:
+def _agent_row(s, a: Agent) -> AgentAccountView:
     profiles = s.exec(select(AgentProfile.profile_id).where(AgentProfile.agent_id == a.id)).all()
-    return AgentRow(a.id, a.display_name, a.max_chats, tuple(sorted(profiles)))
+    return AgentAccountView(a.id, a.display_name, a.max_chats, tuple(sorted(profiles)))
 
 
-def list_agents(s) -> list[AgentRow]:
+def list_agents(s) -> list[AgentAccountView]:
     return [_agent_row(s, a) for a in s.exec(select(Agent).order_by(Agent.id)).all()]
 
 
@@ -287,7 +276,7 @@ def _max_chats(n: int) -> int:
 
 def _set_agent(
     tx: Tx, a: Agent, display_name: str, max_chats: int, profile_ids: Iterable[str], password_hash: str | None
-) -> AgentRow:
+) -> AgentAccountView:
     s = tx.session
     a.display_name = _text(display_name, "display_name")
     a.max_chats = _max_chats(max_chats)
@@ -300,12 +289,12 @@ def _set_agent(
     for pid in profiles:
         s.add(AgentProfile(agent_id=a.id, profile_id=pid))
     s.flush()
-    return AgentRow(a.id, a.display_name, a.max_chats, tuple(profiles))
+    return AgentAccountView(a.id, a.display_name, a.max_chats, tuple(profiles))
 
 
 def create_agent(
-    tx: Tx, core: "Core", agent_id: str, display_name: str, max_chats: int, profile_ids: list[str], password_hash: str
-) -> AgentRow:
+    tx: Tx, agent_id: str, display_name: str, max_chats: int, profile_ids: list[str], password_hash: str
+) -> AgentAccountView:
     """The caller hashes the password, off the writer thread: argon2 is slow."""
     _absent(tx.session, Agent, agent_id, "AGENT_EXISTS", "agent", "agent_id")
     if not password_hash:
@@ -317,25 +306,23 @@ def create_agent(
 
 def update_agent(
     tx: Tx,
-    core: "Core",
     agent_id: str,
     display_name: str,
     max_chats: int,
     profile_ids: list[str],
     password_hash: str | None,
-) -> AgentRow:
+) -> AgentAccountView:
     """A live session keeps its profile until logout, even if the agent loses it here;
     a new password ends the agent's sessions (whoever knew the old one is out)."""
     a = _get(tx.session, Agent, agent_id, "AGENT_NOT_FOUND", "agent", "agent_id")
     row = _set_agent(tx, a, display_name, max_chats, profile_ids, password_hash)
     if password_hash:
-        agents.end_sessions(tx, core, agent_id)
-    tx.session.flush()
-    routing.dispatch(tx, core)  # max_chats may have grown
+        agents.end_sessions(tx, agent_id)
+    tx.needs_dispatch()  # max_chats may have grown
     return row
 
 
-def delete_agent(tx: Tx, core: "Core", agent_id: str) -> None:
+def delete_agent(tx: Tx, agent_id: str) -> None:
     s = tx.session
     a = _get(s, Agent, agent_id, "AGENT_NOT_FOUND", "agent", "agent_id")
     # Conversation history (participants, invites) names the agent: keep the account.
@@ -357,44 +344,46 @@ def delete_agent(tx: Tx, core: "Core", agent_id: str) -> None:
 _PM = ("predefined message", "predefined_message_id")
 
 
-def list_predefined(s) -> list[PredefinedMessage]:
-    return list(s.exec(select(PredefinedMessage).order_by(PredefinedMessage.id)).all())
+def list_predefined(s: Session) -> list[PredefinedView]:
+    return [predefined_view(m) for m in s.exec(select(PredefinedMessage).order_by(PredefinedMessage.id)).all()]
 
 
-def _set_predefined(tx: Tx, core: "Core", m: PredefinedMessage, title: str, body: str, queue_id: str, profile_id: str):
+def _set_predefined(
+    tx: Tx, m: PredefinedMessage, title: str, body: str, queue_id: str, profile_id: str
+) -> PredefinedView:
     s = tx.session
     m.title = _text(title, "title")
     if not body.strip():
         raise invalid("BODY_REQUIRED", "body must not be empty.", field="body")
-    if len(body) > core.limits.max_message_chars:
-        raise invalid("BODY_TOO_LONG", f"body may have at most {core.limits.max_message_chars} characters.")
+    if len(body) > tx.limits.max_message_chars:
+        raise invalid("BODY_TOO_LONG", f"body may have at most {tx.limits.max_message_chars} characters.")
     if queue_id and profile_id:
         raise invalid("QUEUE_AND_PROFILE", "A predefined message is for one queue, one profile or everyone, not both.")
     m.body = body
     m.queue_id = _known(s, Queue, [queue_id], "UNKNOWN_QUEUE", "queue_id")[0] if queue_id else None
     m.profile_id = _known(s, Profile, [profile_id], "UNKNOWN_PROFILE", "profile_id")[0] if profile_id else None
     s.add(m)
-    return m
+    return predefined_view(m)
 
 
 def create_predefined(
-    tx: Tx, core: "Core", message_id: str, title: str, body: str, queue_id: str, profile_id: str
-) -> PredefinedMessage:
+    tx: Tx, message_id: str, title: str, body: str, queue_id: str, profile_id: str
+) -> PredefinedView:
     message_id = message_id or uuid.uuid4().hex
     _absent(tx.session, PredefinedMessage, message_id, "PREDEFINED_MESSAGE_EXISTS", *_PM)
     return _set_predefined(
-        tx, core, PredefinedMessage(id=message_id, title="", body=""), title, body, queue_id, profile_id
+        tx, PredefinedMessage(id=message_id, title="", body=""), title, body, queue_id, profile_id
     )
 
 
 def update_predefined(
-    tx: Tx, core: "Core", message_id: str, title: str, body: str, queue_id: str, profile_id: str
-) -> PredefinedMessage:
+    tx: Tx, message_id: str, title: str, body: str, queue_id: str, profile_id: str
+) -> PredefinedView:
     m = _get(tx.session, PredefinedMessage, message_id, "PREDEFINED_MESSAGE_NOT_FOUND", *_PM)
-    return _set_predefined(tx, core, m, title, body, queue_id, profile_id)
+    return _set_predefined(tx, m, title, body, queue_id, profile_id)
 
 
-def delete_predefined(tx: Tx, core: "Core", message_id: str) -> None:
+def delete_predefined(tx: Tx, message_id: str) -> None:
     m = _get(tx.session, PredefinedMessage, message_id, "PREDEFINED_MESSAGE_NOT_FOUND", *_PM)
     tx.session.delete(m)
 
@@ -402,7 +391,7 @@ def delete_predefined(tx: Tx, core: "Core", message_id: str) -> None:
 # Settings
 
 
-def update_settings(tx: Tx, core: "Core", new: Settings) -> Settings:
+def update_settings(tx: Tx, new: Settings) -> Settings:
     for key in SETTING_KEYS:
         value = getattr(new, key)
         if not 0 < value <= MAX_SETTING_SECONDS:
@@ -410,7 +399,7 @@ def update_settings(tx: Tx, core: "Core", new: Settings) -> Settings:
     for key in SETTING_KEYS:
         tx.session.merge(Setting(key=key, value=repr(float(getattr(new, key)))))
     # Only once committed: offers made from then on use the new values.
-    tx.after_commit(lambda: setattr(core, "settings", new))
+    tx.settings_changed(new)
     return new
 
 

@@ -17,22 +17,20 @@ import uuid
 import weakref
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from sqlmodel import func, select
 
+from ..config import Limits
 from ..errors import exhausted, invalid, not_found, precondition
-from ..store import Tx
 from ..store.blobs import BlobStore, Scanner
 from ..store.models import Attachment, Conversation
 from . import filetypes
-from .conversations import readable_conversation
-from .invites import require_member
-from .log import utcnow
+from .access import readable_conversation, require_member
+from .log import ts, utcnow
+from .tx import Reader, Tx, Writes
 from .views import AgentPrincipal, CustomerPrincipal
-
-if TYPE_CHECKING:
-    from .core import Core
 
 Who = AgentPrincipal | CustomerPrincipal
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -62,8 +60,6 @@ def attachment_json(a: Attachment) -> dict[str, Any]:
 
 
 def upload_json(a: Attachment, chunk: int) -> dict[str, Any]:
-    from .log import ts
-
     out: dict[str, Any] = {
         "upload_id": a.id,
         "conversation_id": a.conversation_id,
@@ -97,10 +93,10 @@ def _require_writer(tx: Tx, who: Who, conversation_id: str) -> Conversation:
 
 
 def create_upload(
-    tx: Tx, core: "Core", who: Who, conversation_id: str, request_id: str, file_name: str, size: int, declared: str
+    tx: Tx, who: Who, conversation_id: str, request_id: str, file_name: str, size: int, declared: str
 ) -> dict[str, Any]:
     s = tx.session
-    limits = core.limits
+    limits = tx.limits
     conv = _require_writer(tx, who, conversation_id)
     me = actor(who)
     if request_id:
@@ -131,7 +127,7 @@ def create_upload(
             "TOO_MANY_UPLOADS",
             f"At most {limits.max_attachments_per_message} files can be on their way at once: send or let some expire.",
         )
-    now = utcnow()
+    now = tx.now
     row = Attachment(
         id=uuid.uuid4().hex,
         conversation_id=conv.id,
@@ -157,29 +153,29 @@ def _own_upload(s: Any, who: Who, upload_id: str) -> Attachment:
     return row
 
 
-def _record_chunk(tx: Tx, core: "Core", upload_id: str, stored: int, received: int) -> int:
+def _record_chunk(tx: Tx, upload_id: str, stored: int, received: int) -> int:
     row = tx.session.get(Attachment, upload_id)
     if row is None or row.status != "uploading" or row.received_bytes != stored:
         raise precondition("UPLOAD_CHANGED", "The upload changed meanwhile; ask GetUpload where it stands.")
     row.received_bytes = received
-    row.expires_at = utcnow() + timedelta(seconds=core.limits.upload_ttl)
+    row.expires_at = tx.now + timedelta(seconds=tx.limits.upload_ttl)
     tx.session.add(row)
     return received
 
 
-def _complete(tx: Tx, core: "Core", upload_id: str, sha256: str, content_type: str) -> dict[str, Any]:
+def _complete(tx: Tx, upload_id: str, sha256: str, content_type: str) -> dict[str, Any]:
     row = tx.session.get(Attachment, upload_id)
     row.status = "complete"
     row.sha256 = sha256
     row.content_type = content_type
-    row.expires_at = utcnow() + timedelta(seconds=core.limits.upload_ttl)
+    row.expires_at = tx.now + timedelta(seconds=tx.limits.upload_ttl)
     tx.session.add(row)
-    return upload_json(row, core.limits.upload_chunk_bytes)
+    return upload_json(row, tx.limits.upload_chunk_bytes)
 
 
-def attach(tx: Tx, core: "Core", who: Who, conversation_id: str, ids: list[str], visibility: str) -> list[Attachment]:
+def attach(tx: Tx, who: Who, conversation_id: str, ids: list[str], visibility: str) -> list[Attachment]:
     """Inside the SendMessage transaction: the message and its attachments commit together."""
-    limit = core.limits.max_attachments_per_message
+    limit = tx.limits.max_attachments_per_message
     if len(ids) > limit:
         raise invalid("TOO_MANY_ATTACHMENTS", f"A message may carry at most {limit} attachments, not {len(ids)}.")
     if len(set(ids)) != len(ids):
@@ -201,7 +197,7 @@ def attach(tx: Tx, core: "Core", who: Who, conversation_id: str, ids: list[str],
     return out
 
 
-def delete_upload(tx: Tx, core: "Core", who: Who, upload_id: str) -> tuple[list[str], list[str]]:
+def delete_upload(tx: Tx, who: Who, upload_id: str) -> tuple[list[str], list[str]]:
     """Returns (part files, blobs) to remove once committed, like expire."""
     row = _own_upload(tx.session, who, upload_id)
     if row.status == "attached":
@@ -211,7 +207,7 @@ def delete_upload(tx: Tx, core: "Core", who: Who, upload_id: str) -> tuple[list[
     return _leftovers(tx, [row])
 
 
-def expire(tx: Tx, core: "Core", now: datetime) -> tuple[list[str], list[str]]:
+def expire(tx: Tx, now: datetime) -> tuple[list[str], list[str]]:
     """Remove abandoned uploads; returns (part files, blobs) to delete once committed."""
     s = tx.session
     rows = s.exec(
@@ -258,8 +254,10 @@ class _Live:
 
 
 class Attachments:
-    def __init__(self, core: "Core", blobs: BlobStore):
-        self.core = core
+    def __init__(self, read: Reader, write: Writes, limits: Limits, blobs: BlobStore):
+        self.read = read
+        self.write = write
+        self.limits = limits
         self.blobs = blobs
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         # Uploads in progress: chunks after the first need no read, completing needs no second
@@ -280,17 +278,17 @@ class Attachments:
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
     async def create(self, who: Who, conversation_id: str, request_id: str, name: str, size: int, ctype: str) -> dict:
-        return await self.core.db.write(create_upload, self.core, who, conversation_id, request_id, name, size, ctype)
+        return await self.write(create_upload, who, conversation_id, request_id, name, size, ctype)
 
     async def get(self, who: Who, upload_id: str) -> dict:
-        row = await self.core.db.read(_own_upload, who, upload_id)
+        row = await self.read(_own_upload, who, upload_id)
         live = self._live.get(upload_id)
         if row.status == "uploading":  # the stored count is a lower bound: report what was confirmed
             row.received_bytes = live.received if live is not None else await self._on_disk(row)
-        return upload_json(row, self.core.limits.upload_chunk_bytes)
+        return upload_json(row, self.limits.upload_chunk_bytes)
 
     async def chunk(self, who: Who, upload_id: str, offset: int, data: bytes) -> int:
-        limits = self.core.limits
+        limits = self.limits
         if not data:
             raise invalid("EMPTY_CHUNK", "A chunk needs data.")
         if len(data) > limits.upload_chunk_bytes:
@@ -298,7 +296,7 @@ class Attachments:
         async with self._lock(upload_id):
             live = self._live.get(upload_id)
             if live is None or not live.owned_by(who):
-                row = await self.core.db.read(_own_upload, who, upload_id)
+                row = await self.read(_own_upload, who, upload_id)
                 if row.status != "uploading":
                     raise precondition("UPLOAD_COMPLETED", "This upload is already complete.", upload_id=upload_id)
                 received = await self._on_disk(row)
@@ -328,7 +326,7 @@ class Attachments:
             # The stored count is a lower bound written every few MiB: resuming from it is always
             # safe (a chunk write cuts what lies beyond), and most chunks skip a database write.
             if received // _RECORD_EVERY != live.stored // _RECORD_EVERY or received == live.size:
-                await self.core.db.write(_record_chunk, self.core, upload_id, live.stored, received)
+                await self.write(_record_chunk, upload_id, live.stored, received)
                 live.stored = received
             live.received = received
             self._live[upload_id] = live
@@ -339,10 +337,10 @@ class Attachments:
         if not _SHA256.match(sha256):
             raise invalid("BAD_SHA256", "sha256 must be 64 hexadecimal characters.")
         async with self._lock(upload_id):
-            row = await self.core.db.read(_own_upload, who, upload_id)
+            row = await self.read(_own_upload, who, upload_id)
             if row.status != "uploading":
                 if row.sha256 == sha256:
-                    return upload_json(row, self.core.limits.upload_chunk_bytes)  # a retry
+                    return upload_json(row, self.limits.upload_chunk_bytes)  # a retry
                 raise precondition("UPLOAD_COMPLETED", "This upload is already complete.", upload_id=upload_id)
             if row.received_bytes != row.size_bytes:
                 raise precondition(
@@ -361,16 +359,16 @@ class Attachments:
                 raise invalid("CHECKSUM_MISMATCH", "The SHA-256 of the bytes received differs; upload the file again.")
             content_type = filetypes.classify(row.declared_type, scan.head, scan.tail, scan.utf8)
             await self._io(self.blobs.commit, upload_id, sha256)
-            done = await self.core.db.write(_complete, self.core, upload_id, sha256, content_type)
+            done = await self.write(_complete, upload_id, sha256, content_type)
             self._live.pop(upload_id, None)
             return done
 
     async def download(self, who: Who, attachment_id: str, offset: int) -> AsyncIterator[dict | tuple[int, bytes]]:
-        row = await self.core.db.read(_downloadable, who, attachment_id)
+        row = await self.read(_downloadable, who, attachment_id)
         if offset < 0 or offset > row.size_bytes:
             raise invalid("BAD_OFFSET", f"offset must be between 0 and {row.size_bytes}.")
         yield attachment_json(row)
-        step = self.core.limits.upload_chunk_bytes
+        step = self.limits.upload_chunk_bytes
         while offset < row.size_bytes:
             data = await self._io(self.blobs.read, row.sha256, offset, step)
             if not data:
@@ -380,10 +378,10 @@ class Attachments:
 
     async def delete(self, who: Who, upload_id: str) -> None:
         async with self._lock(upload_id):
-            await self._remove(*await self.core.db.write(delete_upload, self.core, who, upload_id))
+            await self._remove(*await self.write(delete_upload, who, upload_id))
 
     async def sweep(self) -> None:
-        await self._remove(*await self.core.db.write(expire, self.core, utcnow()))
+        await self._remove(*await self.write(expire, utcnow()))
 
     async def _remove(self, parts: list[str], blobs: list[str]) -> None:
         for upload_id in parts:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import bindparam, insert, update
-from sqlmodel import or_, select
+from sqlmodel import Session, or_, select
 
+from ..config import Limits
 from ..errors import denied, invalid, not_found, precondition
-from ..store import Tx
 from ..store.models import (
     Agent,
     Conversation,
@@ -22,8 +22,8 @@ from ..store.models import (
     ProfileQueue,
     Queue,
 )
-from . import routing
-from .invites import require_member
+from . import attachments, routing
+from .access import can_read, require_member
 from .log import (
     agent_participant,
     append_event,
@@ -31,20 +31,17 @@ from .log import (
     event_view,
     find_request,
     insert_event,
-    utcnow,
 )
 from .read import active_agents, conversation_view, queue_json, variables_json
-from .views import AgentPrincipal, ConversationView, CustomerPrincipal, EventView, ParticipantView, VariableView
+from .tx import Tx
+from .views import AgentPrincipal, ConversationView, CustomerPrincipal, EventView, ParticipantView, PredefinedView, VariableView
 
-if TYPE_CHECKING:
-    from .core import Core
 
 Sender = AgentPrincipal | CustomerPrincipal
 
 
 def start_chat(
     tx: Tx,
-    core: "Core",
     queue_id: str,
     request_id: str,
     unverified: dict[str, str],
@@ -59,7 +56,7 @@ def start_chat(
             return conversation_view(s, prior, for_agent=False)
     if not queue_id or s.get(Queue, queue_id) is None:
         raise not_found("QUEUE_NOT_FOUND", f"There is no queue {queue_id!r}.", queue_id=queue_id)
-    now = utcnow()
+    now = tx.now
     merged = {k: VariableView(k, v, False) for k, v in unverified.items()}
     merged.update({k: VariableView(k, v, True) for k, v in verified.items()})  # verified wins
     variables = tuple(merged[k] for k in sorted(merged))
@@ -84,11 +81,11 @@ def start_chat(
             [{"conversation_id": conv.id, "name": v.name, "value": v.value, "authenticated": v.authenticated} for v in variables],
         )
     queue = queue_json(s, queue_id)
-    insert_event(tx, core, conv.id, 1, "chat_started", {"queue": queue, "variables": variables_json(variables)},
+    insert_event(tx, conv.id, 1, "chat_started", {"queue": queue, "variables": variables_json(variables)},
                  actor="customer", now=now)
-    insert_event(tx, core, conv.id, 2, "participant_joined", {"participant": customer_participant(conv).to_json()},
+    insert_event(tx, conv.id, 2, "participant_joined", {"participant": customer_participant(conv).to_json()},
                  actor="customer", now=now)
-    routing.dispatch(tx, core, now)
+    tx.needs_dispatch()
     return ConversationView(
         id=conv.id,
         queue_id=queue_id,
@@ -121,7 +118,6 @@ def _actor(who: Sender) -> str:
 
 def send_message(
     tx: Tx,
-    core: "Core",
     who: Sender,
     conversation_id: str,
     request_id: str,
@@ -131,8 +127,6 @@ def send_message(
     attachment_ids: list[str] = (),  # type: ignore[assignment]
 ) -> EventView:
     """The hot path: a few Core statements, the ORM only for predefined messages and files."""
-    from . import attachments
-
     c = tx.conn
     actor = _actor(who)
     if isinstance(who, AgentPrincipal):
@@ -156,7 +150,7 @@ def send_message(
             raise precondition("CHAT_ENDED", "You have ended this chat.")
         sender = ParticipantView("customer", display_name=conv.customer_name or "Customer")
     if predefined_id:
-        pm = _available_predefined(tx, who, tx.session.get(Conversation, conversation_id)).get(predefined_id)  # type: ignore[arg-type]
+        pm = _available_predefined(tx.session, who, tx.session.get(Conversation, conversation_id)).get(predefined_id)
         if pm is None:
             raise not_found(
                 "PREDEFINED_MESSAGE_NOT_FOUND",
@@ -166,9 +160,9 @@ def send_message(
         text = text or pm.body
     files = []
     if attachment_ids:
-        files = attachments.attach(tx, core, who, conversation_id, list(attachment_ids), "agents" if private else "all")
+        files = attachments.attach(tx, who, conversation_id, list(attachment_ids), "agents" if private else "all")
     if not files or text:
-        check_text(core, text)
+        check_text(tx.limits, text)
     message: dict[str, Any] = {
         "message_id": uuid.uuid4().hex,
         "sender": sender.to_json(),
@@ -181,7 +175,6 @@ def send_message(
         message["attachments"] = [attachments.attachment_json(f) for f in files]
     event = insert_event(
         tx,
-        core,
         conversation_id,
         conv.last_seq,
         "message",
@@ -208,19 +201,18 @@ _CLAIM_SEQ = (
 )
 
 
-def check_text(core: "Core", text: str) -> None:
+def check_text(limits: Limits, text: str) -> None:
     if not text or not text.strip():
         raise invalid("EMPTY_MESSAGE", "A message needs some text.")
-    limit = core.limits.max_message_chars
+    limit = limits.max_message_chars
     if len(text) > limit:
         raise invalid(
             "MESSAGE_TOO_LONG", f"A message may have at most {limit} characters; this one has {len(text)}.", limit=limit
         )
 
 
-def _available_predefined(tx: Tx, who: AgentPrincipal, conv: Conversation | None) -> dict[str, PredefinedMessage]:
+def _available_predefined(s: Session, who: AgentPrincipal, conv: Conversation | None) -> dict[str, PredefinedMessage]:
     """Global ones, those of the agent's profile, and those of the profile's queues (or of conv's queue)."""
-    s = tx.session if isinstance(tx, Tx) else tx
     if conv is not None:
         queues = [conv.queue_id]
     else:
@@ -239,18 +231,19 @@ def _available_predefined(tx: Tx, who: AgentPrincipal, conv: Conversation | None
     return {r.id: r for r in rows}
 
 
-def list_predefined(s: Any, who: AgentPrincipal, conversation_id: str) -> list[PredefinedMessage]:
+def list_predefined(s: Session, who: AgentPrincipal, conversation_id: str) -> list[PredefinedView]:
     conv = None
     if conversation_id:
         conv = s.get(Conversation, conversation_id)
-        if conv is None or not _can_read(s, who, conversation_id):
+        if conv is None or not can_read(s, who, conversation_id):
             raise not_found("CONVERSATION_NOT_FOUND", f"No conversation {conversation_id!r} of yours.")
-    return list(_available_predefined(s, who, conv).values())
+    return [
+        PredefinedView(m.id, m.title, m.body, m.queue_id, m.profile_id) for m in _available_predefined(s, who, conv).values()
+    ]
 
 
 def send_offer_menu(
     tx: Tx,
-    core: "Core",
     who: AgentPrincipal,
     conversation_id: str,
     request_id: str,
@@ -266,8 +259,8 @@ def send_offer_menu(
         raise precondition("CHAT_ENDED", "The customer has ended the chat.")
     if not prompt.strip():
         raise invalid("EMPTY_PROMPT", "An offer menu needs a prompt.")
-    if len(prompt) > core.limits.max_message_chars:
-        raise invalid("PROMPT_TOO_LONG", f"The prompt may have at most {core.limits.max_message_chars} characters.")
+    if len(prompt) > tx.limits.max_message_chars:
+        raise invalid("PROMPT_TOO_LONG", f"The prompt may have at most {tx.limits.max_message_chars} characters.")
     if not 2 <= len(options) <= 10:
         raise invalid("OPTION_COUNT", f"An offer menu has 2 to 10 options, not {len(options)}.", count=len(options))
     ids = [o[0] for o in options]
@@ -281,7 +274,6 @@ def send_offer_menu(
     sender = agent_participant(tx.session.get(Agent, who.agent_id))
     return append_event(
         tx,
-        core,
         conv,
         "offer_menu",
         {"menu_id": menu.id, "prompt": prompt, "options": opts, "sender": sender.to_json()},
@@ -291,7 +283,7 @@ def send_offer_menu(
 
 
 def choose_option(
-    tx: Tx, core: "Core", who: CustomerPrincipal, conversation_id: str, menu_id: str, option_id: str
+    tx: Tx, who: CustomerPrincipal, conversation_id: str, menu_id: str, option_id: str
 ) -> EventView:
     conv = _require_customer(tx, who, conversation_id)
     _require_open(conv)
@@ -311,13 +303,12 @@ def choose_option(
     label = {o["option_id"]: o["label"] for o in json.loads(menu.options)}.get(option_id)
     if label is None:
         raise invalid("UNKNOWN_OPTION", f"The menu has no option {option_id!r}.", option_id=option_id)
-    now = utcnow()
+    now = tx.now
     menu.chosen_option_id = option_id
     menu.chosen_at = now
     tx.session.add(menu)
     return append_event(
         tx,
-        core,
         conv,
         "option_chosen",
         {
@@ -338,25 +329,24 @@ def _chosen_event(tx: Tx, conversation_id: str, menu_id: str) -> EventView | Non
     return next((v for v in map(event_view, rows) if v.payload["menu_id"] == menu_id), None)
 
 
-def end_chat(tx: Tx, core: "Core", who: CustomerPrincipal, conversation_id: str) -> ConversationView:
+def end_chat(tx: Tx, who: CustomerPrincipal, conversation_id: str) -> ConversationView:
     """The customer leaves. Agents are told; they close the conversation without confirmation."""
     s = tx.session
     conv = _require_customer(tx, who, conversation_id)
     if conv.customer_connected and conv.status != "closed":
-        now = utcnow()
+        now = tx.now
         conv.customer_connected = False
         customer = customer_participant(conv).to_json()
-        append_event(tx, core, conv, "chat_ended", {"ended_by": customer}, actor="customer", now=now)
+        append_event(tx, conv, "chat_ended", {"ended_by": customer}, actor="customer", now=now)
         if conv.status == "queued":
-            routing.withdraw_conversation_offers(tx, core, conv.id, "customer_left", now)
-            _close(tx, core, conv, customer, "customer", now)
-            core.queue_changed(tx, conv.queue_id)
-            s.flush()
-            routing.dispatch(tx, core, now)
+            routing.withdraw_conversation_offers(tx, conv.id, "customer_left", now)
+            _close(tx, conv, customer, "customer", now)
+            tx.queue_changed(conv.queue_id)
+            tx.needs_dispatch()
     return conversation_view(s, conv, for_agent=False)
 
 
-def leave(tx: Tx, core: "Core", who: AgentPrincipal, conversation_id: str) -> None:
+def leave(tx: Tx, who: AgentPrincipal, conversation_id: str) -> None:
     s = tx.session
     conv = require_member(tx, who, conversation_id)
     _require_open(conv)
@@ -366,7 +356,7 @@ def leave(tx: Tx, core: "Core", who: AgentPrincipal, conversation_id: str) -> No
             "LAST_AGENT_MUST_CLOSE",
             "You are the last agent and the customer is still connected: close the conversation instead.",
         )
-    now = utcnow()
+    now = tx.now
     agent = s.get(Agent, who.agent_id)
     part = s.exec(
         select(Participant).where(
@@ -374,18 +364,17 @@ def leave(tx: Tx, core: "Core", who: AgentPrincipal, conversation_id: str) -> No
         )
     ).one()
     if not others:  # the customer is gone too: leaving is closing
-        _close(tx, core, conv, agent_participant(agent).to_json(), f"agent:{agent.id}", now)
+        _close(tx, conv, agent_participant(agent).to_json(), f"agent:{agent.id}", now)
     else:
         part.left_at = now
         s.add(part)
         append_event(
-            tx, core, conv, "participant_left", {"participant": agent_participant(agent).to_json()}, actor=f"agent:{agent.id}", now=now
+            tx, conv, "participant_left", {"participant": agent_participant(agent).to_json()}, actor=f"agent:{agent.id}", now=now
         )
-    s.flush()
-    routing.dispatch(tx, core, now)
+    tx.needs_dispatch()
 
 
-def close(tx: Tx, core: "Core", who: AgentPrincipal, conversation_id: str, confirm: bool) -> ConversationView:
+def close(tx: Tx, who: AgentPrincipal, conversation_id: str, confirm: bool) -> ConversationView:
     s = tx.session
     conv = require_member(tx, who, conversation_id)
     if conv.status == "closed":
@@ -396,57 +385,25 @@ def close(tx: Tx, core: "Core", who: AgentPrincipal, conversation_id: str, confi
             "The customer is still connected: confirm to close the chat anyway.",
             conversation_id=conversation_id,
         )
-    now = utcnow()
+    now = tx.now
     agent = agent_participant(s.get(Agent, who.agent_id)).to_json()
     if conv.customer_connected:
         conv.customer_connected = False
-        append_event(tx, core, conv, "chat_ended", {"ended_by": agent}, actor=f"agent:{who.agent_id}", now=now)
-    _close(tx, core, conv, agent, f"agent:{who.agent_id}", now)
-    s.flush()
-    routing.dispatch(tx, core, now)
+        append_event(tx, conv, "chat_ended", {"ended_by": agent}, actor=f"agent:{who.agent_id}", now=now)
+    _close(tx, conv, agent, f"agent:{who.agent_id}", now)
+    tx.needs_dispatch()
     return conversation_view(s, conv)
 
 
-def _close(tx: Tx, core: "Core", conv: Conversation, by: dict, actor: str, now) -> None:
-    routing.withdraw_conversation_offers(tx, core, conv.id, "taken_elsewhere", now)
+def _close(tx: Tx, conv: Conversation, by: dict, actor: str, now) -> None:
+    routing.withdraw_conversation_offers(tx, conv.id, "taken_elsewhere", now)
     conv.status = "closed"
     conv.closed_at = now
     tx.session.add(conv)
-    append_event(tx, core, conv, "chat_closed", {"closed_by": by}, actor=actor, now=now)
+    append_event(tx, conv, "chat_closed", {"closed_by": by}, actor=actor, now=now)
 
 
 # --- reads -----------------------------------------------------------------
-
-
-def _can_read(s: Any, who: AgentPrincipal, conversation_id: str) -> bool:
-    from .read import has_pending_invite_for, is_participant
-
-    return bool(is_participant(s, conversation_id, who.agent_id) or has_pending_invite_for(s, conversation_id, who.agent_id))
-
-
-def readable_conversation(s: Any, who: AgentPrincipal | CustomerPrincipal, conversation_id: str) -> Conversation:
-    """Agents read conversations they are in or invited to; customers their own."""
-    conv = s.get(Conversation, conversation_id) if conversation_id else None
-    if isinstance(who, CustomerPrincipal):
-        if conv is None or who.conversation_id != conversation_id:
-            raise denied("NOT_YOUR_CONVERSATION", "This token is not for that conversation.")
-        return conv
-    if conv is None:
-        raise not_found("CONVERSATION_NOT_FOUND", f"No conversation {conversation_id!r}.", conversation_id=conversation_id)
-    if not _can_read(s, who, conversation_id):
-        raise denied("NOT_A_PARTICIPANT", "You are not in this conversation.", conversation_id=conversation_id)
-    return conv
-
-
-def stream_access(s: Any, who: AgentPrincipal | CustomerPrincipal, conversation_id: str) -> str:
-    """Check who may stream; for an agent who is only invited, the id of that invite (else "")."""
-    from .read import is_participant, pending_invite
-
-    readable_conversation(s, who, conversation_id)
-    if isinstance(who, CustomerPrincipal) or is_participant(s, conversation_id, who.agent_id):
-        return ""
-    inv = pending_invite(s, conversation_id)
-    return inv.id if inv is not None and inv.invitee_id == who.agent_id else ""
 
 
 def events_after(s: Any, conversation_id: str, after_seq: int, public_only: bool, limit: int = 500) -> list[EventView]:

@@ -12,20 +12,19 @@ from __future__ import annotations
 import random
 import uuid
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlmodel import select
 
 from ..errors import denied, invalid, not_found, precondition
-from ..store import Tx
 from ..store.models import Agent, AgentSession, Conversation, Invite, Offer, Participant, ProfileQueue, Queue
 from . import routing
-from .log import agent_participant, append_event, utcnow
+from .access import require_member
+from .log import agent_participant, append_event
 from .read import active_agents, agent_loads, invite_json, is_participant, pending_invite
+from .tx import Tx
 from .views import AgentPrincipal
 
-if TYPE_CHECKING:
-    from .core import Core
 
 
 def _live_sessions(tx: Tx, agent_ids: list[str] | None = None) -> list[tuple[AgentSession, Agent]]:
@@ -41,7 +40,6 @@ def _live_sessions(tx: Tx, agent_ids: list[str] | None = None) -> list[tuple[Age
 
 def invite_agent(
     tx: Tx,
-    core: "Core",
     who: AgentPrincipal,
     conversation_id: str,
     request_id: str,
@@ -49,7 +47,7 @@ def invite_agent(
     queue_id: str,
 ) -> dict[str, Any]:
     s = tx.session
-    now = utcnow()
+    now = tx.now
     conv = require_member(tx, who, conversation_id)
     if request_id:
         prior = s.exec(
@@ -113,19 +111,19 @@ def invite_agent(
         status="pending",
         request_id=request_id or None,
         created_at=now,
-        expires_at=now + timedelta(seconds=core.settings.offer_timeout),
+        expires_at=now + timedelta(seconds=tx.settings.offer_timeout),
     )
     s.add(inv)
     s.flush()
     payload = invite_json(s, inv)
-    routing.make_offer(tx, core, conv, sess.id, sess.agent_id, now, invite_payload=payload)
-    _invite_event(tx, core, conv, payload, who.agent_id, now)
+    routing.make_offer(tx, conv, sess.id, sess.agent_id, now, invite_payload=payload)
+    _invite_event(tx, conv, payload, who.agent_id, now)
     return payload
 
 
-def cancel_invite(tx: Tx, core: "Core", who: AgentPrincipal, invite_id: str) -> dict[str, Any]:
+def cancel_invite(tx: Tx, who: AgentPrincipal, invite_id: str) -> dict[str, Any]:
     s = tx.session
-    now = utcnow()
+    now = tx.now
     inv = s.get(Invite, invite_id) if invite_id else None
     if inv is None or not is_participant(s, inv.conversation_id, who.agent_id):
         raise not_found("INVITE_NOT_FOUND", f"No invite {invite_id!r} in your conversations.", invite_id=invite_id)
@@ -138,55 +136,42 @@ def cancel_invite(tx: Tx, core: "Core", who: AgentPrincipal, invite_id: str) -> 
             "INVITE_NOT_PENDING", f"The invite was already answered ({inv.status}).", invite_id=invite_id, state=inv.status
         )
     for offer in s.exec(select(Offer).where(Offer.invite_id == inv.id, Offer.status == "pending")).all():
-        routing.close_offer(tx, core, offer, "withdrawn", now, "cancelled")
-    _settle(tx, core, inv, "cancelled", now)
-    s.flush()
-    routing.dispatch(tx, core, now)
+        routing.close_offer(tx, offer, "withdrawn", now, "cancelled")
+    _settle(tx, inv, "cancelled", now)
+    tx.needs_dispatch()
     return invite_json(s, inv)
 
 
-def on_accepted(tx: Tx, core: "Core", offer: Offer, conv: Conversation, agent: Agent, now: datetime) -> None:
+def on_accepted(tx: Tx, offer: Offer, conv: Conversation, agent: Agent, now: datetime) -> None:
     inv = tx.session.get(Invite, offer.invite_id)
     tx.session.add(Participant(conversation_id=conv.id, agent_id=agent.id, joined_at=now))
     append_event(
         tx,
-        core,
         conv,
         "participant_joined",
         {"participant": agent_participant(agent).to_json(), "invite_id": inv.id},
         actor=f"agent:{agent.id}",
         now=now,
     )
-    _settle(tx, core, inv, "accepted", now)
+    _settle(tx, inv, "accepted", now)
 
 
-def on_offer_closed(tx: Tx, core: "Core", offer: Offer, state: str, now: datetime) -> None:
+def on_offer_closed(tx: Tx, offer: Offer, state: str, now: datetime) -> None:
     """The invitee rejected, timed out or became unavailable."""
     inv = tx.session.get(Invite, offer.invite_id)
     if inv is not None and inv.status == "pending":
-        _settle(tx, core, inv, state, now)
+        _settle(tx, inv, state, now)
 
 
-def _settle(tx: Tx, core: "Core", inv: Invite, state: str, now: datetime) -> None:
+def _settle(tx: Tx, inv: Invite, state: str, now: datetime) -> None:
     inv.status = state
     inv.resolved_at = now
     tx.session.add(inv)
     conv = tx.session.get(Conversation, inv.conversation_id)
-    _invite_event(tx, core, conv, invite_json(tx.session, inv), inv.invitee_id if state != "cancelled" else inv.inviter_id, now)
+    _invite_event(tx, conv, invite_json(tx.session, inv), inv.invitee_id if state != "cancelled" else inv.inviter_id, now)
 
 
-def _invite_event(tx: Tx, core: "Core", conv: Conversation, payload: dict, actor_id: str, now: datetime) -> None:
+def _invite_event(tx: Tx, conv: Conversation, payload: dict, actor_id: str, now: datetime) -> None:
     append_event(
-        tx, core, conv, "invite_updated", {"invite": payload}, actor=f"agent:{actor_id}", visibility="agents", now=now
+        tx, conv, "invite_updated", {"invite": payload}, actor=f"agent:{actor_id}", visibility="agents", now=now
     )
-
-
-def require_member(tx: Tx, who: AgentPrincipal, conversation_id: str) -> Conversation:
-    conv = tx.session.get(Conversation, conversation_id) if conversation_id else None
-    if conv is None:
-        raise not_found("CONVERSATION_NOT_FOUND", f"No conversation {conversation_id!r}.", conversation_id=conversation_id)
-    if not is_participant(tx.session, conversation_id, who.agent_id):
-        raise denied(
-            "NOT_A_PARTICIPANT", "You are not in this conversation.", conversation_id=conversation_id
-        )
-    return conv

@@ -10,22 +10,16 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import insert, update
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlmodel import select
 
-from ..store import Tx
 from ..store.models import Agent, AgentSession, Conversation, Event, FeedEvent
+from .tx import Tx
+from .tx import utcnow as utcnow  # re-exported: the clock writes share
 from .views import EventView, FeedEventView, ParticipantView
-
-if TYPE_CHECKING:
-    from .core import Core
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 def ts(dt: datetime | None) -> str | None:
@@ -51,18 +45,15 @@ def agent_participant(agent: Agent) -> ParticipantView:
     return ParticipantView("agent", agent.id, agent.display_name)
 
 
-def append_event(
-    tx: Tx, core: "Core", conv: Conversation, kind: str, payload: dict[str, Any], **options: Any
-) -> EventView:
+def append_event(tx: Tx, conv: Conversation, kind: str, payload: dict[str, Any], **options: Any) -> EventView:
     """Take the conversation's next seq and store the event under it (options as for insert_event)."""
     seq = next_seq(tx, Conversation, conv.id, "last_seq")
     set_committed_value(conv, "last_seq", seq)  # the row is already up to date
-    return insert_event(tx, core, conv.id, seq, kind, payload, **options)
+    return insert_event(tx, conv.id, seq, kind, payload, **options)
 
 
 def insert_event(
     tx: Tx,
-    core: "Core",
     conversation_id: str,
     seq: int,
     kind: str,
@@ -74,7 +65,9 @@ def insert_event(
     now: datetime | None = None,
 ) -> EventView:
     """Store an event under a seq taken with next_seq in this transaction; publish it after commit."""
-    now = now or utcnow()
+    now = now or tx.now
+    if tx.check_event is not None:
+        tx.check_event("event", kind, payload)
     tx.conn.execute(
         _INSERT_EVENT,
         {
@@ -89,7 +82,7 @@ def insert_event(
         },
     )
     view = EventView(conversation_id, seq, kind, visibility, now, payload)
-    tx.after_commit(lambda: core.bus.publish(conv_topic(conversation_id), view))
+    tx.publish(conv_topic(conversation_id), view)
     return view
 
 
@@ -118,9 +111,10 @@ def find_request(tx: Tx, conversation_id: str, actor: str, request_id: str | Non
     return event_view(row) if row else None
 
 
-def append_feed(
-    tx: Tx, core: "Core", session_id: str, kind: str, payload: dict[str, Any], now: datetime
-) -> FeedEventView:
+def append_feed(tx: Tx, session_id: str, kind: str, payload: dict[str, Any], now: datetime | None = None) -> FeedEventView:
+    now = now or tx.now
+    if tx.check_event is not None:
+        tx.check_event("offer", kind, payload)
     seq = next_seq(tx, AgentSession, session_id, "feed_seq")
     tx.conn.execute(
         insert(FeedEvent),
@@ -128,7 +122,7 @@ def append_feed(
          "payload": json.dumps(payload, separators=(",", ":"))},
     )
     view = FeedEventView(session_id, seq, kind, now, payload)
-    tx.after_commit(lambda: core.bus.publish(feed_topic(session_id), view))
+    tx.publish(feed_topic(session_id), view)
     return view
 
 

@@ -11,21 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
-from sqlmodel import select
+from sqlmodel import Session, select
 
 from ..store.models import Conversation
 from .log import conv_topic
+from .tx import Reader, Topic
 from .views import QueuePositionView
-
-if TYPE_CHECKING:
-    from .core import Core
 
 log = logging.getLogger(__name__)
 
 
-def waiting_ids(s, queue_id: str) -> list[str]:
+def waiting_ids(s: Session, queue_id: str) -> list[str]:
     return list(
         s.exec(
             select(Conversation.id)
@@ -35,7 +33,7 @@ def waiting_ids(s, queue_id: str) -> list[str]:
     )
 
 
-def position_of(s, conv: Conversation) -> QueuePositionView:
+def position_of(s: Session, conv: Conversation) -> QueuePositionView:
     ids = waiting_ids(s, conv.queue_id)
     pos = ids.index(conv.id) + 1 if conv.id in ids else 0
     return QueuePositionView(conv.id, pos, len(ids), conv.queue_id)
@@ -48,8 +46,9 @@ class QueuePositions:
     most every `interval` seconds however fast chats leave it (positions are for
     people: a fifth of a second is soon enough, and a long queue is one read)."""
 
-    def __init__(self, core: "Core", interval: float = 0.2):
-        self._core = core
+    def __init__(self, read: Reader, publish: Callable[[Topic, object], None], interval: float = 0.2):
+        self._read = read
+        self._publish = publish
         self._interval = interval
         self._dirty: set[str] = set()
         self._task: asyncio.Task | None = None
@@ -83,7 +82,7 @@ class QueuePositions:
                 if not watchers:
                     continue
                 try:
-                    ids = await self._core.db.read(waiting_ids, queue_id)
+                    ids = await self._read(waiting_ids, queue_id)
                 except Exception:  # pragma: no cover - a failed read must not stop later updates
                     log.exception("queue position refresh failed")
                     continue
@@ -91,7 +90,7 @@ class QueuePositions:
                 for i, cid in enumerate(ids):
                     if cid in watchers and last.get(cid) != i + 1:
                         last[cid] = i + 1
-                        self._core.bus.publish(conv_topic(cid), QueuePositionView(cid, i + 1, len(ids)))
+                        self._publish(conv_topic(cid), QueuePositionView(cid, i + 1, len(ids)))
 
     async def stop(self) -> None:
         if self._task is not None:

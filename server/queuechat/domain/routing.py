@@ -18,16 +18,14 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING
 
 from sqlalchemy import update
 from sqlmodel import select
 
 from ..errors import not_found, precondition
-from ..store import Tx
 from ..store.models import Agent, AgentSession, Conversation, Offer, Participant
 from . import invites
-from .log import agent_participant, append_event, append_feed, ts, utcnow
+from .log import agent_participant, append_event, append_feed, ts
 from .read import (
     agent_loads,
     conversation_view,
@@ -37,10 +35,9 @@ from .read import (
     variables,
     variables_json,
 )
+from .tx import Tx
 from .views import AgentPrincipal, ConversationView
 
-if TYPE_CHECKING:
-    from .core import Core
 
 _OFFER_STATES = {
     "pending": "OFFER_STATE_PENDING",
@@ -57,14 +54,14 @@ _WITHDRAW_REASONS = {
 }
 
 
-def dispatch(tx: Tx, core: "Core", now: datetime | None = None) -> int:
+def dispatch(tx: Tx, now: datetime | None = None) -> int:
     """Offer waiting chats to free agents until either runs out. Returns offers made.
 
     Runs after every change that may free capacity or add work, so it must stay cheap with
     a long queue: plain rows, waiting chats read a page at a time, and a stop as soon as no
     queue that has waiting chats has a free agent left."""
     c = tx.conn
-    now = now or utcnow()
+    now = now or tx.now
     live = [dict(r._mapping) for r in c.execute(_LIVE_AGENTS)]
     if not live:
         return 0
@@ -74,7 +71,7 @@ def dispatch(tx: Tx, core: "Core", now: datetime | None = None) -> int:
     served = set().union(*(pq.get(a["profile_id"], set()) for a in free))
     if not served:
         return 0
-    cutoff = now - timedelta(seconds=core.settings.reject_cooldown)
+    cutoff = now - timedelta(seconds=tx.settings.reject_cooldown)
     cooling = {
         tuple(r)
         for r in c.execute(
@@ -100,7 +97,7 @@ def dispatch(tx: Tx, core: "Core", now: datetime | None = None) -> int:
                 continue
             preferred = [a for a in candidates if (conv_id, a["agent_id"]) not in cooling] or candidates
             pick = min(preferred, key=lambda a: (a["last_offer_at"], a["created_at"]))
-            make_offer(tx, core, tx.session.get(Conversation, conv_id), pick["id"], pick["agent_id"], now)
+            make_offer(tx, tx.session.get(Conversation, conv_id), pick["id"], pick["agent_id"], now)
             pick["last_offer_at"] = now
             loads[pick["agent_id"]] = loads.get(pick["agent_id"], 0) + 1
             made += 1
@@ -139,7 +136,6 @@ def _waiting_page(queues: set[str], after: tuple):
 
 def make_offer(
     tx: Tx,
-    core: "Core",
     conv: Conversation,
     session_id: str,
     agent_id: str,
@@ -156,7 +152,7 @@ def make_offer(
         invite_id=invite_payload["invite_id"] if invite_payload else None,
         status="pending",
         created_at=now,
-        expires_at=now + timedelta(seconds=core.settings.offer_timeout),
+        expires_at=now + timedelta(seconds=tx.settings.offer_timeout),
     )
     s.add(offer)
     tx.conn.execute(update(AgentSession).where(AgentSession.id == session_id).values(last_offer_at=now))
@@ -173,12 +169,12 @@ def make_offer(
     }
     if invite_payload:
         payload["invite"] = invite_payload
-    append_feed(tx, core, session_id, "offer", payload, now)
-    core.schedule(tx, offer.expires_at, expire_offer, offer.id)
+    append_feed(tx, session_id, "offer", payload, now)
+    tx.schedule(offer.expires_at, expire_offer, offer.id)
     return offer
 
 
-def close_offer(tx: Tx, core: "Core", offer: Offer, state: str, now: datetime, reason: str | None = None) -> None:
+def close_offer(tx: Tx, offer: Offer, state: str, now: datetime, reason: str | None = None) -> None:
     """Record the outcome on the offer and on its session's feed."""
     offer.status = state
     offer.resolved_at = now
@@ -187,7 +183,7 @@ def close_offer(tx: Tx, core: "Core", offer: Offer, state: str, now: datetime, r
     update = {"offer_id": offer.id, "state": _OFFER_STATES[state]}
     if reason:
         update["withdraw_reason"] = _WITHDRAW_REASONS[reason]
-    append_feed(tx, core, offer.session_id, "offer_update", update, now)
+    append_feed(tx, offer.session_id, "offer_update", update, now)
 
 
 def _own_pending_offer(tx: Tx, who: AgentPrincipal, offer_id: str, answer: str) -> Offer | None:
@@ -204,14 +200,14 @@ def _own_pending_offer(tx: Tx, who: AgentPrincipal, offer_id: str, answer: str) 
             offer_id=offer_id,
             state=offer.status,
         )
-    if utcnow() >= offer.expires_at:
+    if tx.now >= offer.expires_at:
         raise precondition("OFFER_NO_LONGER_VALID", "The offer has timed out.", offer_id=offer_id, state="timed_out")
     return offer
 
 
-def accept_offer(tx: Tx, core: "Core", who: AgentPrincipal, offer_id: str) -> ConversationView:
+def accept_offer(tx: Tx, who: AgentPrincipal, offer_id: str) -> ConversationView:
     s = tx.session
-    now = utcnow()
+    now = tx.now
     offer = _own_pending_offer(tx, who, offer_id, "accepted")
     if offer is None:  # accepted already: answer the retry the same way, if still in it
         conv = s.get(Conversation, s.get(Offer, offer_id).conversation_id)
@@ -220,60 +216,58 @@ def accept_offer(tx: Tx, core: "Core", who: AgentPrincipal, offer_id: str) -> Co
         return conversation_view(s, conv)
     conv = s.get(Conversation, offer.conversation_id)
     agent = s.get(Agent, who.agent_id)
-    close_offer(tx, core, offer, "accepted", now)
+    close_offer(tx, offer, "accepted", now)
     if offer.kind == "invite":
-        invites.on_accepted(tx, core, offer, conv, agent, now)
+        invites.on_accepted(tx, offer, conv, agent, now)
     else:
         conv.status = "active"
         s.add(conv)
         s.add(Participant(conversation_id=conv.id, agent_id=agent.id, joined_at=now))
         append_event(
             tx,
-            core,
             conv,
             "participant_joined",
             {"participant": agent_participant(agent).to_json()},
             actor=f"agent:{agent.id}",
             now=now,
         )
-        core.queue_changed(tx, conv.queue_id)
+        tx.queue_changed(conv.queue_id)
     s.flush()
     return conversation_view(s, conv)
 
 
-def reject_offer(tx: Tx, core: "Core", who: AgentPrincipal, offer_id: str) -> None:
+def reject_offer(tx: Tx, who: AgentPrincipal, offer_id: str) -> None:
     offer = _own_pending_offer(tx, who, offer_id, "rejected")
     if offer is not None:
-        _give_back(tx, core, offer, "rejected", utcnow())
+        _give_back(tx, offer, "rejected", tx.now)
 
 
-def expire_offer(tx: Tx, core: "Core", offer_id: str) -> None:
+def expire_offer(tx: Tx, offer_id: str) -> None:
     """Timer: an unanswered offer counts as a reject."""
     offer = tx.session.get(Offer, offer_id)
     if offer is not None and offer.status == "pending":
-        _give_back(tx, core, offer, "timed_out", utcnow())
+        _give_back(tx, offer, "timed_out", tx.now)
 
 
-def withdraw_session_offers(tx: Tx, core: "Core", session_id: str, now: datetime) -> None:
+def withdraw_session_offers(tx: Tx, session_id: str, now: datetime) -> None:
     """The session went away: its pending offers go back (chats to the queue, invites to the inviter)."""
     for offer in tx.session.exec(select(Offer).where(Offer.session_id == session_id, Offer.status == "pending")).all():
-        _give_back(tx, core, offer, "withdrawn", now, reason="agent_unavailable")
+        _give_back(tx, offer, "withdrawn", now, reason="agent_unavailable")
 
 
-def withdraw_conversation_offers(tx: Tx, core: "Core", conversation_id: str, reason: str, now: datetime) -> None:
+def withdraw_conversation_offers(tx: Tx, conversation_id: str, reason: str, now: datetime) -> None:
     """The conversation ended or was taken: nobody may still accept an offer for it."""
     for offer in tx.session.exec(
         select(Offer).where(Offer.conversation_id == conversation_id, Offer.status == "pending")
     ).all():
-        close_offer(tx, core, offer, "withdrawn", now, reason)
+        close_offer(tx, offer, "withdrawn", now, reason)
         if offer.kind == "invite":
-            invites.on_offer_closed(tx, core, offer, "withdrawn", now)
+            invites.on_offer_closed(tx, offer, "withdrawn", now)
 
 
-def _give_back(tx: Tx, core: "Core", offer: Offer, state: str, now: datetime, reason: str | None = None) -> None:
+def _give_back(tx: Tx, offer: Offer, state: str, now: datetime, reason: str | None = None) -> None:
     """Reject, time-out or withdrawal: a chat keeps its place in the queue and goes to the next agent."""
-    close_offer(tx, core, offer, state, now, reason)
+    close_offer(tx, offer, state, now, reason)
     if offer.kind == "invite":
-        invites.on_offer_closed(tx, core, offer, state, now)
-    tx.session.flush()
-    dispatch(tx, core, now)
+        invites.on_offer_closed(tx, offer, state, now)
+    tx.needs_dispatch()

@@ -123,3 +123,40 @@ class AdminPrincipal:
 class Transcript:
     conversation: ConversationView
     events: tuple[EventView, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionEnded:
+    """Published on a session's feed topic when it ends: its streams close."""
+
+    session_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class QueueView:
+    id: str
+    display_name: str
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileView:
+    id: str
+    display_name: str
+    queue_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class AgentAccountView:
+    id: str
+    display_name: str
+    max_chats: int
+    profile_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PredefinedView:
+    id: str
+    title: str
+    body: str
+    queue_id: str | None
+    profile_id: str | None

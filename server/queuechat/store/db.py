@@ -3,32 +3,56 @@
 Every write runs on one writer thread, one at a time: routing decisions (who
 gets which offer, who has capacity) are serialized without locks, and the
 event loop never waits on disk or on the network. Reads run on a small pool
-of their own. Side effects (event fan-out, timers) are queued on the
-transaction and run on the event loop only after commit, in commit order.
+of their own.
+
+A write is a named job: job(session) returns its result and what to do once
+it has committed (the domain's recorded effects). Those run on the event
+loop, in commit order, before the caller is told; one that fails is logged
+under the write's name and never leaves another caller waiting.
 
 Group commit: writes that queue up while one runs go into one transaction,
 committed once and reported back to the loop in one wake-up. If any of them
-fails, the batch is rolled back and each write runs again on its own, so a
-refusal only ever undoes its own write.
+fails, the batch is rolled back and each job runs again on its own, so a
+refusal only ever undoes its own write. Jobs must therefore be safe to run
+twice: they touch nothing outside their transaction.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import logging
 import os
 import queue
 import threading
+import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from sqlalchemy import event
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Engine
 from sqlmodel import Session, SQLModel, create_engine
 
 from . import models  # noqa: F401  (registers the tables)
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+# What a committed write does next: run on the event loop, returns the failures it caught.
+AfterCommit = Callable[[], list[BaseException]]
+Job = Callable[[Session], tuple[T, AfterCommit | None]]
+
+
+@dataclass(slots=True)
+class WriteStats:
+    """Per named write: how often it ran, failed, and how long it took (seconds, on the writer)."""
+
+    count: int = 0
+    failures: int = 0
+    seconds: float = 0.0
 
 
 def sqlite_url(data_dir: str | os.PathLike) -> str:
@@ -54,35 +78,15 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True, pool_size=8)
 
 
-class Tx:
-    """The session of one write, plus what to do once it has committed."""
-
-    __slots__ = ("session", "_after_commit")
-
-    def __init__(self, session: Session):
-        self.session = session
-        self._after_commit: list[Callable[[], Any]] = []
-
-    @property
-    def conn(self) -> Connection:
-        """The transaction's connection, for Core statements on hot paths: several times
-        cheaper than the ORM. Pending ORM changes are flushed first, so both see one state."""
-        s = self.session
-        if s.new or s.dirty or s.deleted:
-            s.flush()
-        return s.connection()
-
-    def after_commit(self, fn: Callable[[], Any]) -> None:
-        """Run fn on the event loop once this transaction has committed."""
-        self._after_commit.append(fn)
-
-
 class Database:
     def __init__(self, url: str, *, readers: int = 2, max_batch: int = 64):
         self.url = url
         self.engine = make_engine(url)
         self.max_batch = max_batch
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.stats: dict[str, WriteStats] = {}
+        # Sizes of recent group commits (kept short: for metrics and benchmarks).
+        self.batches: collections.deque[int] = collections.deque(maxlen=1024)
         self._writer = threading.Thread(target=self._write_loop, name="db-write", daemon=True)
         self._writer.start()
         self._readers = ThreadPoolExecutor(readers, thread_name_prefix="db-read")
@@ -93,11 +97,12 @@ class Database:
     def drop_all(self) -> None:
         SQLModel.metadata.drop_all(self.engine)
 
-    async def write(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run fn(tx, *args) in a transaction on the writer thread."""
+    async def transact(self, name: str, job: Job[T]) -> T:
+        """Run a named job in a transaction on the writer thread; its after-commit part runs
+        on this loop before the result is returned."""
         loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-        self._jobs.put((fn, args, loop, fut))
+        fut: asyncio.Future[T] = loop.create_future()
+        self._jobs.put((name, job, loop, fut))
         return await fut
 
     def _write_loop(self) -> None:
@@ -116,30 +121,41 @@ class Database:
                 for job in batch:
                     self._run_alone(job)
 
+    def _timed(self, name: str, job: Job[Any], session: Session) -> tuple[Any, AfterCommit | None]:
+        t0 = time.perf_counter()
+        try:
+            return job(session)
+        finally:
+            st = self.stats.get(name) or self.stats.setdefault(name, WriteStats())
+            st.count += 1
+            st.seconds += time.perf_counter() - t0
+
     def _run_batch(self, batch: list) -> bool:
         done = []
         try:
             with Session(self.engine, expire_on_commit=False) as session:
-                for fn, args, loop, fut in batch:
-                    tx = Tx(session)
-                    done.append((loop, fut, fn(tx, *args), tx._after_commit))
+                for name, job, loop, fut in batch:
+                    result, after = self._timed(name, job, session)
+                    done.append((name, loop, fut, result, after))
                 session.commit()
         except BaseException:
             return False
+        self.batches.append(len(batch))
         _deliver(done)
         return True
 
-    def _run_alone(self, job: tuple) -> None:
-        fn, args, loop, fut = job
+    def _run_alone(self, item: tuple) -> None:
+        name, job, loop, fut = item
         try:
             with Session(self.engine, expire_on_commit=False) as session:
-                tx = Tx(session)
-                result = fn(tx, *args)
+                result, after = self._timed(name, job, session)
                 session.commit()
         except BaseException as e:
-            _deliver([(loop, fut, e, None)])
+            self.stats.setdefault(name, WriteStats()).failures += 1
+            _deliver([(name, loop, fut, e, _FAILED)])
         else:
-            _deliver([(loop, fut, result, tx._after_commit)])
+            self.batches.append(1)
+            _deliver([(name, loop, fut, result, after)])
 
     async def read(self, fn: Callable[..., T], *args: Any) -> T:
         """Run fn(session, *args) on a reader thread."""
@@ -158,11 +174,14 @@ class Database:
         self.engine.dispose()
 
 
+_FAILED: Any = object()
+
+
 def _deliver(done: list) -> None:
     """Hand results to their loops in commit order, with each write's effects first."""
     by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-    for loop, fut, outcome, effects in done:
-        by_loop.setdefault(loop, []).append((fut, outcome, effects))
+    for name, loop, fut, outcome, after in done:
+        by_loop.setdefault(loop, []).append((name, fut, outcome, after))
     for loop, items in by_loop.items():
         try:
             loop.call_soon_threadsafe(_complete, items)
@@ -171,16 +190,18 @@ def _deliver(done: list) -> None:
 
 
 def _complete(items: list) -> None:
-    for fut, outcome, effects in items:
-        if effects is None:
+    for name, fut, outcome, after in items:
+        if after is _FAILED:
             if not fut.done():
                 fut.set_exception(outcome)
             continue
-        _run_all(effects)
+        if after is not None:
+            try:
+                failures = after()
+            except Exception as e:  # pragma: no cover - after-commit parts catch their own
+                failures = [e]
+            for e in failures:
+                # Committed all the same: the caller gets its result; the lost effect is logged.
+                log.error("after commit of write %s: an effect failed", name, exc_info=e)
         if not fut.done():
             fut.set_result(outcome)
-
-
-def _run_all(callbacks: list[Callable[[], Any]]) -> None:
-    for cb in callbacks:
-        cb()

@@ -1,0 +1,81 @@
+"""Runs named writes: `await writer(fn, *args)` runs fn(tx, *args) in one
+transaction, dispatches once at its end if the write asked for routing, and
+carries out its recorded effects after commit (see tx.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from sqlmodel import Session
+
+from ..errors import ChatError
+from ..store import Database
+from . import routing
+from .tx import Context, Effects, Tx
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+
+def write_name(fn: Callable[..., Any]) -> str:
+    """A write's name for logs and metrics: module.function, e.g. routing.accept_offer."""
+    explicit = getattr(fn, "write_name", None)
+    if isinstance(explicit, str):
+        return explicit
+    module = getattr(fn, "__module__", "") or ""
+    return f"{module.rsplit('.', 1)[-1]}.{getattr(fn, '__name__', 'write')}"
+
+
+class Writer:
+    def __init__(self, db: Database, context: Callable[[], Context], effects: Effects):
+        self.db = db
+        self.context = context
+        self.effects = effects
+
+    async def __call__(self, fn: Callable[..., T], *args: Any) -> T:
+        name = write_name(fn)
+        context = self.context()
+        effects = self.effects
+
+        def job(session: Session) -> tuple[T, Callable[[], list[BaseException]]]:
+            tx = Tx(session, context)  # a rerun starts afresh: nothing recorded
+            result = fn(tx, *args)
+            if tx.take_dispatch():
+                routing.dispatch(tx)
+            return result, tx.carry_out(effects)
+
+        try:
+            return await self.db.transact(name, job)
+        except ChatError:
+            raise  # a refusal: the caller's answer, not a failure
+        except Exception:
+            log.exception("write %s failed", name)
+            raise
+
+
+class Background:
+    """Writes nobody awaits (timers, stream clean-up): failures are logged, stop() waits for them."""
+
+    def __init__(self, write: Writer):
+        self._write = write
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, fn: Callable[..., Any], *args: Any) -> None:
+        task = asyncio.get_running_loop().create_task(self._run(fn, args))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        try:
+            await self._write(fn, *args)
+        except ChatError as e:
+            log.warning("background write %s refused: %s", write_name(fn), e.reason)
+        except Exception:
+            pass  # logged by the writer with the write's name
+
+    async def drain(self) -> None:
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)

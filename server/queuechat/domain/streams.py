@@ -1,0 +1,178 @@
+"""The two stream loops: an agent session's offer feed and a conversation's events.
+
+Each subscribes to the bus before reading the backlog, then skips what the
+backlog already sent, so nothing falls between the two. A stream resumes
+from any cursor; a disconnect raises CancelledError at an await and the
+`finally` clauses clean up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from sqlmodel import Session, select
+
+from ..bus import Bus
+from ..config import Limits
+from ..errors import denied, unauthenticated
+from ..store.models import Conversation, FeedEvent
+from . import agents
+from .access import stream_access
+from .conversations import events_after
+from .log import conv_topic, feed_topic, feed_view
+from .positions import QueuePositions, position_of
+from .tx import Reader, Writes
+from .views import (
+    AgentPrincipal,
+    CustomerPrincipal,
+    EventView,
+    FeedEventView,
+    Heartbeat,
+    QueuePositionView,
+    SessionEnded,
+)
+
+Who = AgentPrincipal | CustomerPrincipal
+_PAGE = 500
+
+
+class Streams:
+    def __init__(
+        self,
+        read: Reader,
+        write: Writes,
+        spawn: Callable[..., None],
+        bus: Bus,
+        positions: QueuePositions,
+        limits: Limits,
+    ):
+        self._read = read
+        self._write = write
+        self._spawn = spawn
+        self._bus = bus
+        self._positions = positions
+        self._limits = limits
+
+    async def offer_feed(self, who: AgentPrincipal, after_seq: int) -> AsyncIterator[FeedEventView | Heartbeat]:
+        """The session's offer feed: backlog after the cursor, then live. Offers are made while it is open."""
+        sub = self._bus.subscribe([feed_topic(who.session_id)])
+        opened = False
+        try:
+            await self._write(agents.stream_opened, who.session_id)
+            opened = True
+            last = max(0, after_seq)
+            while True:
+                page = await self._read(_feed_after, who.session_id, last)
+                for ev in page:
+                    last = ev.seq
+                    yield ev
+                if len(page) < _PAGE:
+                    break
+            del page
+            yield Heartbeat(last)  # caught up: live from here
+            while True:
+                item = await sub.get(self._limits.heartbeat_interval)
+                if item is None:
+                    yield Heartbeat(last)
+                elif isinstance(item, SessionEnded):
+                    raise unauthenticated("SESSION_ENDED", "This session has ended; log in again.")
+                elif isinstance(item, FeedEventView) and item.seq > last:
+                    last = item.seq
+                    yield item
+        finally:
+            sub.close()
+            if opened:
+                self._spawn(agents.stream_closed, who.session_id)
+
+    async def conversation(
+        self, who: Who, conversation_id: str, after_seq: int
+    ) -> AsyncIterator[EventView | Heartbeat | QueuePositionView]:
+        """Backlog after the cursor, then live. Customers never get private events; an agent's
+        stream ends with their session, when they leave, or when the invite that let them look ends."""
+        customer = isinstance(who, CustomerPrincipal)
+        watching: QueuePositionView | None = None
+        topics = [conv_topic(conversation_id)]
+        if isinstance(who, AgentPrincipal):
+            topics.append(feed_topic(who.session_id))  # carries the end of the session
+        sub = self._bus.subscribe(topics)
+        try:
+            # Checked after subscribing, so no change of access can fall in between.
+            watching_invite = await self._read(stream_access, who, conversation_id)
+            sent = seen = max(0, after_seq)
+            while True:
+                page = await self._read(events_after, conversation_id, sent, customer, _PAGE)
+                for ev in page:
+                    sent = seen = ev.seq
+                    yield ev
+                    if _final(ev, who):
+                        return
+                if len(page) < _PAGE:
+                    break
+            del page  # a stream lives for hours: keep no backlog alive
+            yield Heartbeat(sent if customer else seen)  # caught up: live from here
+            pos = await self._read(_position, conversation_id)
+            if pos is not None:
+                watching = pos  # while it waits, this stream gets position updates
+                self._positions.watch(pos.queue_id, conversation_id)
+                yield pos
+            while True:
+                item = await sub.get(self._limits.heartbeat_interval)
+                if item is None:
+                    # Customers' cursors count only what they may see: private activity stays invisible.
+                    yield Heartbeat(sent if customer else seen)
+                elif isinstance(item, SessionEnded):
+                    raise unauthenticated("SESSION_ENDED", "This session has ended; log in again.")
+                elif isinstance(item, QueuePositionView):
+                    yield item
+                elif isinstance(item, EventView) and item.seq > seen:
+                    seen = item.seq
+                    if customer and not item.public:
+                        continue
+                    if watching_invite and _invite_over(item, watching_invite):
+                        raise denied("NOT_A_PARTICIPANT", "The invite that let you see this conversation has ended.")
+                    if watching is not None and item.kind in ("participant_joined", "chat_ended", "chat_closed"):
+                        self._positions.unwatch(watching.queue_id, conversation_id)  # out of the queue now
+                        watching = None
+                    sent = item.seq
+                    yield item
+                    if _final(item, who):
+                        return
+        finally:
+            sub.close()
+            if watching is not None:
+                self._positions.unwatch(watching.queue_id, conversation_id)
+
+
+def _feed_after(s: Session, session_id: str, after_seq: int) -> list[FeedEventView]:
+    rows = s.exec(
+        select(FeedEvent)
+        .where(FeedEvent.session_id == session_id, FeedEvent.seq > after_seq)
+        .order_by(FeedEvent.seq)  # type: ignore[arg-type]
+        .limit(_PAGE)
+    ).all()
+    return [feed_view(r) for r in rows]
+
+
+def _position(s: Session, conversation_id: str) -> QueuePositionView | None:
+    conv = s.get(Conversation, conversation_id)
+    return position_of(s, conv) if conv is not None and conv.status == "queued" else None
+
+
+def _invite_over(ev: EventView, invite_id: str) -> bool:
+    """The invite an invitee is looking through ended without them joining."""
+    invite: dict[str, Any] = ev.payload.get("invite", {}) if ev.kind == "invite_updated" else {}
+    if invite.get("invite_id") != invite_id:
+        return False
+    return invite.get("state") not in ("INVITE_STATE_PENDING", "INVITE_STATE_ACCEPTED")
+
+
+def _final(ev: EventView, who: Who) -> bool:
+    """The last event this viewer gets on this stream."""
+    if ev.kind == "chat_closed":
+        return True
+    if isinstance(who, CustomerPrincipal):
+        return ev.kind == "chat_ended"
+    if ev.kind == "participant_left":
+        return bool(ev.payload["participant"].get("agent_id") == who.agent_id)
+    return False
