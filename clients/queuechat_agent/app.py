@@ -68,7 +68,7 @@ ChatPane > Horizontal { height: 1fr; }
 DESKTOP_ACTIONS = {"offer", "chat", "toggle_ready", "close_tab", "next_tab", "previous_tab"}
 
 
-class LoginScreen(Screen):
+class LoginScreen(Screen[tuple[AgentClient, Session]]):
     """Server, credentials, profile and ready: dismisses with (client, session)."""
 
     DEFAULT_CSS = """
@@ -135,7 +135,7 @@ class LoginScreen(Screen):
 class HomePane(TabPane):
     """The first tab: who is logged in, the keys, and what happened to offers and chats."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__("Home", id="home")
 
     def compose(self) -> ComposeResult:
@@ -153,7 +153,7 @@ class HomePane(TabPane):
         )
 
 
-class AgentApp(App):
+class AgentApp(App[None]):
     """One agent's shift: offers and chats in tabs, over the chat.v1 AgentService."""
 
     TITLE = "queuechat agent"
@@ -193,7 +193,7 @@ class AgentApp(App):
         self.client: AgentClient | None = None
         self.session: Session | None = None
         self.ready = False
-        self.offer_feed: Feed | None = None
+        self.offer_feed: Feed[pb.OfferEvent] | None = None
         self.offers: dict[str, OfferPane] = {}
         self.chats: dict[str, ChatPane] = {}
 
@@ -207,7 +207,7 @@ class AgentApp(App):
     def on_mount(self) -> None:
         # Clicking a tab should not pull the keyboard out of the chat: tabs change by click or Ctrl+N/Ctrl+B.
         self.tabs.query_one(Tabs).can_focus = False
-        self.push_screen(LoginScreen(*self.login_defaults), self._logged_in)
+        self._show_login()
 
     async def on_unmount(self) -> None:
         if self.client is not None:
@@ -221,7 +221,21 @@ class AgentApp(App):
     def home(self) -> HomePane:
         return self.query_one(HomePane)
 
+    @property
+    def api(self) -> AgentClient:
+        """The logged-in client. Offers, chats and the desktop's keys only come after _logged_in has set it."""
+        if self.client is None:
+            raise RuntimeError("not logged in")
+        return self.client
+
     # --- session ---------------------------------------------------------------------
+
+    def _show_login(self, message: str = "") -> None:
+        self.push_screen(LoginScreen(*self.login_defaults, message=message), self._login_done)
+
+    def _login_done(self, result: tuple[AgentClient, Session] | None) -> None:
+        if result is not None:
+            self._logged_in(result)
 
     @work(exit_on_error=False)
     async def _logged_in(self, result: tuple[AgentClient, Session]) -> None:
@@ -247,7 +261,7 @@ class AgentApp(App):
 
     @work(exit_on_error=False, group="offers", exclusive=True)
     async def _follow_offers(self) -> None:
-        self.offer_feed = self.client.offers()
+        self.offer_feed = self.api.offers()
         try:
             async for ev in self.offer_feed:
                 if ev.HasField("offer"):
@@ -271,14 +285,14 @@ class AgentApp(App):
     @work(exit_on_error=False)
     async def _reset(self, message: str) -> None:
         for pane in [*self.offers.values(), *self.chats.values()]:
-            await self.tabs.remove_pane(pane.id)
+            await self.tabs.remove_pane(pane.pane_id)
         self.offers.clear()
         self.chats.clear()
         if self.client is not None:
             await self.client.aclose()
             self.client = None
         self._connection_changed(True)
-        self.push_screen(LoginScreen(*self.login_defaults, message=message), self._logged_in)
+        self._show_login(message)
 
     def _connection_changed(self, connected: bool) -> None:
         banner = self.query_one("#banner", Static)
@@ -296,7 +310,7 @@ class AgentApp(App):
         status.update(
             Content(
                 f"{s.display_name} ({s.agent_id}) · {s.profile_name} · {state} · "
-                f"{len(self.chats)} chat(s), {len(self.offers)} offer(s) · {self.client.address}"
+                f"{len(self.chats)} chat(s), {len(self.offers)} offer(s) · {self.api.address}"
             )
         )
         status.set_class(self.ready, "ready")
@@ -306,7 +320,7 @@ class AgentApp(App):
     async def _offered(self, offer: pb.Offer) -> None:
         if offer.offer_id in self.offers or offer.conversation_id in self.chats:
             return
-        pane = OfferPane(self.client, offer)
+        pane = OfferPane(self.api, offer)
         self.offers[offer.offer_id] = pane
         await self.tabs.add_pane(pane)
         kind = "Invite" if offer.kind == pb.OFFER_KIND_INVITE else "Chat offer"
@@ -314,7 +328,7 @@ class AgentApp(App):
         self.bell()
         # Do not pull the agent out of a chat they are typing in.
         if self.tabs.active == "home":
-            self.activate(pane.id)
+            self.activate(pane.pane_id)
         else:
             pane.mark_unread()
         self._refresh_status()
@@ -327,7 +341,7 @@ class AgentApp(App):
             # Accepted by this session elsewhere (e.g. the command line): show the chat.
             if not pane.answering:
                 try:
-                    await self.open_chat(await self.client.conversation(pane.offer.conversation_id), replace=pane)
+                    await self.open_chat(await self.api.conversation(pane.offer.conversation_id), replace=pane)
                 except Refused as err:
                     await self.remove_pane(pane, f"Accepted elsewhere, but the chat could not be opened: {err}")
             return
@@ -337,9 +351,9 @@ class AgentApp(App):
     async def answer_offer(self, pane: OfferPane, accept: bool) -> None:
         try:
             if accept:
-                await self.open_chat(await self.client.accept(pane.offer.offer_id), replace=pane, activate=True)
+                await self.open_chat(await self.api.accept(pane.offer.offer_id), replace=pane, activate=True)
             else:
-                await self.client.reject(pane.offer.offer_id)
+                await self.api.reject(pane.offer.offer_id)
                 await self.remove_pane(pane, f"Offer in {pane.offer.queue.display_name}: rejected")
         except Refused as err:
             if err.reason in ("OFFER_NO_LONGER_VALID", "OFFER_NOT_FOUND"):
@@ -357,28 +371,29 @@ class AgentApp(App):
         """The chat's tab (in place of its offer's tab), opened once."""
         pane = self.chats.get(conv.conversation_id)
         if pane is None:
-            pane = ChatPane(self.client, conv, self.session.agent_id, self.downloads)
+            if self.session is None:
+                raise RuntimeError("not logged in")
+            pane = ChatPane(self.api, conv, self.session.agent_id, self.downloads)
             # Registered before the await, so a racing offer update finds it.
             self.chats[conv.conversation_id] = pane
             in_place = replace is not None and self.offers.get(replace.offer.offer_id) is replace
-            await self.tabs.add_pane(pane, after=replace.id if in_place else None)
+            await self.tabs.add_pane(pane, after=replace if in_place else None)
         if replace is not None:
             await self.remove_pane(replace)
         if activate:
-            self.activate(pane.id)
+            self.activate(pane.pane_id)
         self._refresh_status()
         return pane
 
     async def remove_pane(self, pane: Pane, activity: str = "") -> None:
         """Remove a tab once, however many paths (our answer, the offer feed) ask for it."""
-        if isinstance(pane, OfferPane):
-            registry, key = self.offers, pane.offer.offer_id
+        if isinstance(pane, OfferPane) and self.offers.get(pane.offer.offer_id) is pane:
+            del self.offers[pane.offer.offer_id]
+        elif isinstance(pane, ChatPane) and self.chats.get(pane.conversation_id) is pane:
+            del self.chats[pane.conversation_id]
         else:
-            registry, key = self.chats, pane.conversation_id
-        if registry.get(key) is not pane:
             return
-        del registry[key]
-        await self.tabs.remove_pane(pane.id)
+        await self.tabs.remove_pane(pane.pane_id)
         if activity:
             self.home.log_activity(activity)
         self._refresh_status()
@@ -419,7 +434,9 @@ class AgentApp(App):
         return True
 
     def action_offer(self, accept: bool) -> None:
-        self.tabs.active_pane.answer(accept)
+        pane = self.tabs.active_pane
+        if isinstance(pane, OfferPane):
+            pane.answer(accept)
 
     def action_chat(self, tool: str) -> None:
         getattr(self.tabs.active_pane, f"action_{tool}")()
@@ -427,7 +444,7 @@ class AgentApp(App):
     @work(exit_on_error=False, exclusive=True, group="ready")
     async def action_toggle_ready(self) -> None:
         try:
-            self.ready = await self.client.set_ready(not self.ready)
+            self.ready = await self.api.set_ready(not self.ready)
         except Refused as err:
             self.notify(str(err), severity="error")
         self._refresh_status()
@@ -446,7 +463,7 @@ class AgentApp(App):
         self._move_tab(-1)
 
     def _move_tab(self, step: int) -> None:
-        ids = [p.id for p in self.tabs.query(TabPane)]
+        ids = [p.id for p in self.tabs.query(TabPane) if p.id is not None]
         if ids:
             here = ids.index(self.tabs.active) if self.tabs.active in ids else 0
             self.activate(ids[(here + step) % len(ids)])

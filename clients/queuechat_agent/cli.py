@@ -12,7 +12,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from chat.v1 import agent_service_pb2 as pb
 
@@ -115,7 +115,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 class Command:
-    """One invocation: arguments, the session file and where output goes."""
+    """One invocation: arguments, the session file and where output goes.
+
+    The session file is read (every command but login) and written in a thread, off the event loop.
+    """
 
     def __init__(self, args: argparse.Namespace, out: TextIO):
         self.args = args
@@ -123,21 +126,35 @@ class Command:
         self.session_file: Path = args.session_file or Path(
             os.environ.get("QUEUECHAT_AGENT_SESSION") or _default_session_file()
         )
+        self._saved: dict[str, Any] | None = None  # the session file, once run() has read it
 
-    def saved(self) -> dict:
+    def _read_session(self) -> dict[str, Any] | None:
         try:
-            return json.loads(self.session_file.read_text())
+            saved: dict[str, Any] = json.loads(self.session_file.read_text())
         except FileNotFoundError:
-            raise Usage(f"no session in {self.session_file}: run `queuechat-agent login` first") from None
+            return None
+        return saved
+
+    def _write_session(self, saved: dict[str, Any]) -> None:
+        self.session_file.parent.mkdir(parents=True, exist_ok=True)
+        # The token is a credential: readable by this user only.
+        fd = os.open(self.session_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(saved, f)
+
+    def saved(self) -> dict[str, Any]:
+        if self._saved is None:
+            raise Usage(f"no session in {self.session_file}: run `queuechat-agent login` first")
+        return self._saved
 
     def server(self) -> str:
         if self.args.server:
-            return self.args.server
-        if self.args.command != "login" and self.session_file.exists():
-            return self.saved().get("server", DEFAULT_SERVER)
+            return str(self.args.server)
+        if self._saved is not None:
+            return str(self._saved.get("server", DEFAULT_SERVER))
         return os.environ.get("QUEUECHAT_SERVER", DEFAULT_SERVER)
 
-    def emit(self, obj: dict, human: str) -> None:
+    def emit(self, obj: dict[str, Any], human: str) -> None:
         print(
             json.dumps(obj, ensure_ascii=False) if getattr(self.args, "json", False) else human,
             file=self.out,
@@ -146,6 +163,8 @@ class Command:
 
     async def run(self) -> None:
         a = self.args
+        if a.command != "login":
+            self._saved = await asyncio.to_thread(self._read_session)
         # A script should hear about a dead server soon rather than wait out a long retry.
         client = AgentClient(self.server(), retry_for=5.0)
         try:
@@ -171,16 +190,12 @@ class Command:
             "queue_ids": list(s.queue_ids),
             "ready": s.ready,
         }
-        self.session_file.parent.mkdir(parents=True, exist_ok=True)
-        # The token is a credential: readable by this user only.
-        fd = os.open(self.session_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(saved, f)
+        await asyncio.to_thread(self._write_session, saved)
         print(json.dumps(saved), file=self.out, flush=True)
 
     async def logout(self, client: AgentClient) -> None:
         await client.logout()
-        self.session_file.unlink(missing_ok=True)
+        await asyncio.to_thread(self.session_file.unlink, missing_ok=True)
 
     async def ready(self, client: AgentClient) -> None:
         ready = await client.set_ready(self.args.state == "on")

@@ -12,9 +12,10 @@ import asyncio
 import hashlib
 import random
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator, Callable, Iterator
+from typing import IO, Any, Generic, Literal, TypeVar
 
 import grpc
 from google.rpc import error_details_pb2
@@ -39,6 +40,10 @@ _CHANNEL_OPTIONS = [
 
 Progress = Callable[[int, int], None]
 
+# What a Feed yields: pb.OfferEvent for the offer feed, rpb.ConversationEvent for a conversation.
+EventT = TypeVar("EventT")
+ResponseT = TypeVar("ResponseT")
+
 
 class Refused(Exception):
     """The server refused a call (or could not be reached): status code, ErrorInfo reason, message."""
@@ -49,9 +54,11 @@ class Refused(Exception):
         self.metadata = metadata or {}
 
     @staticmethod
-    def from_error(err: grpc.aio.AioRpcError) -> "Refused":
+    def from_error(err: grpc.aio.AioRpcError) -> Refused:
         reason, metadata = "", {}
-        status = rpc_status.from_call(err)
+        # from_call reads code(), details() and trailing_metadata(), which an AioRpcError has as plain
+        # methods; the grpcio-status stubs ask for a grpc.Call only.
+        status = rpc_status.from_call(err)  # type: ignore[arg-type]
         for detail in status.details if status else ():
             info = error_details_pb2.ErrorInfo()
             if detail.Unpack(info):
@@ -90,7 +97,7 @@ class Backoff:
             delay = min(delay * 2, self.maximum)
 
 
-class Feed:
+class Feed(Generic[EventT]):
     """A server stream (offers or one conversation) followed from a cursor.
 
     Iterate it for the events. On UNAVAILABLE (STREAM_LAGGING included, and a
@@ -100,7 +107,9 @@ class Feed:
     the server ends the stream normally (a conversation closed, or left).
     """
 
-    def __init__(self, client: "AgentClient", open_call: Callable[[int], grpc.aio.UnaryStreamCall], after_seq: int):
+    def __init__(
+        self, client: AgentClient, open_call: Callable[[int], grpc.aio.UnaryStreamCall[Any, Any]], after_seq: int
+    ):
         self._client = client
         self._open = open_call
         self.cursor = after_seq
@@ -108,7 +117,7 @@ class Feed:
         # Set at the first heartbeat: the backlog has been replayed, events are live from here.
         self.caught_up = asyncio.Event()
 
-    async def __aiter__(self) -> AsyncIterator:
+    async def __aiter__(self) -> AsyncIterator[EventT]:
         delays = self._client.backoff.delays()
         try:
             while True:
@@ -158,7 +167,7 @@ class AgentClient:
         # Called with False when a live feed loses its connection, True when all are back.
         self.on_connection: Callable[[bool], None] | None = None
         self.reconnects = 0
-        self._down: set[Feed] = set()
+        self._down: set[Feed[Any]] = set()
         self.channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
         self.stub = agent_service_pb2_grpc.AgentServiceStub(self.channel)
 
@@ -172,7 +181,9 @@ class AgentClient:
     def _metadata(self) -> tuple[tuple[str, str], ...]:
         return (("authorization", f"Bearer {self.token}"),)
 
-    async def _call(self, method, request, *, retry: bool = True):
+    async def _call(
+        self, method: Callable[..., Awaitable[ResponseT]], request: object, *, retry: bool = True
+    ) -> ResponseT:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.retry_for
         delays = self.backoff.delays()
@@ -184,7 +195,7 @@ class AgentClient:
                     raise Refused.from_error(err) from None
             await asyncio.sleep(next(delays))
 
-    def _feed_status(self, feed: Feed, live: bool) -> None:
+    def _feed_status(self, feed: Feed[Any], live: bool) -> None:
         was_connected = self.connected
         if live:
             self._down.discard(feed)
@@ -193,7 +204,7 @@ class AgentClient:
         if self.connected != was_connected and self.on_connection is not None:
             self.on_connection(self.connected)
 
-    def _feed_gone(self, feed: Feed) -> None:
+    def _feed_gone(self, feed: Feed[Any]) -> None:
         if feed in self._down:
             self._feed_status(feed, True)
 
@@ -225,10 +236,10 @@ class AgentClient:
 
     # --- offers --------------------------------------------------------------
 
-    def offers(self, after_seq: int = 0) -> Feed:
+    def offers(self, after_seq: int = 0) -> Feed[pb.OfferEvent]:
         """The session's offer feed (OfferEvents). Offers are only made while it is open."""
 
-        def open_call(after: int):
+        def open_call(after: int) -> grpc.aio.UnaryStreamCall[Any, Any]:
             return self.stub.StreamOffers(pb.StreamOffersRequest(after_seq=after), metadata=self._metadata())
 
         return Feed(self, open_call, after_seq)
@@ -249,10 +260,10 @@ class AgentClient:
         req = pb.GetConversationRequest(conversation_id=conversation_id)
         return (await self._call(self.stub.GetConversation, req)).conversation
 
-    def follow(self, conversation_id: str, after_seq: int = 0) -> Feed:
+    def follow(self, conversation_id: str, after_seq: int = 0) -> Feed[rpb.ConversationEvent]:
         """A conversation's events after after_seq (0: the whole history), then live."""
 
-        def open_call(after: int):
+        def open_call(after: int) -> grpc.aio.UnaryStreamCall[Any, Any]:
             req = pb.StreamConversationRequest(conversation_id=conversation_id, after_seq=after)
             return self.stub.StreamConversation(req, metadata=self._metadata())
 
@@ -315,7 +326,8 @@ class AgentClient:
     ) -> rpb.Attachment:
         """Upload a file in chunks, never holding more than one chunk in memory; the attachment to send."""
         path = Path(path)
-        size = path.stat().st_size
+        # Disk reads and writes go to a thread: a slow disk must not stall the app's event loop.
+        size = (await asyncio.to_thread(path.stat)).st_size
         digest = await asyncio.to_thread(_sha256, path)
         create = pb.CreateUploadRequest(
             conversation_id=conversation_id,
@@ -327,11 +339,10 @@ class AgentClient:
         upload = (await self._call(self.stub.CreateUpload, create)).upload
         step = upload.max_chunk_bytes or MIB
         offset = upload.received_bytes
-        with path.open("rb") as f:
+        f = await asyncio.to_thread(_open_binary, path, "rb")
+        try:
             while offset < size:
-                f.seek(offset)
-                # Disk reads and writes go to a thread: a slow disk must not stall the app's event loop.
-                data = await asyncio.to_thread(f.read, step)
+                data = await asyncio.to_thread(_read_at, f, offset, step)
                 req = pb.UploadChunkRequest(upload_id=upload.upload_id, offset=offset, data=data)
                 try:
                     # A retry after a lost response re-sends the same chunk, which the server accepts.
@@ -346,6 +357,8 @@ class AgentClient:
                     offset = state.upload.received_bytes
                 if progress:
                     progress(offset, size)
+        finally:
+            f.close()  # opened for reading: nothing to flush
         done = await self._call(
             self.stub.CompleteUpload, pb.CompleteUploadRequest(upload_id=upload.upload_id, sha256=digest)
         )
@@ -362,8 +375,9 @@ class AgentClient:
         delays = self.backoff.delays()
         offset, hasher = 0, hashlib.sha256()
         meta: rpb.Attachment | None = None
-        target = part = None
-        out = None
+        target: Path | None = None
+        part: Path | None = None
+        out: IO[bytes] | None = None
         try:
             while True:
                 req = pb.DownloadAttachmentRequest(attachment_id=attachment_id, offset=offset)
@@ -373,10 +387,12 @@ class AgentClient:
                         if item.HasField("attachment"):
                             meta = item.attachment
                             if out is None:
-                                target = _target(Path(dest), meta.file_name or attachment_id)
+                                target = await asyncio.to_thread(_target, Path(dest), meta.file_name or attachment_id)
                                 part = target.with_name(target.name + ".part")
-                                out = part.open("wb")
+                                out = await asyncio.to_thread(_open_binary, part, "wb")
                             continue
+                        if out is None or meta is None:
+                            raise ValueError(f"download of {attachment_id} sent bytes before saying what they are")
                         if item.chunk.offset != offset:
                             raise ValueError(
                                 f"download of {attachment_id} jumped to byte {item.chunk.offset}, expected {offset}"
@@ -393,13 +409,23 @@ class AgentClient:
                 await asyncio.sleep(next(delays))
         finally:
             if out is not None:
-                out.close()
+                # Flushes the last writes: a thread, like them. Cancelled meanwhile, the close still completes.
+                await asyncio.to_thread(out.close)
         assert meta is not None and target is not None and part is not None
         if hasher.hexdigest() != meta.sha256:
-            part.unlink()
+            await asyncio.to_thread(part.unlink)
             raise ValueError(f"{meta.file_name}: the downloaded bytes do not match the attachment's SHA-256")
-        part.replace(target)
+        await asyncio.to_thread(part.replace, target)
         return target
+
+
+def _open_binary(path: Path, mode: Literal["rb", "wb"]) -> IO[bytes]:
+    return path.open(mode)
+
+
+def _read_at(f: IO[bytes], offset: int, n: int) -> bytes:
+    f.seek(offset)
+    return f.read(n)
 
 
 def _sha256(path: Path) -> str:

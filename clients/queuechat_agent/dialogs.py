@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Awaitable, Callable
+from typing import Literal, TypeVar
 
 from textual import on, work
 from textual.app import ComposeResult
@@ -22,9 +23,12 @@ from .client import Progress, Refused
 
 MAX_FILES = 5
 
+ResultT = TypeVar("ResultT")
+InviteChoice = tuple[Literal["agent", "queue", "cancel"], str]
 
-class Dialog(ModalScreen):
-    """A centred box; Escape cancels (dismisses with None)."""
+
+class Dialog(ModalScreen[ResultT | None]):
+    """A centred box that returns a ResultT; Escape cancels (dismisses with None)."""
 
     BINDINGS = [Binding("escape", "dismiss(None)", "Cancel")]
     DEFAULT_CSS = """
@@ -47,7 +51,7 @@ class Dialog(ModalScreen):
         self.query_one(".error", Static).update(Content(message))
 
 
-class PredefinedPicker(Dialog):
+class PredefinedPicker(Dialog[rpb.PredefinedMessage]):
     """The titles of the predefined messages; choosing one returns it."""
 
     def __init__(self, messages: list[rpb.PredefinedMessage]):
@@ -64,7 +68,7 @@ class PredefinedPicker(Dialog):
         self.dismiss(self.messages[event.option_index])
 
 
-class MenuComposer(Dialog):
+class MenuComposer(Dialog[tuple[str, list[str]]]):
     """A prompt and 2 to 10 options, one per line: returns (prompt, labels)."""
 
     def compose(self) -> ComposeResult:
@@ -93,7 +97,7 @@ class MenuComposer(Dialog):
             self.dismiss((prompt, labels))
 
 
-class InviteDialog(Dialog):
+class InviteDialog(Dialog[InviteChoice]):
     """Invite a named agent or a random one from a queue: ("agent", id) or ("queue", id).
 
     While an invite is pending only one is allowed: the dialog offers to cancel it ("cancel", invite_id).
@@ -135,7 +139,9 @@ class InviteDialog(Dialog):
         if event.button.name == "close":
             self.dismiss(None)
         elif event.button.name == "cancel-invite":
-            self.dismiss(("cancel", self.pending.invite_id))
+            # The button is only there while an invite is pending.
+            if self.pending is not None:
+                self.dismiss(("cancel", self.pending.invite_id))
         else:
             self._invite()
 
@@ -148,7 +154,7 @@ class InviteDialog(Dialog):
             self.dismiss(("agent", agent) if agent else ("queue", queue))
 
 
-class AttachDialog(Dialog):
+class AttachDialog(Dialog[list[rpb.Attachment]]):
     """Up to `room` file paths, uploaded with progress; returns the completed attachments."""
 
     # Closing returns what did upload even when some failed: unsent uploads count against the five allowed.
@@ -188,7 +194,7 @@ class AttachDialog(Dialog):
     @on(Input.Submitted)
     def start(self) -> None:
         jobs = [
-            (i, bar)
+            (i, bar, Path(i.value.strip()).expanduser())
             for i, bar in zip(self.query(".path").results(Input), self.query(ProgressBar), strict=True)
             if i.value.strip()
         ]
@@ -199,16 +205,13 @@ class AttachDialog(Dialog):
         self._upload_all(jobs)
 
     @work(exclusive=True)
-    async def _upload_all(self, jobs: list[tuple[Input, ProgressBar]]) -> None:
+    async def _upload_all(self, jobs: list[tuple[Input, ProgressBar, Path]]) -> None:
         errors = []
-        for field, bar in jobs:
+        for field, bar, path in jobs:
             field.disabled = True
             bar.display = True
-            path = Path(field.value.strip()).expanduser()
             try:
-                self.done.append(
-                    await self.upload(path, lambda sent, total, bar=bar: bar.update(total=total, progress=sent))
-                )
+                self.done.append(await self.upload(path, _progress_to(bar)))
             except (Refused, OSError) as err:
                 errors.append(f"{path.name}: {err}")
         if errors:
@@ -219,7 +222,7 @@ class AttachDialog(Dialog):
             self.dismiss(self.done)
 
 
-class DownloadDialog(Dialog):
+class DownloadDialog(Dialog[Path]):
     """The files received in the chat; choosing one downloads it with progress and returns its path."""
 
     def __init__(
@@ -248,7 +251,7 @@ class DownloadDialog(Dialog):
         bar = self.query_one(ProgressBar)
         bar.display = True
         try:
-            path = await self.download(attachment, lambda got, total: bar.update(total=total, progress=got))
+            path = await self.download(attachment, _progress_to(bar))
         except (Refused, OSError, ValueError) as err:
             self.error(str(err))
             return
@@ -284,3 +287,12 @@ class ConfirmClose(ModalScreen[bool]):
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         self.dismiss(event.button.name == "close")
+
+
+def _progress_to(bar: ProgressBar) -> Progress:
+    """A transfer's progress callback that moves bar."""
+
+    def show(done: int, total: int) -> None:
+        bar.update(total=total, progress=done)
+
+    return show

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Iterable
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -45,11 +46,12 @@ class Entry(Static):
 class Pane(TabPane):
     """A tab with a label that shows unread activity until the tab is looked at."""
 
-    app: "AgentApp"
+    app: AgentApp
     FOCUS = ""  # what takes the keyboard when the tab is activated
 
     def __init__(self, caption: str, *, id: str):
         super().__init__(Content(caption), id=id)
+        self.pane_id = id  # self.id, which is typed as optional
         self.caption = caption
         self.unread = False
 
@@ -125,7 +127,7 @@ class OfferPane(Pane):
             self._load_variables()
 
     @staticmethod
-    def _variables(variables) -> Content:
+    def _variables(variables: Iterable[rpb.CustomerVariable]) -> Content:
         lines = [text.variable(v) for v in variables]
         return Content("\n".join(lines) if lines else "(no details)")
 
@@ -177,7 +179,7 @@ class ChatPane(Pane):
         self.staged: list[rpb.Attachment] = []
         self.predefined_id = ""
         self.menus: dict[str, str] = {}
-        self.feed: Feed | None = None
+        self.feed: Feed[rpb.ConversationEvent] | None = None
         self._send_lock = asyncio.Lock()
 
     def compose(self) -> ComposeResult:
@@ -258,7 +260,11 @@ class ChatPane(Pane):
     def _refresh_info(self) -> None:
         variables = [text.variable(v) + "\n" for v in self.variables] or ["(no details)\n"]
         self.query_one(".info-customer", Static).update(Content.assemble(("Customer\n", "bold"), *variables))
-        chat = [("Queue\n", "bold"), f"{self.queue.display_name or self.queue.queue_id}\n", ("\nAgents\n", "bold")]
+        chat: list[str | tuple[str, str]] = [
+            ("Queue\n", "bold"),
+            f"{self.queue.display_name or self.queue.queue_id}\n",
+            ("\nAgents\n", "bold"),
+        ]
         chat += [f"{name}\n" for name in self.agents.values()]
         if self.pending_invite is not None:
             chat += [("\nInvite\n", "bold"), f"{text.invite_target(self.pending_invite)}: pending\n"]
@@ -397,7 +403,7 @@ class ChatPane(Pane):
         if not self.received:
             self.notice("No files received in this chat yet.")
             return
-        self.downloads.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(self.downloads.mkdir, parents=True, exist_ok=True)
         path = await self.app.push_screen_wait(DownloadDialog(self.received, self._download_file))
         if path is not None:
             self.notice(f"Saved {path}")
@@ -420,7 +426,7 @@ class ChatPane(Pane):
             return
         self.app.drop_pane(self, f"You left the chat with {self.customer}")
 
-    async def _call(self, coro, failure: str) -> None:
+    async def _call(self, coro: Awaitable[object], failure: str) -> None:
         try:
             await coro
         except Refused as err:

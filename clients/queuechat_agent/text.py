@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import timedelta, timezone
+from datetime import UTC, timedelta
+from typing import Any
 
 from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
 
 from chat.v1 import agent_service_pb2 as pb
 from chat.v1 import resources_pb2 as rpb
@@ -72,7 +75,7 @@ def variable(v: rpb.CustomerVariable) -> str:
     return f"{LOCK if v.authenticated else '  '} {v.name}: {v.value}"
 
 
-def customer_name(variables) -> str:
+def customer_name(variables: Iterable[rpb.CustomerVariable]) -> str:
     for v in variables:
         if v.name == "name" and v.value:
             return v.value
@@ -91,7 +94,7 @@ def attachment(a: rpb.Attachment) -> str:
 def describe(ev: rpb.ConversationEvent, me: str, menus: dict[str, str] | None = None) -> Line:
     """ev as a log line; me is this agent's id; menus maps menu ids to prompts seen so far."""
     role, sender, text = _describe(ev, me, menus if menus is not None else {})
-    local = ev.create_time.ToDatetime(tzinfo=timezone.utc).astimezone()
+    local = ev.create_time.ToDatetime(tzinfo=UTC).astimezone()
     # Only messages are marked private: invite updates are agents-only by nature.
     private = ev.HasField("message") and ev.visibility == rpb.VISIBILITY_AGENTS_ONLY
     return Line(role, sender, text, private, local.strftime("%H:%M"))
@@ -149,7 +152,7 @@ def offer_update(u: pb.OfferUpdate) -> str:
     return f"{text} ({reason})" if reason else text
 
 
-def as_json(message, **extra) -> dict:
+def as_json(message: Message, **extra: object) -> dict[str, Any]:
     """A message as JSON-ready dict with proto field names; seq stays a number."""
     out = MessageToDict(message, preserving_proto_field_name=True)
     if "seq" in out:

@@ -11,6 +11,7 @@ import asyncio
 import base64
 import logging
 import re
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -72,7 +73,15 @@ def split_host_port(listen: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def call_metadata(headers) -> tuple[tuple[str, str | bytes], ...]:
+MetadataPairs = Iterable[tuple[str, str | bytes]]
+# How a call ended: status code, message, trailing metadata.
+CallEnd = tuple[grpc.StatusCode, str, MetadataPairs]
+# Generic calls: request and response are the message bytes, passed through as they are.
+UnaryMethod = grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]
+StreamMethod = grpc.aio.UnaryStreamMultiCallable[bytes, bytes]
+
+
+def call_metadata(headers: Mapping[str, str]) -> tuple[tuple[str, str | bytes], ...]:
     """The request headers that are call metadata, lower-case; -bin values decoded."""
     md: list[tuple[str, str | bytes]] = []
     for key, value in headers.items():
@@ -94,16 +103,15 @@ class Bridge:
         self.allowed_origins = set(allowed_origins)
         self.max_body_bytes = max_body_bytes
         self.channel = grpc.aio.insecure_channel(grpc_target, options=_CHANNEL_OPTIONS)
-        # Path -> (generic callable, server streaming). grpc-web has no client streaming; chat.v1 has none either.
-        self.methods = {}
+        # Path -> generic callable. grpc-web has no client streaming; chat.v1 has none either.
+        self.methods: dict[str, UnaryMethod | StreamMethod] = {}
         for service in BRIDGED_SERVICES:
             for m in service.methods:
                 path = f"/{service.full_name}/{m.name}"
-                factory = self.channel.unary_stream if m.server_streaming else self.channel.unary_unary
-                self.methods[path] = (
-                    factory(path, request_serializer=None, response_deserializer=None),
-                    m.server_streaming,
-                )
+                if m.server_streaming:
+                    self.methods[path] = self.channel.unary_stream(path)
+                else:
+                    self.methods[path] = self.channel.unary_unary(path)
         self.streams: set[grpc.aio.Call] = set()
         self.closing = False
         self.runner: web.AppRunner | None = None
@@ -120,9 +128,9 @@ class Bridge:
         app.router.add_route("OPTIONS", "/{service}/{method}", self.preflight)
         return app
 
-    def _file(self, path: Path):
+    def _file(self, path: Path) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         async def handler(request: web.Request) -> web.StreamResponse:
-            if not path.exists():
+            if not await asyncio.to_thread(path.exists):
                 raise web.HTTPNotFound(text=f"{path.name} is missing: run scripts/build-web")
             return web.FileResponse(path, headers=_PAGE_HEADERS)
 
@@ -206,10 +214,9 @@ class Bridge:
             except ValueError as e:
                 return refuse(grpc.StatusCode.INVALID_ARGUMENT, str(e))
 
-        callable_, streaming = method
-        call = callable_(frames[0][1], timeout=timeout, metadata=call_metadata(request.headers))
+        call = method(frames[0][1], timeout=timeout, metadata=call_metadata(request.headers))
         try:
-            if streaming:
+            if isinstance(call, grpc.aio.UnaryStreamCall):
                 return await self._stream(request, call, mode, headers)
             return await self._unary(call, mode, headers)
         finally:
@@ -217,7 +224,10 @@ class Bridge:
             # and this ends the backend call at once instead of at its next message.
             call.cancel()
 
-    async def _unary(self, call, mode: str, headers: dict[str, str]) -> web.Response:
+    async def _unary(
+        self, call: grpc.aio.UnaryUnaryCall[bytes, bytes], mode: str, headers: dict[str, str]
+    ) -> web.Response:
+        end: CallEnd
         try:
             message = await call
             body = grpcweb.frame(grpcweb.DATA, message)
@@ -226,10 +236,13 @@ class Bridge:
             body, end = b"", (e.code(), e.details() or "", e.trailing_metadata() or ())
         return web.Response(body=grpcweb.encode(mode, body + self._trailer(*end)), headers=headers)
 
-    async def _stream(self, request: web.Request, call, mode: str, headers: dict[str, str]) -> web.StreamResponse:
+    async def _stream(
+        self, request: web.Request, call: grpc.aio.UnaryStreamCall[bytes, bytes], mode: str, headers: dict[str, str]
+    ) -> web.StreamResponse:
         response = web.StreamResponse(headers=headers)
         await response.prepare(request)
         self.streams.add(call)
+        end: CallEnd
         try:
             async for message in call:
                 # Each message (the server's heartbeats included) goes out at once: idle proxies see traffic.
@@ -239,7 +252,8 @@ class Bridge:
             end = (e.code(), e.details() or "", e.trailing_metadata() or ())
         except asyncio.CancelledError:
             # stop() cancelled the backend call, not this handler: end properly so the browser reconnects.
-            if not self.closing or asyncio.current_task().cancelling():
+            task = asyncio.current_task()
+            if not self.closing or (task is not None and task.cancelling()):
                 raise
             end = (grpc.StatusCode.UNAVAILABLE, "The web bridge is shutting down; reconnect.", ())
         finally:
@@ -249,13 +263,13 @@ class Bridge:
         return response
 
     @staticmethod
-    def _trailer(code: grpc.StatusCode, message: str, metadata) -> bytes:
+    def _trailer(code: grpc.StatusCode, message: str, metadata: MetadataPairs) -> bytes:
         return grpcweb.trailer(code.value[0], message, metadata)
 
     # --- life cycle ---------------------------------------------------------------------------
 
     async def start(self, host: str, port: int) -> None:
-        if not (BUILD_DIR / "app.js").exists():
+        if not await asyncio.to_thread((BUILD_DIR / "app.js").exists):
             log.warning("the customer page is not built: run scripts/build-web")
         self.runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None)
         await self.runner.setup()
