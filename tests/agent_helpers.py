@@ -5,15 +5,15 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from typing import Callable
+from collections.abc import Callable
 
 import jwt
+from files import Uploader
+from harness import IDENTITY_SECRET, WAIT
 from textual.widget import Widget
 from textual.widgets import Button
 
 from chat.v1 import customer_service_pb2 as cust_pb
-from files import Uploader
-from harness import IDENTITY_SECRET, WAIT
 from queuechat_agent.app import AgentApp
 from queuechat_agent.panes import Entry, OfferPane
 
@@ -86,7 +86,7 @@ class Proxy:
         self.connections = 0
         self.server: asyncio.Server | None = None
 
-    async def start(self) -> "Proxy":
+    async def start(self) -> Proxy:
         self.server = await asyncio.start_server(self._link, "127.0.0.1", 0)
         return self
 

@@ -7,21 +7,21 @@ Waiting is always on events with a timeout, never on fixed sleeps.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from chat.v1 import admin_service_pb2 as admin_pb
-from chat.v1 import admin_service_pb2_grpc
+from chat.v1 import admin_service_pb2_grpc, agent_service_pb2_grpc, customer_service_pb2_grpc
 from chat.v1 import agent_service_pb2 as agent_pb
-from chat.v1 import agent_service_pb2_grpc
 from chat.v1 import customer_service_pb2 as cust_pb
-from chat.v1 import customer_service_pb2_grpc
 from chat.v1 import resources_pb2 as rpb
 from queuechat.api.server import ChatServer
 from queuechat.config import parse_config
@@ -155,10 +155,8 @@ class Stream:
     async def cancel(self) -> None:
         self.call.cancel()
         self._task.cancel()
-        try:
+        with contextlib.suppress(asyncio.CancelledError):
             await self._task
-        except asyncio.CancelledError:
-            pass
 
 
 def is_event(kind: str, pred: Callable[[Any], bool] = lambda e: True) -> Callable[[Any], bool]:
@@ -167,7 +165,7 @@ def is_event(kind: str, pred: Callable[[Any], bool] = lambda e: True) -> Callabl
 
 @dataclass
 class AgentClient:
-    harness: "Harness"
+    harness: Harness
     stub: agent_service_pb2_grpc.AgentServiceStub
     token: str
     agent_id: str
@@ -264,7 +262,7 @@ class AgentClient:
 
 @dataclass
 class CustomerClient:
-    harness: "Harness"
+    harness: Harness
     stub: customer_service_pb2_grpc.CustomerServiceStub
     token: str
     conversation: rpb.Conversation
@@ -318,7 +316,7 @@ class Harness:
         self.channel: grpc.aio.Channel | None = None
         self._clients: list[Any] = []
 
-    async def start(self) -> "Harness":
+    async def start(self) -> Harness:
         core = Core(Database(self.database_url), parse_config(self.config_doc), files_dir=self.data_dir / "files")
         self.server = ChatServer(core, f"127.0.0.1:{self.port}")
         await self.server.start()

@@ -7,13 +7,13 @@ from datetime import timedelta
 import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
+from harness import auth, expect_error
 from sqlmodel import SQLModel, select
 
 from chat.v1 import admin_service_pb2 as pb
 from chat.v1 import agent_service_pb2 as agent_pb
 from chat.v1 import customer_service_pb2 as cust_pb
 from chat.v1 import resources_pb2 as rpb
-from harness import auth, expect_error
 from queuechat.store.models import Offer, Setting
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT

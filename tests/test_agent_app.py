@@ -1,16 +1,22 @@
 """The agent's terminal desktop, driven through Textual's pilot against a real server in the same event loop."""
 
 import pytest
-from textual.widgets import Button, Input, Label, OptionList, Static
-
 from agent_helpers import click, customer_sends_file, identity_token, lines, log_in, offer_pane, until
-from chat.v1 import agent_service_pb2 as agent_pb
-from chat.v1 import resources_pb2 as rpb
 from files import Uploader, pdf
 from harness import is_event
+from textual.widgets import Button, Input, Label, OptionList, Static
+
+from chat.v1 import agent_service_pb2 as agent_pb
+from chat.v1 import resources_pb2 as rpb
 from queuechat_agent.app import AgentApp, LoginScreen
-from queuechat_agent.dialogs import AttachDialog, ConfirmClose, DownloadDialog, InviteDialog, MenuComposer
-from queuechat_agent.dialogs import PredefinedPicker
+from queuechat_agent.dialogs import (
+    AttachDialog,
+    ConfirmClose,
+    DownloadDialog,
+    InviteDialog,
+    MenuComposer,
+    PredefinedPicker,
+)
 from queuechat_agent.panes import ChatPane, Entry
 
 SIZE = (120, 36)

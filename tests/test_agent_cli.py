@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from agent_helpers import customer_sends_file
+from harness import WAIT, is_event
+
 from chat.v1 import agent_service_pb2 as agent_pb
 from chat.v1 import resources_pb2 as rpb
-from harness import WAIT, is_event
 from queuechat_agent import cli
 
 SCRIPT = Path(sys.executable).parent / "queuechat-agent"
@@ -92,7 +92,7 @@ async def test_a_chat_from_the_command_line(server, tmp_path):
     await cust.send("Thanks!")
     att = await customer_sends_file(cust, b"order A-1001\n", "order.txt")
     [saved] = await me.ok("download", att.attachment_id, "--to", str(tmp_path))
-    assert Path(saved["path"]).read_bytes() == b"order A-1001\n"
+    assert await asyncio.to_thread(Path(saved["path"]).read_bytes) == b"order A-1001\n"
 
     code, _, err = await me.run("close", cust.id)
     assert code == 1 and err.startswith("FAILED_PRECONDITION CUSTOMER_STILL_CONNECTED: ")

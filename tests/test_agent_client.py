@@ -6,10 +6,10 @@ import tracemalloc
 
 import grpc
 import pytest
-
 from agent_helpers import Proxy, customer_sends_file
 from files import MIB, Uploader, png
 from harness import WAIT, is_event
+
 from queuechat.domain.log import conv_topic
 from queuechat_agent.client import AgentClient, Backoff, Refused, SessionEnded
 

@@ -15,12 +15,12 @@ import uuid
 
 import grpc
 import pytest
+from files import MIB, Uploader, sha
+from harness import auth
 
 from chat.v1 import agent_service_pb2 as agent_pb
 from chat.v1 import agent_service_pb2_grpc, customer_service_pb2_grpc
 from chat.v1 import customer_service_pb2 as cust_pb
-from files import MIB, Uploader, sha
-from harness import auth
 
 CONFIG = """
 [security]

@@ -5,12 +5,12 @@ import os
 
 import grpc
 import pytest
+from files import ELF, MIB, Uploader, pdf, png, sha
+from harness import expect_error, is_event
 
 from chat.v1 import agent_service_pb2 as agent_pb
 from chat.v1 import customer_service_pb2 as cust_pb
 from chat.v1 import resources_pb2 as rpb
-from files import ELF, MIB, Uploader, pdf, png, sha
-from harness import expect_error, is_event
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION

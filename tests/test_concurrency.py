@@ -13,11 +13,11 @@ from collections import defaultdict
 
 import grpc
 import pytest
+from harness import auth
 from sqlmodel import select
 
 from chat.v1 import agent_service_pb2 as agent_pb
 from chat.v1 import customer_service_pb2 as cust_pb
-from harness import auth
 from queuechat.store.models import Agent, Conversation, Offer, Participant
 
 N_CUSTOMERS = 40

@@ -1,11 +1,11 @@
 """The whole chat flow through the stubs: offer, accept, messages, menus, end, close."""
 
 import grpc
+from harness import expect_error, is_event
 
 from chat.v1 import agent_service_pb2 as agent_pb
 from chat.v1 import customer_service_pb2 as cust_pb
 from chat.v1 import resources_pb2 as rpb
-from harness import expect_error, is_event
 
 
 async def test_customer_agent_chat_end_to_end(server):
@@ -199,8 +199,9 @@ async def test_private_messages_reach_agents_only(server):
     await replay.wait_for(is_event("message", lambda e: e.message.text == "public hello"))
     assert all("VIP" not in e.message.text for e in replay.events("message"))
     # But in the organisation's chat log, marked private.
-    from chat.v1 import admin_service_pb2 as admin_pb
     from harness import auth
+
+    from chat.v1 import admin_service_pb2 as admin_pb
 
     token = await server.admin_token()
     log = await server.admin_stub.ExportConversation(

@@ -2,10 +2,10 @@
 
 import grpc
 import pytest
+from harness import expect_error, is_event
 
 from chat.v1 import agent_service_pb2 as agent_pb
 from chat.v1 import resources_pb2 as rpb
-from harness import expect_error, is_event
 
 
 def invite_state(state):

@@ -9,12 +9,12 @@ must arrive exactly once, in seq order, with nothing lost.
 from __future__ import annotations
 
 import pytest
+from harness import AgentClient, CustomerClient, Harness, auth, base_config, is_event
+from pgutil import pg_url  # noqa: F401  (fixture)
 
 from chat.v1 import admin_service_pb2 as admin_pb
 from chat.v1 import agent_service_pb2 as agent_pb
 from chat.v1 import resources_pb2 as rpb
-from harness import AgentClient, CustomerClient, Harness, auth, base_config, is_event
-from pgutil import pg_url  # noqa: F401  (fixture)
 
 
 @pytest.fixture

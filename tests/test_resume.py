@@ -1,9 +1,9 @@
 """Streams resume from their cursor: across reconnects and server restarts, nothing lost or repeated."""
 
 import pytest
+from harness import is_event
 
 from chat.v1 import agent_service_pb2 as agent_pb
-from harness import is_event
 
 
 def texts(stream):

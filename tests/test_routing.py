@@ -1,12 +1,11 @@
 """Routing: oldest chat first, idle-longest agent, reject/timeout, cool-down, capacity, presence."""
 
 import grpc
+import pytest
+from harness import expect_error
 from sqlmodel import select
 
 from chat.v1 import agent_service_pb2 as agent_pb
-import pytest
-
-from harness import expect_error
 from queuechat.store.models import Offer
 
 

@@ -22,12 +22,13 @@ import uuid
 import grpc
 import jwt
 import pytest
+from google.protobuf import message_factory
+from harness import IDENTITY_SECRET, auth, base_config, error_reason, expect_error, is_event
+
 from chat.v1 import admin_service_pb2 as admin_pb
 from chat.v1 import agent_service_pb2 as agent_pb
 from chat.v1 import customer_service_pb2 as cust_pb
 from chat.v1 import resources_pb2 as rpb
-from google.protobuf import message_factory
-from harness import IDENTITY_SECRET, auth, base_config, error_reason, expect_error, is_event
 
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
 PERMISSION_DENIED = grpc.StatusCode.PERMISSION_DENIED

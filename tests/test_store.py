@@ -7,18 +7,19 @@ functions, not gRPC, so a failure here points at the schema or the SQL.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import uuid
+from datetime import UTC, datetime, timedelta, timezone
 from functools import partial
-from datetime import datetime, timedelta, timezone
 
 import pytest
+from harness import base_config
+from pgutil import pg_schema, pg_url, schema_url  # noqa: F401  (pg_url: fixture)
 from sqlalchemy import func, inspect, text
 from sqlalchemy.exc import IntegrityError, StatementError
 from sqlmodel import select
 
-from harness import base_config
-from pgutil import pg_schema, pg_url, schema_url  # noqa: F401  (pg_url: fixture)
 from queuechat.api.convert import check_payload
 from queuechat.config import parse_config
 from queuechat.domain import agents, conversations, routing
@@ -89,11 +90,11 @@ def count(s, model, *where) -> int:
 def make_chat_offer(tx, conversation_id: str, session_id: str) -> str:
     conv = tx.session.get(Conversation, conversation_id)
     sess = tx.session.get(AgentSession, session_id)
-    return routing.make_offer(tx, conv, sess.id, sess.agent_id, datetime.now(timezone.utc)).id
+    return routing.make_offer(tx, conv, sess.id, sess.agent_id, datetime.now(UTC)).id
 
 
 def insert_offer(tx, conversation_id: str, session_id: str, *, kind: str = "chat", status: str = "pending") -> str:
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     offer = Offer(
         id=uuid.uuid4().hex,
         session_id=session_id,
@@ -194,10 +195,9 @@ async def test_two_servers_on_one_postgresql_store_get_distinct_seqs(pg_url):  #
 
         def append_after_both_read(tx):
             conv = tx.session.get(Conversation, cid)
-            try:
-                both_read.wait()  # both transactions have seen last_seq == 2
-            except threading.BrokenBarrierError:
-                pass  # a fix that makes the other wait for this one: go on alone
+            # Both transactions have seen last_seq == 2; a fix that makes the other wait breaks the barrier.
+            with contextlib.suppress(threading.BrokenBarrierError):
+                both_read.wait()
             return append_event(tx, conv, "message", {"text": "x"}, actor="customer").seq
 
         got = await asyncio.gather(a.write(append_after_both_read), b.write(append_after_both_read))
@@ -241,7 +241,7 @@ async def test_one_pending_chat_offer_per_conversation(core):
     def resolve(tx):
         o = tx.session.get(Offer, first)
         o.status = "rejected"
-        o.resolved_at = datetime.now(timezone.utc)
+        o.resolved_at = datetime.now(UTC)
         tx.session.add(o)
 
     await core.write(resolve)
@@ -281,10 +281,10 @@ async def test_request_id_unique_per_conversation_and_actor(core):
 
 async def test_aware_utc_datetimes_round_trip(core, backend):
     cid = await new_chat(core)
-    created = datetime(2024, 3, 31, 1, 59, 58, 123456, tzinfo=timezone.utc)
+    created = datetime(2024, 3, 31, 1, 59, 58, 123456, tzinfo=UTC)
     # Given in another zone (01:59:59.654321 UTC): stored as the same instant.
     enqueued = datetime(2024, 3, 31, 4, 29, 59, 654321, tzinfo=timezone(timedelta(hours=2, minutes=30)))
-    closed = datetime(2024, 12, 31, 23, 59, 59, 999999, tzinfo=timezone.utc)
+    closed = datetime(2024, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
 
     def set_times(tx):
         conv = tx.session.get(Conversation, cid)
@@ -296,7 +296,7 @@ async def test_aware_utc_datetimes_round_trip(core, backend):
     def check(conv):
         for got, want in ((conv.created_at, created), (conv.enqueued_at, enqueued), (conv.closed_at, closed)):
             assert got.tzinfo is not None and got.utcoffset() == timedelta(0), got
-            assert got == want and got.microsecond == want.astimezone(timezone.utc).microsecond
+            assert got == want and got.microsecond == want.astimezone(UTC).microsecond
 
     check(await core.db.read(lambda s: s.get(Conversation, cid)))
 

@@ -10,8 +10,8 @@ import threading
 import uuid
 
 import pytest
-
 from harness import base_config
+
 from queuechat.api.convert import check_payload
 from queuechat.config import parse_config
 from queuechat.domain import conversations, runner

@@ -12,19 +12,19 @@ from pathlib import Path
 import aiohttp
 import grpc
 import pytest
+from files import MIB
+from harness import is_event
 from multidict import CIMultiDict
 from sqlmodel import select
+from web_grpcweb import GrpcWebClient, envelope
 
 from chat.v1 import admin_service_pb2 as admin_pb
 from chat.v1 import agent_service_pb2 as agent_pb
 from chat.v1 import customer_service_pb2 as cust_pb
 from chat.v1 import resources_pb2 as rpb
-from files import MIB
-from harness import is_event
 from queuechat.store.models import AgentSession
 from queuechat_web import DEFAULT_MAX_BODY_BYTES, start_bridge
 from queuechat_web.bridge import call_metadata
-from web_grpcweb import GrpcWebClient, envelope
 
 ROOT = Path(__file__).resolve().parent.parent
 CS = "/chat.v1.CustomerService/"

@@ -1,19 +1,20 @@
 """The customer's chat page in headless Chromium (Debian's /usr/bin/chromium), served by the grpc-web bridge,
 with an agent on the generated stubs. Screenshots go to test-output/web/."""
 
+import asyncio
 import time
 import uuid
 from pathlib import Path
 
 import jwt
 import pytest
+from files import ELF, Uploader, png, sha
+from harness import IDENTITY_SECRET, is_event
 from playwright.async_api import Page, async_playwright, expect
 from sqlmodel import func, select
 
 from chat.v1 import agent_service_pb2 as agent_pb
 from chat.v1 import resources_pb2 as rpb
-from files import ELF, Uploader, png, sha
-from harness import IDENTITY_SECRET, is_event
 from queuechat.store.models import Attachment
 from queuechat_web import start_bridge
 from queuechat_web.bridge import BUILD_DIR
@@ -94,7 +95,7 @@ async def download(page: Page, button) -> bytes:
     async with page.expect_download() as info:
         await button.click()
     d = await info.value
-    return Path(await d.path()).read_bytes()
+    return await asyncio.to_thread(Path(await d.path()).read_bytes)
 
 
 def message_box(page: Page):

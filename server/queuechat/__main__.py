@@ -17,8 +17,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the gRPC server")
     serve.add_argument("--config", required=True, help="TOML configuration file")
-    serve.add_argument("--data-dir", default=os.environ.get("QUEUECHAT_DATA", "data"), help="embedded SQLite lives here")
-    serve.add_argument("--database-url", default=os.environ.get("QUEUECHAT_DATABASE_URL"), help="e.g. postgresql+psycopg://...")
+    serve.add_argument(
+        "--data-dir", default=os.environ.get("QUEUECHAT_DATA", "data"), help="embedded SQLite lives here"
+    )
+    serve.add_argument(
+        "--database-url", default=os.environ.get("QUEUECHAT_DATABASE_URL"), help="e.g. postgresql+psycopg://..."
+    )
     serve.add_argument("--listen", default=os.environ.get("QUEUECHAT_LISTEN", "[::]:50051"))
     serve.add_argument(
         "--web-listen",
@@ -48,7 +52,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         config = load_config(args.config)
-    except (OSError, ConfigError) as e:
+    except ConfigError as e:
+        # Each problem names the file or the environment variable already.
+        print("queuechat: invalid configuration:", *e.problems, sep="\n  ", file=sys.stderr)
+        return 2
+    except OSError as e:
         print(f"queuechat: cannot load {args.config}: {e}", file=sys.stderr)
         return 2
 

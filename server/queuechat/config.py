@@ -3,143 +3,376 @@
 It is applied on every start as an upsert: the queues, profiles, agents,
 admins, predefined messages and settings it names are set to its values;
 anything created through AdminService and not named here is left alone.
+
+The file is validated with pydantic (strict types, unknown keys refused), then
+for what types cannot say: duplicate ids, references, passwords. Environment
+variables QUEUECHAT_<SECTION>__<KEY> override [settings], [limits] and
+[security] keys and go through the same models. docs/configuration.md has the
+keys and their defaults.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import tomllib
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import ConfigDict, Field, Strict, TypeAdapter, ValidationError
+from pydantic.dataclasses import dataclass
+from pydantic_core import ErrorDetails
+
+# Strict per field rather than per model: a strict model would also refuse a
+# TOML table (a dict) where a nested model belongs. Strict float still takes an int.
+_Str = Annotated[str, Strict()]
+_Id = Annotated[str, Strict(), Field(min_length=1)]
+_Text = Annotated[str, Strict(), Field(min_length=1)]
+_IdList = Annotated[list[_Id], Strict()]
+_Float = Annotated[float, Strict()]
+_Count = Annotated[int, Strict(), Field(ge=1)]
+_CountOrNone = Annotated[int, Strict(), Field(ge=0)]  # 0 allowed: none at all
+_Interval = Annotated[float, Strict(), Field(gt=0, allow_inf_nan=False)]
+# The range AdminService.UpdateSettings accepts, so a value from the file can be sent back unchanged.
+_Seconds = Annotated[float, Strict(), Field(gt=0, le=86400, allow_inf_nan=False)]
+
+_MODEL = ConfigDict(extra="forbid")
 
 
-@dataclass
+@dataclass(frozen=True, config=_MODEL)
 class Settings:
-    offer_timeout: float = 30.0
-    reject_cooldown: float = 30.0
-    stream_grace: float = 10.0
+    # No range here: AdminService builds these from requests and refuses bad values with INVALID_ARGUMENT itself.
+    offer_timeout: _Float = 30.0
+    reject_cooldown: _Float = 30.0
+    stream_grace: _Float = 10.0
 
 
-@dataclass
+@dataclass(frozen=True, config=_MODEL)
+class _FileSettings(Settings):
+    offer_timeout: _Seconds = Settings.offer_timeout
+    reject_cooldown: _Seconds = Settings.reject_cooldown
+    stream_grace: _Seconds = Settings.stream_grace
+
+
+@dataclass(frozen=True, config=_MODEL)
 class Limits:
-    max_message_chars: int = 4000
-    max_variables: int = 50
-    max_variable_chars: int = 1000
-    heartbeat_interval: float = 15.0
-    subscriber_queue: int = 1000
+    max_message_chars: _Count = 4000
+    max_variables: _CountOrNone = 50
+    max_variable_chars: _Count = 1000
+    heartbeat_interval: _Interval = 15.0
+    subscriber_queue: _Count = 1000
     # Attachments: 20 MiB = 20,971,520 bytes per file, 5 per message, 1 MiB chunks.
-    max_attachment_bytes: int = 20 * 1024 * 1024
-    max_attachments_per_message: int = 5
-    upload_chunk_bytes: int = 1024 * 1024
+    max_attachment_bytes: _Count = 20 * 1024 * 1024
+    max_attachments_per_message: _CountOrNone = 5
+    upload_chunk_bytes: _Count = 1024 * 1024
     # Unfinished or unsent uploads are removed after this many seconds without progress.
-    upload_ttl: float = 3600.0
-    upload_sweep_interval: float = 60.0
+    upload_ttl: _Interval = 3600.0
+    upload_sweep_interval: _Interval = 60.0
 
 
-@dataclass
+@dataclass(frozen=True, config=_MODEL)
 class QueueConfig:
-    id: str
-    display_name: str
+    id: _Id
+    display_name: _Text
 
 
-@dataclass
+@dataclass(frozen=True, config=_MODEL)
 class ProfileConfig:
-    id: str
-    display_name: str
-    queues: list[str]
+    id: _Id
+    display_name: _Text
+    queues: _IdList
 
 
-@dataclass
+@dataclass(frozen=True, config=_MODEL)
 class AgentConfig:
-    id: str
-    display_name: str
-    profiles: list[str]
-    password: str | None = None
-    password_hash: str | None = None
-    max_chats: int = 3
+    id: _Id
+    display_name: _Text
+    profiles: _IdList
+    password: _Str | None = None
+    password_hash: _Str | None = None
+    max_chats: _Count = 3
 
 
-@dataclass
+@dataclass(frozen=True, config=_MODEL)
 class AdminConfig:
-    id: str
-    password: str | None = None
-    password_hash: str | None = None
+    id: _Id
+    password: _Str | None = None
+    password_hash: _Str | None = None
 
 
-@dataclass
+@dataclass(frozen=True, config=_MODEL)
 class PredefinedConfig:
-    id: str
-    title: str
-    body: str
-    queue: str | None = None
-    profile: str | None = None
+    id: _Id
+    title: _Text
+    body: _Text
+    queue: _Id | None = None
+    profile: _Id | None = None
 
 
-@dataclass
-class Config:
-    settings: Settings = field(default_factory=Settings)
-    # The settings the file names; only these override values changed through AdminService.
-    settings_given: frozenset[str] = frozenset()
-    limits: Limits = field(default_factory=Limits)
-    queues: list[QueueConfig] = field(default_factory=list)
-    profiles: list[ProfileConfig] = field(default_factory=list)
-    agents: list[AgentConfig] = field(default_factory=list)
-    admins: list[AdminConfig] = field(default_factory=list)
-    predefined_messages: list[PredefinedConfig] = field(default_factory=list)
+@dataclass(frozen=True, config=_MODEL)
+class _Security:
     # HS256 secrets for customers' identity tokens; several allow rotation.
-    identity_secrets: list[str] = field(default_factory=list)
-    # argon2id cost; lower it only for tests.
+    identity_secrets: Annotated[list[_Text], Strict()] = dataclasses.field(default_factory=list)
+    # argon2id cost; lower it only for tests. argon2 needs 8 KiB per lane and PasswordHasher uses 4 lanes.
+    argon2_time_cost: _Count = 3
+    argon2_memory_kib: Annotated[int, Strict(), Field(ge=32)] = 65536
+
+
+@dataclass(frozen=True, config=_MODEL)
+class _File:
+    """The file as written: one field per top-level key."""
+
+    settings: _FileSettings = dataclasses.field(default_factory=_FileSettings)
+    limits: Limits = dataclasses.field(default_factory=Limits)
+    security: _Security = dataclasses.field(default_factory=_Security)
+    queues: Annotated[list[QueueConfig], Strict()] = dataclasses.field(default_factory=list)
+    profiles: Annotated[list[ProfileConfig], Strict()] = dataclasses.field(default_factory=list)
+    agents: Annotated[list[AgentConfig], Strict()] = dataclasses.field(default_factory=list)
+    admins: Annotated[list[AdminConfig], Strict()] = dataclasses.field(default_factory=list)
+    predefined_messages: Annotated[list[PredefinedConfig], Strict()] = dataclasses.field(default_factory=list)
+
+
+@dataclass(frozen=True, config=_MODEL)
+class Config:
+    settings: Settings = dataclasses.field(default_factory=Settings)
+    # The settings the file or the environment names; only these override values changed through AdminService.
+    settings_given: frozenset[str] = frozenset()
+    limits: Limits = dataclasses.field(default_factory=Limits)
+    queues: list[QueueConfig] = dataclasses.field(default_factory=list)
+    profiles: list[ProfileConfig] = dataclasses.field(default_factory=list)
+    agents: list[AgentConfig] = dataclasses.field(default_factory=list)
+    admins: list[AdminConfig] = dataclasses.field(default_factory=list)
+    predefined_messages: list[PredefinedConfig] = dataclasses.field(default_factory=list)
+    identity_secrets: list[str] = dataclasses.field(default_factory=list)
     argon2_time_cost: int = 3
     argon2_memory_kib: int = 65536
 
 
 class ConfigError(ValueError):
-    pass
+    """An invalid configuration; `problems` has one line per problem, each naming where and what was expected."""
+
+    def __init__(self, problems: str | Iterable[str]):
+        self.problems = (problems,) if isinstance(problems, str) else tuple(problems)
+        super().__init__("\n".join(self.problems))
 
 
-def _pick(cls: type, data: dict[str, Any], where: str, rename: dict[str, str] | None = None) -> Any:
-    rename = rename or {}
-    data = {rename.get(k, k): v for k, v in data.items()}
-    allowed = set(cls.__dataclass_fields__)
-    unknown = set(data) - allowed
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
-    try:
-        return cls(**data)
-    except TypeError as e:
-        raise ConfigError(f"{where}: {e}") from None
+_FILE = TypeAdapter(_File)
+ENV_PREFIX = "QUEUECHAT_"
+# Only the flat sections: the lists of queues, agents... have no sensible one-variable form.
+ENV_SECTIONS = {"settings": _FileSettings, "limits": Limits, "security": _Security}
+_SECTIONS = {
+    **ENV_SECTIONS,
+    "queues": QueueConfig,
+    "profiles": ProfileConfig,
+    "agents": AgentConfig,
+    "admins": AdminConfig,
+    "predefined_messages": PredefinedConfig,
+}
+# Their values are not repeated in error messages, which end up in logs.
+_SECRET_KEYS = {"password", "password_hash", "identity_secrets"}
+
+Loc = tuple[str | int, ...]
 
 
-def parse_config(doc: dict[str, Any]) -> Config:
-    cfg = Config()
-    known = {"settings", "limits", "security", "queues", "profiles", "agents", "admins", "predefined_messages"}
-    unknown = set(doc) - known
-    if unknown:
-        raise ConfigError(f"unknown section(s) {', '.join(sorted(unknown))}")
-    if "settings" in doc:
-        cfg.settings = _pick(Settings, doc["settings"], "[settings]")
-        cfg.settings_given = frozenset(doc["settings"])
-    if "limits" in doc:
-        cfg.limits = _pick(Limits, doc["limits"], "[limits]")
-    sec = dict(doc.get("security", {}))
-    cfg.identity_secrets = list(sec.pop("identity_secrets", []))
-    cfg.argon2_time_cost = int(sec.pop("argon2_time_cost", cfg.argon2_time_cost))
-    cfg.argon2_memory_kib = int(sec.pop("argon2_memory_kib", cfg.argon2_memory_kib))
-    if sec:
-        raise ConfigError(f"[security]: unknown key(s) {', '.join(sorted(sec))}")
-    cfg.queues = [_pick(QueueConfig, q, f"queues[{i}]") for i, q in enumerate(doc.get("queues", []))]
-    cfg.profiles = [_pick(ProfileConfig, p, f"profiles[{i}]") for i, p in enumerate(doc.get("profiles", []))]
-    cfg.agents = [_pick(AgentConfig, a, f"agents[{i}]") for i, a in enumerate(doc.get("agents", []))]
-    cfg.admins = [_pick(AdminConfig, a, f"admins[{i}]") for i, a in enumerate(doc.get("admins", []))]
-    cfg.predefined_messages = [
-        _pick(PredefinedConfig, m, f"predefined_messages[{i}]") for i, m in enumerate(doc.get("predefined_messages", []))
-    ]
-    for a in cfg.agents + cfg.admins:  # type: ignore[operator]
-        if not (a.password or a.password_hash):
-            raise ConfigError(f"{a.id}: needs password or password_hash")
-    return cfg
+def parse_config(doc: dict[str, Any], environ: Mapping[str, str] | None = None) -> Config:
+    """Validate a parsed TOML document; QUEUECHAT_<SECTION>__<KEY> variables in `environ` override it.
+
+    `environ` is not os.environ unless passed, so that building a config in a test does not depend on the shell.
+    """
+    return _parse(doc, environ or {}, None)
 
 
-def load_config(path: str | Path) -> Config:
+def load_config(path: str | Path, environ: Mapping[str, str] = os.environ) -> Config:
+    """Read and validate the file at `path`, with the process environment's overrides unless told otherwise."""
     with open(path, "rb") as f:
-        return parse_config(tomllib.load(f))
+        try:
+            doc = tomllib.load(f)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError([f"{path}: not valid TOML: {e}"]) from None
+    return _parse(doc, environ, str(path))
+
+
+def _parse(doc: Any, environ: Mapping[str, str], file: str | None) -> Config:
+    doc, from_env, problems = _with_environment(doc, environ)
+    try:
+        f = _FILE.validate_python(doc)
+    except ValidationError as e:
+        raise ConfigError(problems + [_describe(err, file, from_env) for err in e.errors(include_url=False)]) from None
+    problems += [_line(loc, what, file, from_env) for loc, what in _check(f)]
+    if problems:
+        raise ConfigError(problems)
+    # The merged document: a setting from the environment counts as given too.
+    given = frozenset(doc.get("settings", {}))
+    return Config(
+        settings=Settings(**dataclasses.asdict(f.settings)),
+        settings_given=given,
+        limits=f.limits,
+        queues=f.queues,
+        profiles=f.profiles,
+        agents=f.agents,
+        admins=f.admins,
+        predefined_messages=f.predefined_messages,
+        identity_secrets=f.security.identity_secrets,
+        argon2_time_cost=f.security.argon2_time_cost,
+        argon2_memory_kib=f.security.argon2_memory_kib,
+    )
+
+
+def _env_value(text: str) -> Any:
+    """A variable's value read as a TOML value (12, 0.5, ["a", "b"], "text"); anything else stays a string."""
+    try:
+        parsed = tomllib.loads(f"v = {text}")
+    except tomllib.TOMLDecodeError:
+        return text
+    # A value with a newline could smuggle in more keys; such a value is just a (wrong) string.
+    return parsed["v"] if parsed.keys() == {"v"} else text
+
+
+def _with_environment(doc: Any, environ: Mapping[str, str]) -> tuple[Any, dict[tuple[str, str], str], list[str]]:
+    """The document with the environment's overrides (a copy: the caller's is left alone), where they came from."""
+    from_env: dict[tuple[str, str], str] = {}
+    problems: list[str] = []
+    if not isinstance(doc, dict):
+        return doc, from_env, problems  # the model says what was expected
+    doc = dict(doc)
+    for name in sorted(environ):
+        # QUEUECHAT_CONFIG, QUEUECHAT_LISTEN... belong to the command line, not to the file.
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        section, _, key = name[len(ENV_PREFIX) :].lower().partition("__")
+        if section not in ENV_SECTIONS:
+            problems.append(
+                f"environment variable {name}: unknown section {section!r}; "
+                f"expected one of {', '.join(ENV_PREFIX + s.upper() + '__' for s in ENV_SECTIONS)}"
+            )
+            continue
+        table = doc.get(section, {})
+        if not isinstance(table, dict):
+            continue  # the file's own error is reported
+        doc[section] = {**table, key: _env_value(environ[name])}
+        from_env[(section, key)] = name
+    return doc, from_env, problems
+
+
+def _check(f: _File) -> Iterable[tuple[Loc, str]]:
+    """What the types cannot say: unique ids, references within the file, a way to log in."""
+    for name in ("queues", "profiles", "agents", "admins", "predefined_messages"):
+        first: dict[str, int] = {}
+        for i, item in enumerate(getattr(f, name)):
+            j = first.setdefault(item.id, i)
+            if j != i:
+                yield (name, i, "id"), f"duplicate id {item.id!r} (also {name}[{j}]); expected each id once"
+    queues = [q.id for q in f.queues]
+    profiles = [p.id for p in f.profiles]
+
+    def unknown(kind: str, value: str, known: list[str]) -> str:
+        return f"unknown {kind} {value!r}; expected one of the file's {kind}s: {', '.join(known) or '(none)'}"
+
+    for i, p in enumerate(f.profiles):
+        for k, q in enumerate(p.queues):
+            if q not in queues:
+                yield ("profiles", i, "queues", k), unknown("queue", q, queues)
+    for i, a in enumerate(f.agents):
+        for k, pid in enumerate(a.profiles):
+            if pid not in profiles:
+                yield ("agents", i, "profiles", k), unknown("profile", pid, profiles)
+    people: list[tuple[str, Sequence[AgentConfig | AdminConfig]]] = [("agents", f.agents), ("admins", f.admins)]
+    for name, accounts in people:
+        for i, account in enumerate(accounts):
+            if not (account.password or account.password_hash):
+                yield (name, i), f"{account.id!r} cannot log in; expected password or password_hash"
+    for i, m in enumerate(f.predefined_messages):
+        if m.queue is not None and m.profile is not None:
+            yield ("predefined_messages", i), "both queue and profile; expected at most one (neither: for everyone)"
+        if m.queue is not None and m.queue not in queues:
+            yield ("predefined_messages", i, "queue"), unknown("queue", m.queue, queues)
+        if m.profile is not None and m.profile not in profiles:
+            yield ("predefined_messages", i, "profile"), unknown("profile", m.profile, profiles)
+        if len(m.body) > f.limits.max_message_chars:
+            yield (
+                ("predefined_messages", i, "body"),
+                f"{len(m.body)} characters; expected at most {f.limits.max_message_chars} ([limits] max_message_chars)",
+            )
+
+
+def _key(loc: Loc) -> str:
+    """A location in TOML terms: `[limits] max_message_chars`, `agents[2].profiles` (items count from 0)."""
+    if not loc:
+        return "the document"
+    head, *rest = loc
+    path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in rest)
+    if head in ENV_SECTIONS:
+        return f"[{head}]" + (f" {path.removeprefix('.')}" if path else "")
+    return f"{head}{path}"
+
+
+def _line(loc: Loc, what: str, file: str | None, from_env: dict[tuple[str, str], str]) -> str:
+    name = from_env.get((str(loc[0]), str(loc[1]))) if len(loc) >= 2 else None
+    if name:
+        return f"environment variable {name} ({_key(loc)}): {what}"
+    return f"{file}: {_key(loc)}: {what}" if file else f"{_key(loc)}: {what}"
+
+
+# bool before int: a bool is an int to isinstance.
+_TOML_TYPES: tuple[tuple[type, str], ...] = (
+    (bool, "a boolean"),
+    (int, "an integer"),
+    (float, "a number"),
+    (str, "a string"),
+    (list, "an array"),
+    (dict, "a table"),
+)
+_NO_INPUT = {"extra_forbidden", "unexpected_keyword_argument", "missing", "missing_argument"}
+
+
+def _got(value: Any, secret: bool) -> str:
+    kind = next((name for t, name in _TOML_TYPES if isinstance(value, t)), "a date or time")
+    if secret or isinstance(value, list | dict):
+        return f"got {kind}"
+    shown = repr(value)
+    return f"got {kind} {shown[:60] + '...' if len(shown) > 60 else shown}"
+
+
+def _expected(err: ErrorDetails) -> str:
+    loc: Loc = err["loc"]
+    kind: str = err["type"]
+    ctx: dict[str, Any] = err.get("ctx", {})
+    if kind in ("extra_forbidden", "unexpected_keyword_argument"):
+        model = _SECTIONS.get(str(loc[0])) if len(loc) > 1 else _File
+        known = ", ".join(f.name for f in dataclasses.fields(model)) if model else ""
+        return f"unknown key; expected one of {known}"
+    if kind in ("missing", "missing_argument"):
+        return "missing; this key is required"
+    if kind == "float_type":
+        return "expected a number"
+    if kind == "int_type":
+        return "expected an integer"
+    if kind == "string_type":
+        return "expected a string"
+    if kind == "list_type":
+        # The only lists are the top-level arrays of tables and lists of ids or secrets.
+        return f"expected an array of tables [[{loc[0]}]]" if len(loc) == 1 else "expected a list of strings"
+    if kind in ("dataclass_type", "dict_type", "model_type"):
+        if len(loc) == 1:
+            return f"expected a table [{loc[0]}]"
+        return f"expected a table [[{loc[0]}]]" if len(loc) == 2 else "expected a table"
+    if kind == "string_too_short":
+        return "expected a non-empty string"
+    if kind == "greater_than":
+        return f"expected more than {ctx['gt']:g}"
+    if kind == "greater_than_equal":
+        return f"expected at least {ctx['ge']:g}"
+    if kind == "less_than_equal":
+        return f"expected at most {ctx['le']:g}"
+    if kind == "finite_number":
+        return "expected a finite number"
+    return str(err["msg"])
+
+
+def _describe(err: ErrorDetails, file: str | None, from_env: dict[tuple[str, str], str]) -> str:
+    loc: Loc = tuple(err["loc"])
+    what = _expected(err)
+    if err["type"] not in _NO_INPUT:
+        what += ", " + _got(err["input"], secret=any(p in _SECRET_KEYS for p in loc))
+    return _line(loc, what, file, from_env)
