@@ -56,9 +56,12 @@ def print_demo_help(config: Config, listen: str, web_listen: str = "") -> None:
         + f"}}' {addr} chat.v1.CustomerService/StartChat",
         "",
         "  # 3. the agent accepts the offer, then both stream and send",
-        f"  grpcurl -plaintext -H 'authorization: Bearer <session_token>' -d '{{\"offer_id\":\"<offer_id>\"}}' {addr} chat.v1.AgentService/AcceptOffer",
-        f"  grpcurl -plaintext -H 'authorization: Bearer <customer_token>' -d '{{\"conversation_id\":\"<id>\"}}' {addr} chat.v1.CustomerService/StreamConversation",
-        f"  grpcurl -plaintext -H 'authorization: Bearer <customer_token>' -d '{{\"conversation_id\":\"<id>\",\"text\":\"Hello!\"}}' {addr} chat.v1.CustomerService/SendMessage",
+        "  grpcurl -plaintext -H 'authorization: Bearer <session_token>'"
+        f" -d '{{\"offer_id\":\"<offer_id>\"}}' {addr} chat.v1.AgentService/AcceptOffer",
+        "  grpcurl -plaintext -H 'authorization: Bearer <customer_token>'"
+        f" -d '{{\"conversation_id\":\"<id>\"}}' {addr} chat.v1.CustomerService/StreamConversation",
+        "  grpcurl -plaintext -H 'authorization: Bearer <customer_token>'"
+        f" -d '{{\"conversation_id\":\"<id>\",\"text\":\"Hello!\"}}' {addr} chat.v1.CustomerService/SendMessage",
         "",
         "  Demo agents: " + ", ".join(f"{a.id}/{a.password} ({', '.join(a.profiles)})" for a in config.agents),
         "  Demo admin:  " + ", ".join(f"{a.id}/{a.password}" for a in config.admins),

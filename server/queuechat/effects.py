@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from .bus import Bus
@@ -37,7 +37,7 @@ class LocalEffects:
 
     def schedule(self, when: datetime, fn: WriteFn, args: tuple[Any, ...]) -> None:
         loop = asyncio.get_running_loop()
-        delay = max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+        delay = max(0.0, (when - datetime.now(UTC)).total_seconds())
         handle: asyncio.TimerHandle
 
         def fire() -> None:

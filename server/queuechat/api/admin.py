@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal, overload
+
 import grpc
 from google.protobuf.duration_pb2 import Duration
 
@@ -65,6 +67,11 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
     def __init__(self, core: Core):
         self.core = core
 
+    @overload
+    async def _password_hash(self, password: str, required: Literal[True]) -> str: ...
+    @overload
+    async def _password_hash(self, password: str, required: bool) -> str | None: ...
+
     async def _password_hash(self, password: str, required: bool) -> str | None:
         """Hashed here, not in the write: argon2 would hold up the single writer."""
         if not password:
@@ -110,19 +117,25 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
         return pb.ListProfilesResponse(profiles=[_profile(p) for p in rows])
 
     @admin_call
-    async def CreateProfile(self, request: pb.CreateProfileRequest, context, who: AdminPrincipal) -> pb.CreateProfileResponse:
+    async def CreateProfile(
+        self, request: pb.CreateProfileRequest, context, who: AdminPrincipal
+    ) -> pb.CreateProfileResponse:
         p = request.profile
         row = await self.core.create_profile(p.profile_id, p.display_name, list(p.queue_ids))
         return pb.CreateProfileResponse(profile=_profile(row))
 
     @admin_call
-    async def UpdateProfile(self, request: pb.UpdateProfileRequest, context, who: AdminPrincipal) -> pb.UpdateProfileResponse:
+    async def UpdateProfile(
+        self, request: pb.UpdateProfileRequest, context, who: AdminPrincipal
+    ) -> pb.UpdateProfileResponse:
         p = request.profile
         row = await self.core.update_profile(p.profile_id, p.display_name, list(p.queue_ids))
         return pb.UpdateProfileResponse(profile=_profile(row))
 
     @admin_call
-    async def DeleteProfile(self, request: pb.DeleteProfileRequest, context, who: AdminPrincipal) -> pb.DeleteProfileResponse:
+    async def DeleteProfile(
+        self, request: pb.DeleteProfileRequest, context, who: AdminPrincipal
+    ) -> pb.DeleteProfileResponse:
         await self.core.delete_profile(request.profile_id)
         return pb.DeleteProfileResponse()
 
@@ -157,7 +170,9 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
     # --- predefined messages ----------------------------------------------------
 
     @admin_call
-    async def ListPredefinedMessages(self, request, context, who: AdminPrincipal) -> pb.AdminServiceListPredefinedMessagesResponse:
+    async def ListPredefinedMessages(
+        self, request, context, who: AdminPrincipal
+    ) -> pb.AdminServiceListPredefinedMessagesResponse:
         rows = await self.core.list_all_predefined()
         return pb.AdminServiceListPredefinedMessagesResponse(predefined_messages=[_predefined(m) for m in rows])
 
@@ -187,7 +202,9 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
         return pb.GetSettingsResponse(settings=_settings(self.core.settings))
 
     @admin_call
-    async def UpdateSettings(self, request: pb.UpdateSettingsRequest, context, who: AdminPrincipal) -> pb.UpdateSettingsResponse:
+    async def UpdateSettings(
+        self, request: pb.UpdateSettingsRequest, context, who: AdminPrincipal
+    ) -> pb.UpdateSettingsResponse:
         s = request.settings
         new = Settings(
             offer_timeout=s.offer_timeout.ToNanoseconds() / 1e9,

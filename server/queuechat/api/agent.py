@@ -37,7 +37,9 @@ class AgentService(agent_service_pb2_grpc.AgentServiceServicer):
         return pb.LogoutResponse()
 
     @agent_call
-    async def SetAgentState(self, request: pb.SetAgentStateRequest, context, who: AgentPrincipal) -> pb.SetAgentStateResponse:
+    async def SetAgentState(
+        self, request: pb.SetAgentStateRequest, context, who: AgentPrincipal
+    ) -> pb.SetAgentStateResponse:
         if request.state == pb.AGENT_STATE_UNSPECIFIED:
             raise invalid("STATE_REQUIRED", "state must be AGENT_STATE_READY or AGENT_STATE_NOT_READY.")
         ready = await self.core.set_ready(who, request.state == pb.AGENT_STATE_READY)
@@ -95,14 +97,20 @@ class AgentService(agent_service_pb2_grpc.AgentServiceServicer):
         return pb.ListPredefinedMessagesResponse(
             predefined_messages=[
                 rpb.PredefinedMessage(
-                    predefined_message_id=r.id, title=r.title, body=r.body, queue_id=r.queue_id or "", profile_id=r.profile_id or ""
+                    predefined_message_id=r.id,
+                    title=r.title,
+                    body=r.body,
+                    queue_id=r.queue_id or "",
+                    profile_id=r.profile_id or "",
                 )
                 for r in rows
             ]
         )
 
     @agent_call
-    async def SendOfferMenu(self, request: pb.SendOfferMenuRequest, context, who: AgentPrincipal) -> pb.SendOfferMenuResponse:
+    async def SendOfferMenu(
+        self, request: pb.SendOfferMenuRequest, context, who: AgentPrincipal
+    ) -> pb.SendOfferMenuResponse:
         options = [(o.option_id, o.label) for o in request.options]
         ev = await self.core.send_offer_menu(who, request.conversation_id, request.request_id, request.prompt, options)
         return pb.SendOfferMenuResponse(event=convert.event(ev))
@@ -115,7 +123,9 @@ class AgentService(agent_service_pb2_grpc.AgentServiceServicer):
         return pb.InviteAgentResponse(invite=convert.invite(inv))
 
     @agent_call
-    async def CancelInvite(self, request: pb.CancelInviteRequest, context, who: AgentPrincipal) -> pb.CancelInviteResponse:
+    async def CancelInvite(
+        self, request: pb.CancelInviteRequest, context, who: AgentPrincipal
+    ) -> pb.CancelInviteResponse:
         inv = await self.core.cancel_invite(who, request.invite_id)
         return pb.CancelInviteResponse(invite=convert.invite(inv))
 
@@ -130,7 +140,9 @@ class AgentService(agent_service_pb2_grpc.AgentServiceServicer):
         return pb.CloseConversationResponse(conversation=convert.conversation(view))
 
     @agent_call
-    async def CreateUpload(self, request: pb.CreateUploadRequest, context, who: AgentPrincipal) -> pb.CreateUploadResponse:
+    async def CreateUpload(
+        self, request: pb.CreateUploadRequest, context, who: AgentPrincipal
+    ) -> pb.CreateUploadResponse:
         return await files.create_upload(self.core, who, request, pb.CreateUploadResponse)
 
     @agent_call
@@ -142,11 +154,15 @@ class AgentService(agent_service_pb2_grpc.AgentServiceServicer):
         return await files.get_upload(self.core, who, request, pb.GetUploadResponse)
 
     @agent_call
-    async def CompleteUpload(self, request: pb.CompleteUploadRequest, context, who: AgentPrincipal) -> pb.CompleteUploadResponse:
+    async def CompleteUpload(
+        self, request: pb.CompleteUploadRequest, context, who: AgentPrincipal
+    ) -> pb.CompleteUploadResponse:
         return await files.complete_upload(self.core, who, request, pb.CompleteUploadResponse)
 
     @agent_call
-    async def DeleteUpload(self, request: pb.DeleteUploadRequest, context, who: AgentPrincipal) -> pb.DeleteUploadResponse:
+    async def DeleteUpload(
+        self, request: pb.DeleteUploadRequest, context, who: AgentPrincipal
+    ) -> pb.DeleteUploadResponse:
         return await files.delete_upload(self.core, who, request, pb.DeleteUploadResponse)
 
     @agent_call

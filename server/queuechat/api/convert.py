@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -24,7 +24,7 @@ def timestamp(dt: datetime | None) -> Timestamp | None:
     if dt is None:
         return None
     t = Timestamp()
-    t.FromDatetime(dt.replace(tzinfo=timezone.utc))
+    t.FromDatetime(dt.replace(tzinfo=UTC))
     return t
 
 

@@ -61,7 +61,9 @@ class CustomerService(customer_service_pb2_grpc.CustomerServiceServicer):
         return pb.CustomerServiceSendMessageResponse(event=convert.event(ev))
 
     @customer_call
-    async def ChooseOption(self, request: pb.ChooseOptionRequest, context, who: CustomerPrincipal) -> pb.ChooseOptionResponse:
+    async def ChooseOption(
+        self, request: pb.ChooseOptionRequest, context, who: CustomerPrincipal
+    ) -> pb.ChooseOptionResponse:
         ev = await self.core.choose_option(who, request.conversation_id, request.menu_id, request.option_id)
         return pb.ChooseOptionResponse(event=convert.event(ev))
 
@@ -71,7 +73,9 @@ class CustomerService(customer_service_pb2_grpc.CustomerServiceServicer):
         return pb.EndChatResponse(conversation=convert.conversation(view))
 
     @customer_call
-    async def GetTranscript(self, request: pb.GetTranscriptRequest, context, who: CustomerPrincipal) -> pb.GetTranscriptResponse:
+    async def GetTranscript(
+        self, request: pb.GetTranscriptRequest, context, who: CustomerPrincipal
+    ) -> pb.GetTranscriptResponse:
         t = await self.core.transcript(who, request.conversation_id)
         return pb.GetTranscriptResponse(
             conversation=convert.conversation(t.conversation), events=[convert.event(e) for e in t.events]

@@ -97,6 +97,11 @@ def authenticated(resolve: Resolve) -> Callable[[Callable[..., Any]], Callable[.
 def bearer(context: grpc.aio.ServicerContext) -> str:
     for key, value in context.invocation_metadata() or ():
         if key == "authorization":
+            if isinstance(value, bytes):  # typed str | bytes; gRPC gives bytes only for "-bin" keys
+                try:
+                    value = value.decode("ascii")
+                except UnicodeDecodeError:
+                    return ""
             scheme, _, token = value.partition(" ")
             return token.strip() if scheme.lower() == "bearer" else ""
     return ""

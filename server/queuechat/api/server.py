@@ -11,8 +11,14 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from chat.v1 import admin_service_pb2, admin_service_pb2_grpc, agent_service_pb2, agent_service_pb2_grpc
-from chat.v1 import customer_service_pb2, customer_service_pb2_grpc
+from chat.v1 import (
+    admin_service_pb2,
+    admin_service_pb2_grpc,
+    agent_service_pb2,
+    agent_service_pb2_grpc,
+    customer_service_pb2,
+    customer_service_pb2_grpc,
+)
 
 from ..domain.core import Core
 from . import convert

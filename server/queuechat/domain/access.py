@@ -14,7 +14,9 @@ from .views import AgentPrincipal, CustomerPrincipal
 def require_member(tx: Tx, who: AgentPrincipal, conversation_id: str) -> Conversation:
     conv = tx.session.get(Conversation, conversation_id) if conversation_id else None
     if conv is None:
-        raise not_found("CONVERSATION_NOT_FOUND", f"No conversation {conversation_id!r}.", conversation_id=conversation_id)
+        raise not_found(
+            "CONVERSATION_NOT_FOUND", f"No conversation {conversation_id!r}.", conversation_id=conversation_id
+        )
     if not is_participant(tx.session, conversation_id, who.agent_id):
         raise denied(
             "NOT_A_PARTICIPANT", "You are not in this conversation.", conversation_id=conversation_id
@@ -23,7 +25,9 @@ def require_member(tx: Tx, who: AgentPrincipal, conversation_id: str) -> Convers
 
 
 def can_read(s: Session, who: AgentPrincipal, conversation_id: str) -> bool:
-    return bool(is_participant(s, conversation_id, who.agent_id) or has_pending_invite_for(s, conversation_id, who.agent_id))
+    return bool(
+        is_participant(s, conversation_id, who.agent_id) or has_pending_invite_for(s, conversation_id, who.agent_id)
+    )
 
 
 def readable_conversation(s: Session, who: AgentPrincipal | CustomerPrincipal, conversation_id: str) -> Conversation:
@@ -34,7 +38,9 @@ def readable_conversation(s: Session, who: AgentPrincipal | CustomerPrincipal, c
             raise denied("NOT_YOUR_CONVERSATION", "This token is not for that conversation.")
         return conv
     if conv is None:
-        raise not_found("CONVERSATION_NOT_FOUND", f"No conversation {conversation_id!r}.", conversation_id=conversation_id)
+        raise not_found(
+            "CONVERSATION_NOT_FOUND", f"No conversation {conversation_id!r}.", conversation_id=conversation_id
+        )
     if not can_read(s, who, conversation_id):
         raise denied("NOT_A_PARTICIPANT", "You are not in this conversation.", conversation_id=conversation_id)
     return conv

@@ -11,9 +11,11 @@ import secrets
 import uuid
 from collections.abc import Iterable
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlmodel import Session, and_, delete, or_, select
+from sqlalchemy import ColumnElement
+from sqlmodel import Session, SQLModel, and_, col, delete, or_, select
+from sqlmodel.sql.expression import SelectOfScalar
 
 from ..config import Config, Settings
 from ..errors import already_exists, invalid, not_found, precondition, unauthenticated
@@ -40,8 +42,8 @@ from .read import conversation_view, profile_queues
 from .tx import Tx
 from .views import AdminPrincipal, AgentAccountView, ConversationView, PredefinedView, ProfileView, QueueView
 
-
 SETTING_KEYS = ("offer_timeout", "reject_cooldown", "stream_grace")
+M = TypeVar("M", bound=SQLModel)
 
 
 def _hash(passwords: Passwords, current: str | None, password: str | None, given_hash: str | None) -> str:
@@ -61,7 +63,7 @@ def apply_config(tx: Tx, cfg: Config, passwords: Passwords) -> None:
     for p in cfg.profiles:
         s.merge(Profile(id=p.id, display_name=p.display_name))
         s.flush()
-        s.exec(delete(ProfileQueue).where(ProfileQueue.profile_id == p.id))
+        s.exec(delete(ProfileQueue).where(col(ProfileQueue.profile_id) == p.id))
         for qid in p.queues:
             s.add(ProfileQueue(profile_id=p.id, queue_id=qid))
     s.flush()
@@ -70,7 +72,7 @@ def apply_config(tx: Tx, cfg: Config, passwords: Passwords) -> None:
         h = _hash(passwords, cur.password_hash if cur else None, a.password, a.password_hash)
         s.merge(Agent(id=a.id, display_name=a.display_name, password_hash=h, max_chats=a.max_chats))
         s.flush()
-        s.exec(delete(AgentProfile).where(AgentProfile.agent_id == a.id))
+        s.exec(delete(AgentProfile).where(col(AgentProfile.agent_id) == a.id))
         for pid in a.profiles:
             s.add(AgentProfile(agent_id=a.id, profile_id=pid))
     for ad in cfg.admins:
@@ -87,7 +89,7 @@ def apply_config(tx: Tx, cfg: Config, passwords: Passwords) -> None:
         s.add(Setting(key="token_secret", value=secrets.token_hex(32)))
 
 
-def load_settings(s) -> tuple[Settings, bytes]:
+def load_settings(s: Session) -> tuple[Settings, bytes]:
     values = {row.key: row.value for row in s.exec(select(Setting)).all()}
     settings = Settings(**{k: float(values[k]) for k in SETTING_KEYS if k in values})
     return settings, bytes.fromhex(values["token_secret"])
@@ -97,10 +99,12 @@ def create_admin_session(tx: Tx, admin_id: str, token: str) -> None:
     tx.session.add(AdminSession(token_hash=token_hash(token), admin_id=admin_id, created_at=tx.now))
 
 
-def find_admin(s, token: str) -> AdminPrincipal:
+def find_admin(s: Session, token: str) -> AdminPrincipal:
     row = s.get(AdminSession, token_hash(token)) if token else None
     if row is None:
-        raise unauthenticated("ADMIN_SESSION_INVALID", "Log in as an admin first: the admin token is missing or unknown.")
+        raise unauthenticated(
+            "ADMIN_SESSION_INVALID", "Log in as an admin first: the admin token is missing or unknown."
+        )
     return AdminPrincipal(row.admin_id)
 
 
@@ -134,23 +138,23 @@ def _text(value: str, field: str) -> str:
     return value
 
 
-def _exists(s, stmt) -> bool:
+def _exists(s: Session, stmt: SelectOfScalar[Any]) -> bool:
     return s.exec(stmt.limit(1)).first() is not None
 
 
-def _get(s, model: type, id_: str, reason: str, what: str, field: str) -> Any:
+def _get(s: Session, model: type[M], id_: str, reason: str, what: str, field: str) -> M:
     row = s.get(model, check_id(id_, field))
     if row is None:
         raise not_found(reason, f"There is no {what} {id_!r}.", **{field: id_})
     return row
 
 
-def _absent(s, model: type, id_: str, reason: str, what: str, field: str) -> None:
+def _absent(s: Session, model: type[SQLModel], id_: str, reason: str, what: str, field: str) -> None:
     if s.get(model, check_id(id_, field)) is not None:
         raise already_exists(reason, f"A {what} {id_!r} exists already.", **{field: id_})
 
 
-def _known(s, model: type, ids: Iterable[str], reason: str, field: str) -> list[str]:
+def _known(s: Session, model: type[SQLModel], ids: Iterable[str], reason: str, field: str) -> list[str]:
     out = sorted(set(ids))
     for id_ in out:
         if s.get(model, check_id(id_, field)) is None:
@@ -194,15 +198,15 @@ def delete_queue(tx: Tx, queue_id: str) -> None:
     if _exists(s, select(Conversation.id).where(Conversation.queue_id == queue_id)):
         raise precondition("QUEUE_IN_USE", f"Queue {queue_id!r} has conversations; it cannot be deleted.")
     # What the schema cascades, done explicitly so it holds without FK enforcement.
-    s.exec(delete(ProfileQueue).where(ProfileQueue.queue_id == queue_id))
-    s.exec(delete(PredefinedMessage).where(PredefinedMessage.queue_id == queue_id))
+    s.exec(delete(ProfileQueue).where(col(ProfileQueue.queue_id) == queue_id))
+    s.exec(delete(PredefinedMessage).where(col(PredefinedMessage.queue_id) == queue_id))
     s.delete(q)
 
 
 # Profiles
 
 
-def list_profiles(s) -> list[ProfileView]:
+def list_profiles(s: Session) -> list[ProfileView]:
     pq = profile_queues(s)
     rows = s.exec(select(Profile).order_by(Profile.id)).all()
     return [ProfileView(p.id, p.display_name, tuple(sorted(pq.get(p.id, ())))) for p in rows]
@@ -214,7 +218,7 @@ def _set_profile(tx: Tx, p: Profile, display_name: str, queue_ids: Iterable[str]
     queues = _known(s, Queue, queue_ids, "UNKNOWN_QUEUE", "queue_id")
     s.add(p)
     s.flush()
-    s.exec(delete(ProfileQueue).where(ProfileQueue.profile_id == p.id))
+    s.exec(delete(ProfileQueue).where(col(ProfileQueue.profile_id) == p.id))
     for qid in queues:
         s.add(ProfileQueue(profile_id=p.id, queue_id=qid))
     s.flush()
@@ -237,34 +241,34 @@ def delete_profile(tx: Tx, profile_id: str) -> None:
     s = tx.session
     p = _get(s, Profile, profile_id, "PROFILE_NOT_FOUND", "profile", "profile_id")
     if _exists(
-        s, select(AgentSession.id).where(AgentSession.profile_id == profile_id, AgentSession.ended_at.is_(None))
+        s, select(AgentSession.id).where(AgentSession.profile_id == profile_id, col(AgentSession.ended_at).is_(None))
     ):
         raise precondition("PROFILE_IN_USE", f"An agent is logged in with profile {profile_id!r}.")
-    _purge_ended_sessions(s, AgentSession.profile_id == profile_id)
-    s.exec(delete(AgentProfile).where(AgentProfile.profile_id == profile_id))
-    s.exec(delete(ProfileQueue).where(ProfileQueue.profile_id == profile_id))
-    s.exec(delete(PredefinedMessage).where(PredefinedMessage.profile_id == profile_id))
+    _purge_ended_sessions(s, col(AgentSession.profile_id) == profile_id)
+    s.exec(delete(AgentProfile).where(col(AgentProfile.profile_id) == profile_id))
+    s.exec(delete(ProfileQueue).where(col(ProfileQueue.profile_id) == profile_id))
+    s.exec(delete(PredefinedMessage).where(col(PredefinedMessage.profile_id) == profile_id))
     s.delete(p)
 
 
-def _purge_ended_sessions(s, where) -> None:
+def _purge_ended_sessions(s: Session, where: ColumnElement[bool]) -> None:
     """Ended sessions (and their offers and feeds) reference profile and agent without cascade."""
-    ids = list(s.exec(select(AgentSession.id).where(where, AgentSession.ended_at.is_not(None))).all())
+    ids = list(s.exec(select(AgentSession.id).where(where, col(AgentSession.ended_at).is_not(None))).all())
     if ids:
-        s.exec(delete(FeedEvent).where(FeedEvent.session_id.in_(ids)))
-        s.exec(delete(Offer).where(Offer.session_id.in_(ids)))
-        s.exec(delete(AgentSession).where(AgentSession.id.in_(ids)))
+        s.exec(delete(FeedEvent).where(col(FeedEvent.session_id).in_(ids)))
+        s.exec(delete(Offer).where(col(Offer.session_id).in_(ids)))
+        s.exec(delete(AgentSession).where(col(AgentSession.id).in_(ids)))
 
 
 # Agents
 
 
-def _agent_row(s, a: Agent) -> AgentAccountView:
+def _agent_row(s: Session, a: Agent) -> AgentAccountView:
     profiles = s.exec(select(AgentProfile.profile_id).where(AgentProfile.agent_id == a.id)).all()
     return AgentAccountView(a.id, a.display_name, a.max_chats, tuple(sorted(profiles)))
 
 
-def list_agents(s) -> list[AgentAccountView]:
+def list_agents(s: Session) -> list[AgentAccountView]:
     return [_agent_row(s, a) for a in s.exec(select(Agent).order_by(Agent.id)).all()]
 
 
@@ -285,7 +289,7 @@ def _set_agent(
         a.password_hash = password_hash
     s.add(a)
     s.flush()
-    s.exec(delete(AgentProfile).where(AgentProfile.agent_id == a.id))
+    s.exec(delete(AgentProfile).where(col(AgentProfile.agent_id) == a.id))
     for pid in profiles:
         s.add(AgentProfile(agent_id=a.id, profile_id=pid))
     s.flush()
@@ -329,13 +333,15 @@ def delete_agent(tx: Tx, agent_id: str) -> None:
     if (
         _exists(s, select(Participant.id).where(Participant.agent_id == agent_id))
         or _exists(s, select(Invite.id).where(or_(Invite.inviter_id == agent_id, Invite.invitee_id == agent_id)))
-        or _exists(s, select(AgentSession.id).where(AgentSession.agent_id == agent_id, AgentSession.ended_at.is_(None)))
+        or _exists(
+            s, select(AgentSession.id).where(AgentSession.agent_id == agent_id, col(AgentSession.ended_at).is_(None))
+        )
     ):
         raise precondition(
             "AGENT_IN_USE", f"Agent {agent_id!r} is logged in or has taken part in conversations.", agent_id=agent_id
         )
-    _purge_ended_sessions(s, AgentSession.agent_id == agent_id)
-    s.exec(delete(AgentProfile).where(AgentProfile.agent_id == agent_id))
+    _purge_ended_sessions(s, col(AgentSession.agent_id) == agent_id)
+    s.exec(delete(AgentProfile).where(col(AgentProfile.agent_id) == agent_id))
     s.delete(a)
 
 
@@ -422,12 +428,12 @@ def _after_token(token: str) -> tuple[datetime, str]:
         raise invalid("BAD_PAGE_TOKEN", "page_token is not one this server returned.") from None
 
 
-def list_conversations(s, page_size: int, page_token: str) -> tuple[list[ConversationView], str]:
+def list_conversations(s: Session, page_size: int, page_token: str) -> tuple[list[ConversationView], str]:
     """Newest first. The token holds the last row's (created_at, id): pages stay stable as chats start."""
     if page_size < 0:
         raise invalid("BAD_PAGE_SIZE", "page_size must not be negative.")
     size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-    q = select(Conversation).order_by(Conversation.created_at.desc(), Conversation.id.desc())
+    q = select(Conversation).order_by(col(Conversation.created_at).desc(), col(Conversation.id).desc())
     if page_token:
         created, conv_id = _after_token(page_token)
         q = q.where(

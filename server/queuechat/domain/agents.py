@@ -11,16 +11,16 @@ from __future__ import annotations
 import uuid
 from datetime import datetime, timedelta
 
-from sqlmodel import select
+from sqlmodel import Session, col, select
 
 from ..errors import denied, unauthenticated
 from ..store.models import Agent, AgentProfile, AgentSession, Profile, ProfileQueue
 from . import routing
 from .auth import token_hash
 from .log import feed_topic
+from .read import must_get
 from .tx import Tx
 from .views import AgentPrincipal, SessionEnded, SessionView
-
 
 
 def check_profile(tx: Tx, agent_id: str, profile_id: str) -> None:
@@ -51,7 +51,7 @@ def login(tx: Tx, agent_id: str, profile_id: str, ready: bool, token: str) -> Se
 def end_sessions(tx: Tx, agent_id: str, now: datetime | None = None) -> None:
     now = now or tx.now
     for sess in tx.session.exec(
-        select(AgentSession).where(AgentSession.agent_id == agent_id, AgentSession.ended_at.is_(None))
+        select(AgentSession).where(AgentSession.agent_id == agent_id, col(AgentSession.ended_at).is_(None))
     ).all():
         _end(tx, sess, now)
 
@@ -115,7 +115,7 @@ def recover(tx: Tx) -> None:
     from ..store.models import Offer
 
     now = tx.now
-    for sess in tx.session.exec(select(AgentSession).where(AgentSession.ended_at.is_(None))).all():
+    for sess in tx.session.exec(select(AgentSession).where(col(AgentSession.ended_at).is_(None))).all():
         sess.stream_count = 0
         sess.stream_lost_at = now
         tx.session.add(sess)
@@ -131,10 +131,12 @@ def _live(tx: Tx, who: AgentPrincipal) -> AgentSession:
     return sess
 
 
-def session_view(s, sess: AgentSession, token: str = "") -> SessionView:
-    agent = s.get(Agent, sess.agent_id)
-    profile = s.get(Profile, sess.profile_id)
-    queues = tuple(sorted(s.exec(select(ProfileQueue.queue_id).where(ProfileQueue.profile_id == sess.profile_id)).all()))
+def session_view(s: Session, sess: AgentSession, token: str = "") -> SessionView:
+    agent = must_get(s, Agent, sess.agent_id)
+    profile = must_get(s, Profile, sess.profile_id)
+    queues = tuple(
+        sorted(s.exec(select(ProfileQueue.queue_id).where(ProfileQueue.profile_id == sess.profile_id)).all())
+    )
     return SessionView(
         session_id=sess.id,
         agent_id=agent.id,
@@ -148,7 +150,7 @@ def session_view(s, sess: AgentSession, token: str = "") -> SessionView:
     )
 
 
-def find_session(s, token: str) -> AgentPrincipal:
+def find_session(s: Session, token: str) -> AgentPrincipal:
     sess = s.exec(select(AgentSession).where(AgentSession.token_hash == token_hash(token))).first() if token else None
     if sess is None or sess.ended_at is not None:
         raise unauthenticated("SESSION_INVALID", "Log in first: the session token is missing, unknown or ended.")

@@ -15,12 +15,12 @@ import re
 import unicodedata
 import uuid
 import weakref
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlmodel import func, select
+from sqlmodel import Session, col, func, select
 
 from ..config import Limits
 from ..errors import exhausted, invalid, not_found, precondition
@@ -29,13 +29,19 @@ from ..store.models import Attachment, Conversation
 from . import filetypes
 from .access import readable_conversation, require_member
 from .log import ts, utcnow
+from .read import must_get
 from .tx import Reader, Tx, Writes
 from .views import AgentPrincipal, CustomerPrincipal
 
 Who = AgentPrincipal | CustomerPrincipal
+R = TypeVar("R")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _RECORD_EVERY = 8 * 1024 * 1024
-_STATES = {"uploading": "UPLOAD_STATE_UPLOADING", "complete": "UPLOAD_STATE_COMPLETE", "attached": "UPLOAD_STATE_ATTACHED"}
+_STATES = {
+    "uploading": "UPLOAD_STATE_UPLOADING",
+    "complete": "UPLOAD_STATE_COMPLETE",
+    "attached": "UPLOAD_STATE_ATTACHED",
+}
 
 
 def actor(who: Who) -> str:
@@ -125,7 +131,8 @@ def create_upload(
     if open_uploads >= limits.max_attachments_per_message:
         raise exhausted(
             "TOO_MANY_UPLOADS",
-            f"At most {limits.max_attachments_per_message} files can be on their way at once: send or let some expire.",
+            f"At most {limits.max_attachments_per_message} files can be on their way at once: "
+            "send or let some expire.",
         )
     now = tx.now
     row = Attachment(
@@ -144,7 +151,7 @@ def create_upload(
     return upload_json(row, limits.upload_chunk_bytes)
 
 
-def _own_upload(s: Any, who: Who, upload_id: str) -> Attachment:
+def _own_upload(s: Session, who: Who, upload_id: str) -> Attachment:
     row = s.get(Attachment, upload_id) if upload_id else None
     if row is None or row.uploader != actor(who) or (
         isinstance(who, CustomerPrincipal) and row.conversation_id != who.conversation_id
@@ -164,7 +171,7 @@ def _record_chunk(tx: Tx, upload_id: str, stored: int, received: int) -> int:
 
 
 def _complete(tx: Tx, upload_id: str, sha256: str, content_type: str) -> dict[str, Any]:
-    row = tx.session.get(Attachment, upload_id)
+    row = must_get(tx.session, Attachment, upload_id)
     row.status = "complete"
     row.sha256 = sha256
     row.content_type = content_type
@@ -188,7 +195,9 @@ def attach(tx: Tx, who: Who, conversation_id: str, ids: list[str], visibility: s
         if row.status == "uploading":
             raise precondition("ATTACHMENT_NOT_READY", f"{row.file_name} has not been completed.", attachment_id=row.id)
         if row.status == "attached":
-            raise precondition("ATTACHMENT_ALREADY_SENT", f"{row.file_name} is on another message.", attachment_id=row.id)
+            raise precondition(
+                "ATTACHMENT_ALREADY_SENT", f"{row.file_name} is on another message.", attachment_id=row.id
+            )
         row.status = "attached"
         row.visibility = visibility
         row.expires_at = None
@@ -211,7 +220,7 @@ def expire(tx: Tx, now: datetime) -> tuple[list[str], list[str]]:
     """Remove abandoned uploads; returns (part files, blobs) to delete once committed."""
     s = tx.session
     rows = s.exec(
-        select(Attachment).where(Attachment.status != "attached", Attachment.expires_at < now)
+        select(Attachment).where(Attachment.status != "attached", col(Attachment.expires_at) < now)
     ).all()
     for row in rows:
         s.delete(row)
@@ -219,7 +228,7 @@ def expire(tx: Tx, now: datetime) -> tuple[list[str], list[str]]:
     return _leftovers(tx, rows)
 
 
-def _leftovers(tx: Tx, deleted: list[Attachment]) -> tuple[list[str], list[str]]:
+def _leftovers(tx: Tx, deleted: Sequence[Attachment]) -> tuple[list[str], list[str]]:
     """Part files of deleted uploads, and blobs no remaining attachment uses."""
     parts = [r.id for r in deleted if r.status == "uploading"]
     blobs = [
@@ -241,7 +250,7 @@ class _Live:
     stored: int  # what the database has
     scanner: Scanner | None
     received: int = -1
-    hashing: "asyncio.Future | None" = None
+    hashing: asyncio.Future[None] | None = None
 
     def __post_init__(self) -> None:
         if self.received < 0:
@@ -274,13 +283,15 @@ class Attachments:
         """Bytes confirmed before a restart are in the part file; a torn tail fails the SHA-256 check."""
         return max(row.received_bytes, min(row.size_bytes, await self._io(self.blobs.part_size, row.id)))
 
-    async def _io(self, fn, *args):
+    async def _io(self, fn: Callable[..., R], *args: Any) -> R:
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
-    async def create(self, who: Who, conversation_id: str, request_id: str, name: str, size: int, ctype: str) -> dict:
+    async def create(
+        self, who: Who, conversation_id: str, request_id: str, name: str, size: int, ctype: str
+    ) -> dict[str, Any]:
         return await self.write(create_upload, who, conversation_id, request_id, name, size, ctype)
 
-    async def get(self, who: Who, upload_id: str) -> dict:
+    async def get(self, who: Who, upload_id: str) -> dict[str, Any]:
         row = await self.read(_own_upload, who, upload_id)
         live = self._live.get(upload_id)
         if row.status == "uploading":  # the stored count is a lower bound: report what was confirmed
@@ -332,7 +343,7 @@ class Attachments:
             self._live[upload_id] = live
             return received
 
-    async def complete(self, who: Who, upload_id: str, sha256: str) -> dict:
+    async def complete(self, who: Who, upload_id: str, sha256: str) -> dict[str, Any]:
         sha256 = sha256.lower()
         if not _SHA256.match(sha256):
             raise invalid("BAD_SHA256", "sha256 must be 64 hexadecimal characters.")
@@ -363,7 +374,9 @@ class Attachments:
             self._live.pop(upload_id, None)
             return done
 
-    async def download(self, who: Who, attachment_id: str, offset: int) -> AsyncIterator[dict | tuple[int, bytes]]:
+    async def download(
+        self, who: Who, attachment_id: str, offset: int
+    ) -> AsyncIterator[dict[str, Any] | tuple[int, bytes]]:
         row = await self.read(_downloadable, who, attachment_id)
         if offset < 0 or offset > row.size_bytes:
             raise invalid("BAD_OFFSET", f"offset must be between 0 and {row.size_bytes}.")
@@ -391,8 +404,9 @@ class Attachments:
             await self._io(self.blobs.remove_blob, sha)
 
 
-def _downloadable(s: Any, who: Who, attachment_id: str) -> Attachment:
-    """Visibility follows the message: private ones are for agents only. Own uploads are visible to their uploader."""
+def _downloadable(s: Session, who: Who, attachment_id: str) -> Attachment:
+    """Visibility follows the message: private ones are for agents only.
+    Own uploads are visible to their uploader."""
     row = s.get(Attachment, attachment_id) if attachment_id else None
     if row is None:
         raise not_found("ATTACHMENT_NOT_FOUND", f"No attachment {attachment_id!r}.")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import bindparam, insert, update
-from sqlmodel import Session, or_, select
+from sqlmodel import Session, col, or_, select
 
 from ..config import Limits
 from ..errors import denied, invalid, not_found, precondition
@@ -21,6 +23,7 @@ from ..store.models import (
     PredefinedMessage,
     ProfileQueue,
     Queue,
+    table,
 )
 from . import attachments, routing
 from .access import can_read, require_member
@@ -32,10 +35,17 @@ from .log import (
     find_request,
     insert_event,
 )
-from .read import active_agents, conversation_view, queue_json, variables_json
+from .read import active_agents, conversation_view, must_get, queue_json, variables_json
 from .tx import Tx
-from .views import AgentPrincipal, ConversationView, CustomerPrincipal, EventView, ParticipantView, PredefinedView, VariableView
-
+from .views import (
+    AgentPrincipal,
+    ConversationView,
+    CustomerPrincipal,
+    EventView,
+    ParticipantView,
+    PredefinedView,
+    VariableView,
+)
 
 Sender = AgentPrincipal | CustomerPrincipal
 
@@ -78,7 +88,10 @@ def start_chat(
     if variables:
         c.execute(
             insert(CustomerVariable),
-            [{"conversation_id": conv.id, "name": v.name, "value": v.value, "authenticated": v.authenticated} for v in variables],
+            [
+                {"conversation_id": conv.id, "name": v.name, "value": v.value, "authenticated": v.authenticated}
+                for v in variables
+            ],
         )
     queue = queue_json(s, queue_id)
     insert_event(tx, conv.id, 1, "chat_started", {"queue": queue, "variables": variables_json(variables)},
@@ -124,7 +137,7 @@ def send_message(
     text: str,
     private: bool,
     predefined_id: str,
-    attachment_ids: list[str] = (),  # type: ignore[assignment]
+    attachment_ids: Sequence[str] = (),
 ) -> EventView:
     """The hot path: a few Core statements, the ORM only for predefined messages and files."""
     c = tx.conn
@@ -133,6 +146,7 @@ def send_message(
         name = c.execute(_MEMBER_NAME, {"c": conversation_id, "a": who.agent_id}).scalar()
         if name is None:
             require_member(tx, who, conversation_id)  # raises the precise refusal
+            raise LookupError(f"agent {who.agent_id} is in {conversation_id} without a name")  # not reached
         sender = ParticipantView("agent", who.agent_id, name)
     elif who.conversation_id != conversation_id:
         raise denied("NOT_YOUR_CONVERSATION", "This token is not for that conversation.")
@@ -150,6 +164,8 @@ def send_message(
             raise precondition("CHAT_ENDED", "You have ended this chat.")
         sender = ParticipantView("customer", display_name=conv.customer_name or "Customer")
     if predefined_id:
+        if not isinstance(who, AgentPrincipal):  # not reached: the customer API has no predefined messages
+            raise TypeError("only agents send predefined messages")
         pm = _available_predefined(tx.session, who, tx.session.get(Conversation, conversation_id)).get(predefined_id)
         if pm is None:
             raise not_found(
@@ -190,14 +206,23 @@ def send_message(
 
 _MEMBER_NAME = (
     select(Agent.display_name)
-    .join(Participant, Participant.agent_id == Agent.id)
-    .where(Participant.conversation_id == bindparam("c"), Participant.agent_id == bindparam("a"), Participant.left_at.is_(None))
+    .join(Participant, col(Participant.agent_id) == Agent.id)
+    .where(
+        Participant.conversation_id == bindparam("c"),
+        Participant.agent_id == bindparam("a"),
+        col(Participant.left_at).is_(None),
+    )
 )
 _CLAIM_SEQ = (
     update(Conversation)
-    .where(Conversation.id == bindparam("c"))
+    .where(col(Conversation.id) == bindparam("c"))
     .values(last_seq=Conversation.last_seq + 1)
-    .returning(Conversation.last_seq, Conversation.status, Conversation.customer_connected, Conversation.customer_name)
+    .returning(
+        col(Conversation.last_seq),
+        col(Conversation.status),
+        col(Conversation.customer_connected),
+        col(Conversation.customer_name),
+    )
 )
 
 
@@ -221,9 +246,9 @@ def _available_predefined(s: Session, who: AgentPrincipal, conv: Conversation | 
         select(PredefinedMessage)
         .where(
             or_(
-                (PredefinedMessage.queue_id.is_(None)) & (PredefinedMessage.profile_id.is_(None)),
+                (col(PredefinedMessage.queue_id).is_(None)) & (col(PredefinedMessage.profile_id).is_(None)),
                 PredefinedMessage.profile_id == who.profile_id,
-                PredefinedMessage.queue_id.in_(queues),
+                col(PredefinedMessage.queue_id).in_(queues),
             )
         )
         .order_by(PredefinedMessage.title, PredefinedMessage.id)
@@ -238,7 +263,8 @@ def list_predefined(s: Session, who: AgentPrincipal, conversation_id: str) -> li
         if conv is None or not can_read(s, who, conversation_id):
             raise not_found("CONVERSATION_NOT_FOUND", f"No conversation {conversation_id!r} of yours.")
     return [
-        PredefinedView(m.id, m.title, m.body, m.queue_id, m.profile_id) for m in _available_predefined(s, who, conv).values()
+        PredefinedView(m.id, m.title, m.body, m.queue_id, m.profile_id)
+        for m in _available_predefined(s, who, conv).values()
     ]
 
 
@@ -271,7 +297,7 @@ def send_offer_menu(
     opts = [{"option_id": i, "label": label} for i, label in options]
     menu = OfferMenu(id=uuid.uuid4().hex, conversation_id=conv.id, prompt=prompt, options=json.dumps(opts))
     tx.session.add(menu)
-    sender = agent_participant(tx.session.get(Agent, who.agent_id))
+    sender = agent_participant(must_get(tx.session, Agent, who.agent_id))
     return append_event(
         tx,
         conv,
@@ -298,7 +324,10 @@ def choose_option(
             if prior is not None:
                 return prior
         raise precondition(
-            "OPTION_ALREADY_CHOSEN", "This menu has been answered already.", menu_id=menu_id, chosen=menu.chosen_option_id
+            "OPTION_ALREADY_CHOSEN",
+            "This menu has been answered already.",
+            menu_id=menu_id,
+            chosen=menu.chosen_option_id,
         )
     label = {o["option_id"]: o["label"] for o in json.loads(menu.options)}.get(option_id)
     if label is None:
@@ -324,7 +353,7 @@ def choose_option(
 
 def _chosen_event(tx: Tx, conversation_id: str, menu_id: str) -> EventView | None:
     rows = tx.conn.execute(
-        select(Event.__table__).where(Event.conversation_id == conversation_id, Event.kind == "option_chosen")
+        table(Event).select().where(col(Event.conversation_id) == conversation_id, col(Event.kind) == "option_chosen")
     )
     return next((v for v in map(event_view, rows) if v.payload["menu_id"] == menu_id), None)
 
@@ -357,10 +386,12 @@ def leave(tx: Tx, who: AgentPrincipal, conversation_id: str) -> None:
             "You are the last agent and the customer is still connected: close the conversation instead.",
         )
     now = tx.now
-    agent = s.get(Agent, who.agent_id)
+    agent = must_get(s, Agent, who.agent_id)
     part = s.exec(
         select(Participant).where(
-            Participant.conversation_id == conversation_id, Participant.agent_id == who.agent_id, Participant.left_at.is_(None)
+            Participant.conversation_id == conversation_id,
+            Participant.agent_id == who.agent_id,
+            col(Participant.left_at).is_(None),
         )
     ).one()
     if not others:  # the customer is gone too: leaving is closing
@@ -369,7 +400,12 @@ def leave(tx: Tx, who: AgentPrincipal, conversation_id: str) -> None:
         part.left_at = now
         s.add(part)
         append_event(
-            tx, conv, "participant_left", {"participant": agent_participant(agent).to_json()}, actor=f"agent:{agent.id}", now=now
+            tx,
+            conv,
+            "participant_left",
+            {"participant": agent_participant(agent).to_json()},
+            actor=f"agent:{agent.id}",
+            now=now,
         )
     tx.needs_dispatch()
 
@@ -386,7 +422,7 @@ def close(tx: Tx, who: AgentPrincipal, conversation_id: str, confirm: bool) -> C
             conversation_id=conversation_id,
         )
     now = tx.now
-    agent = agent_participant(s.get(Agent, who.agent_id)).to_json()
+    agent = agent_participant(must_get(s, Agent, who.agent_id)).to_json()
     if conv.customer_connected:
         conv.customer_connected = False
         append_event(tx, conv, "chat_ended", {"ended_by": agent}, actor=f"agent:{who.agent_id}", now=now)
@@ -395,7 +431,7 @@ def close(tx: Tx, who: AgentPrincipal, conversation_id: str, confirm: bool) -> C
     return conversation_view(s, conv)
 
 
-def _close(tx: Tx, conv: Conversation, by: dict, actor: str, now) -> None:
+def _close(tx: Tx, conv: Conversation, by: dict[str, Any], actor: str, now: datetime) -> None:
     routing.withdraw_conversation_offers(tx, conv.id, "taken_elsewhere", now)
     conv.status = "closed"
     conv.closed_at = now
@@ -406,19 +442,21 @@ def _close(tx: Tx, conv: Conversation, by: dict, actor: str, now) -> None:
 # --- reads -----------------------------------------------------------------
 
 
-def events_after(s: Any, conversation_id: str, after_seq: int, public_only: bool, limit: int = 500) -> list[EventView]:
+def events_after(
+    s: Session, conversation_id: str, after_seq: int, public_only: bool, limit: int = 500
+) -> list[EventView]:
     q = select(Event).where(Event.conversation_id == conversation_id, Event.seq > after_seq)
     if public_only:
         q = q.where(Event.visibility == "all")
-    return [event_view(r) for r in s.exec(q.order_by(Event.seq).limit(limit)).all()]
+    return [event_view(r) for r in s.exec(q.order_by(col(Event.seq)).limit(limit)).all()]
 
 
-def agent_conversations(s: Any, who: AgentPrincipal, include_closed: bool) -> list[ConversationView]:
+def agent_conversations(s: Session, who: AgentPrincipal, include_closed: bool) -> list[ConversationView]:
     q = (
         select(Conversation)
-        .join(Participant, Participant.conversation_id == Conversation.id)
-        .where(Participant.agent_id == who.agent_id, Participant.left_at.is_(None))
-        .order_by(Conversation.created_at)
+        .join(Participant, col(Participant.conversation_id) == Conversation.id)
+        .where(Participant.agent_id == who.agent_id, col(Participant.left_at).is_(None))
+        .order_by(col(Conversation.created_at))
     )
     if not include_closed:
         q = q.where(Conversation.status != "closed")

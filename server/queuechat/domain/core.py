@@ -12,7 +12,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,8 +29,8 @@ from . import admin, agents, conversations, invites, routing
 from .access import readable_conversation
 from .attachments import Attachments
 from .auth import Passwords, check_customer_token, customer_token, new_token, verify_identity_token
-from .read import conversation_view
 from .positions import QueuePositions
+from .read import conversation_view
 from .runner import Background, Writer
 from .streams import Streams
 from .tx import Context, EventCheck
@@ -213,7 +213,7 @@ class Core:
         text: str,
         private: bool = False,
         predefined_id: str = "",
-        attachment_ids: list[str] = (),  # type: ignore[assignment]
+        attachment_ids: Sequence[str] = (),
     ) -> EventView:
         _check_request_id(request_id)
         if len(text) > self.limits.max_message_chars:
@@ -240,11 +240,11 @@ class Core:
 
     async def invite_agent(
         self, who: AgentPrincipal, conversation_id: str, request_id: str, agent_id: str, queue_id: str
-    ) -> dict:
+    ) -> dict[str, Any]:
         _check_request_id(request_id)
         return await self.write(invites.invite_agent, who, conversation_id, request_id, agent_id, queue_id)
 
-    async def cancel_invite(self, who: AgentPrincipal, invite_id: str) -> dict:
+    async def cancel_invite(self, who: AgentPrincipal, invite_id: str) -> dict[str, Any]:
         return await self.write(invites.cancel_invite, who, invite_id)
 
     async def leave(self, who: AgentPrincipal, conversation_id: str) -> None:
@@ -271,8 +271,12 @@ class Core:
             if not _VAR_NAME.match(name):
                 raise invalid("BAD_VARIABLE_NAME", f"Variable name {name!r} is not allowed.", name=name)
             if len(value) > self.limits.max_variable_chars:
-                raise invalid("VARIABLE_TOO_LONG", f"Variable {name!r} is longer than {self.limits.max_variable_chars}.")
-        verified = verify_identity_token(identity_token, self.config.identity_secrets).variables if identity_token else {}
+                raise invalid(
+                    "VARIABLE_TOO_LONG", f"Variable {name!r} is longer than {self.limits.max_variable_chars}."
+                )
+        verified = (
+            verify_identity_token(identity_token, self.config.identity_secrets).variables if identity_token else {}
+        )
         # Tokens often carry claims that are not customer variables (namespaced URIs, large blobs): keep the rest.
         verified = {
             k: v for k, v in verified.items() if _VAR_NAME.match(k) and len(v) <= self.limits.max_variable_chars
@@ -281,7 +285,9 @@ class Core:
         conv = await self.write(conversations.start_chat, queue_id, request_id, variables, verified)
         return StartedChat(conv, customer_token(self.token_secret, conv.id))
 
-    async def choose_option(self, who: CustomerPrincipal, conversation_id: str, menu_id: str, option_id: str) -> EventView:
+    async def choose_option(
+        self, who: CustomerPrincipal, conversation_id: str, menu_id: str, option_id: str
+    ) -> EventView:
         return await self.write(conversations.choose_option, who, conversation_id, menu_id, option_id)
 
     async def end_chat(self, who: CustomerPrincipal, conversation_id: str) -> ConversationView:
@@ -381,5 +387,7 @@ class Core:
 
 def _check_request_id(request_id: str) -> None:
     if request_id and not _REQUEST_ID.match(request_id):
-        raise invalid("BAD_REQUEST_ID", "request_id must be 1-64 characters of letters, digits and _.:- (a UUID is best).")
+        raise invalid(
+            "BAD_REQUEST_ID", "request_id must be 1-64 characters of letters, digits and _.:- (a UUID is best)."
+        )
 

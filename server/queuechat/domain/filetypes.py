@@ -74,7 +74,10 @@ def classify(declared: str, head: bytes, tail: bytes, utf8: bool) -> str:
     if utf8:
         if declared and declared not in TEXT:
             raise invalid(
-                "TYPE_MISMATCH", f"The file was declared {declared} but its content is text.", declared=declared, found="text"
+                "TYPE_MISMATCH",
+                f"The file was declared {declared} but its content is text.",
+                declared=declared,
+                found="text",
             )
         return declared or "text/plain"
     raise invalid("TYPE_NOT_ALLOWED", "The content is not text, PDF or a known image format.")

@@ -14,27 +14,26 @@ import uuid
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlmodel import select
+from sqlmodel import col, select
 
 from ..errors import denied, invalid, not_found, precondition
 from ..store.models import Agent, AgentSession, Conversation, Invite, Offer, Participant, ProfileQueue, Queue
 from . import routing
 from .access import require_member
 from .log import agent_participant, append_event
-from .read import active_agents, agent_loads, invite_json, is_participant, pending_invite
+from .read import active_agents, agent_loads, invite_json, is_participant, must_get, pending_invite
 from .tx import Tx
 from .views import AgentPrincipal
-
 
 
 def _live_sessions(tx: Tx, agent_ids: list[str] | None = None) -> list[tuple[AgentSession, Agent]]:
     q = (
         select(AgentSession, Agent)
-        .join(Agent, Agent.id == AgentSession.agent_id)
-        .where(AgentSession.ended_at.is_(None), AgentSession.ready == True, AgentSession.stream_count > 0)  # noqa: E712
+        .join(Agent, col(Agent.id) == AgentSession.agent_id)
+        .where(col(AgentSession.ended_at).is_(None), AgentSession.ready == True, AgentSession.stream_count > 0)  # noqa: E712
     )
     if agent_ids is not None:
-        q = q.where(AgentSession.agent_id.in_(agent_ids))
+        q = q.where(col(AgentSession.agent_id).in_(agent_ids))
     return list(tx.session.exec(q).all())
 
 
@@ -75,7 +74,9 @@ def invite_agent(
         if s.get(Agent, agent_id) is None:
             raise not_found("AGENT_NOT_FOUND", f"There is no agent {agent_id!r}.", agent_id=agent_id)
         if agent_id == who.agent_id or agent_id in members:
-            raise precondition("ALREADY_IN_CONVERSATION", f"{agent_id} is already in the conversation.", agent_id=agent_id)
+            raise precondition(
+                "ALREADY_IN_CONVERSATION", f"{agent_id} is already in the conversation.", agent_id=agent_id
+            )
         live = _live_sessions(tx, [agent_id])
         if not live:
             raise precondition(
@@ -133,7 +134,10 @@ def cancel_invite(tx: Tx, who: AgentPrincipal, invite_id: str) -> dict[str, Any]
         return invite_json(s, inv)
     if inv.status != "pending":
         raise precondition(
-            "INVITE_NOT_PENDING", f"The invite was already answered ({inv.status}).", invite_id=invite_id, state=inv.status
+            "INVITE_NOT_PENDING",
+            f"The invite was already answered ({inv.status}).",
+            invite_id=invite_id,
+            state=inv.status,
         )
     for offer in s.exec(select(Offer).where(Offer.invite_id == inv.id, Offer.status == "pending")).all():
         routing.close_offer(tx, offer, "withdrawn", now, "cancelled")
@@ -143,7 +147,7 @@ def cancel_invite(tx: Tx, who: AgentPrincipal, invite_id: str) -> dict[str, Any]
 
 
 def on_accepted(tx: Tx, offer: Offer, conv: Conversation, agent: Agent, now: datetime) -> None:
-    inv = tx.session.get(Invite, offer.invite_id)
+    inv = must_get(tx.session, Invite, offer.invite_id)
     tx.session.add(Participant(conversation_id=conv.id, agent_id=agent.id, joined_at=now))
     append_event(
         tx,
@@ -167,11 +171,12 @@ def _settle(tx: Tx, inv: Invite, state: str, now: datetime) -> None:
     inv.status = state
     inv.resolved_at = now
     tx.session.add(inv)
-    conv = tx.session.get(Conversation, inv.conversation_id)
-    _invite_event(tx, conv, invite_json(tx.session, inv), inv.invitee_id if state != "cancelled" else inv.inviter_id, now)
+    conv = must_get(tx.session, Conversation, inv.conversation_id)
+    actor_id = inv.invitee_id if state != "cancelled" else inv.inviter_id
+    _invite_event(tx, conv, invite_json(tx.session, inv), actor_id, now)
 
 
-def _invite_event(tx: Tx, conv: Conversation, payload: dict, actor_id: str, now: datetime) -> None:
+def _invite_event(tx: Tx, conv: Conversation, payload: dict[str, Any], actor_id: str, now: datetime) -> None:
     append_event(
         tx, conv, "invite_updated", {"invite": payload}, actor=f"agent:{actor_id}", visibility="agents", now=now
     )

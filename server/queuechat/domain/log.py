@@ -9,14 +9,15 @@ same seq. The event is published to the bus only after commit.
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import insert, update
+from sqlalchemy.orm import Mapped
 from sqlalchemy.orm.attributes import set_committed_value
-from sqlmodel import select
+from sqlmodel import col
 
-from ..store.models import Agent, AgentSession, Conversation, Event, FeedEvent
+from ..store.models import Agent, AgentSession, Conversation, Event, FeedEvent, table
 from .tx import Tx
 from .tx import utcnow as utcnow  # re-exported: the clock writes share
 from .views import EventView, FeedEventView, ParticipantView
@@ -26,7 +27,7 @@ def ts(dt: datetime | None) -> str | None:
     """RFC 3339 for proto JSON Timestamps."""
     if dt is None:
         return None
-    return dt.astimezone(timezone.utc).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+    return dt.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 def conv_topic(conversation_id: str) -> tuple[str, str]:
@@ -89,10 +90,12 @@ def insert_event(
 _INSERT_EVENT = insert(Event)
 
 
-def next_seq(tx: Tx, model: type, row_id: str, column: str) -> int:
+def next_seq(tx: Tx, model: type[Conversation] | type[AgentSession], row_id: str, column: str) -> int:
     """Atomically take the next seq of a row; the row stays locked until commit."""
-    col = getattr(model, column)
-    return tx.conn.execute(update(model).where(model.id == row_id).values({column: col + 1}).returning(col)).scalar_one()
+    counter: Mapped[int] = getattr(model, column)
+    return tx.conn.execute(
+        update(model).where(col(model.id) == row_id).values({column: counter + 1}).returning(counter)
+    ).scalar_one()
 
 
 def event_view(row: Any) -> EventView:
@@ -104,14 +107,20 @@ def find_request(tx: Tx, conversation_id: str, actor: str, request_id: str | Non
     if not request_id:
         return None
     row = tx.conn.execute(
-        select(Event.__table__).where(
-            Event.conversation_id == conversation_id, Event.actor == actor, Event.request_id == request_id
+        table(Event)
+        .select()
+        .where(
+            col(Event.conversation_id) == conversation_id,
+            col(Event.actor) == actor,
+            col(Event.request_id) == request_id,
         )
     ).first()
     return event_view(row) if row else None
 
 
-def append_feed(tx: Tx, session_id: str, kind: str, payload: dict[str, Any], now: datetime | None = None) -> FeedEventView:
+def append_feed(
+    tx: Tx, session_id: str, kind: str, payload: dict[str, Any], now: datetime | None = None
+) -> FeedEventView:
     now = now or tx.now
     if tx.check_event is not None:
         tx.check_event("offer", kind, payload)

@@ -10,10 +10,11 @@ own position when it opens. Changes within one loop turn are coalesced.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from ..store.models import Conversation
 from .log import conv_topic
@@ -28,7 +29,7 @@ def waiting_ids(s: Session, queue_id: str) -> list[str]:
         s.exec(
             select(Conversation.id)
             .where(Conversation.status == "queued", Conversation.queue_id == queue_id)
-            .order_by(Conversation.enqueued_at, Conversation.id)
+            .order_by(col(Conversation.enqueued_at), col(Conversation.id))
         ).all()
     )
 
@@ -51,7 +52,7 @@ class QueuePositions:
         self._publish = publish
         self._interval = interval
         self._dirty: set[str] = set()
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
         self._watchers: dict[str, set[str]] = {}  # queue -> waiting conversations with an open stream
         self._last: dict[str, dict[str, int]] = {}  # queue -> conversation -> position last sent
 
@@ -95,7 +96,5 @@ class QueuePositions:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass

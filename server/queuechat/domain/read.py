@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any, TypeVar
 
 from sqlalchemy import func
-from sqlmodel import Session, select
+from sqlalchemy.engine import Connection
+from sqlmodel import Session, SQLModel, col, select
 
 from ..store.models import (
     Agent,
@@ -20,8 +22,18 @@ from ..store.models import (
 from .log import ts
 from .views import ConversationView, ParticipantView, VariableView
 
+M = TypeVar("M", bound=SQLModel)
 
-def connection(s: Session):
+
+def must_get(s: Session, model: type[M], key: object) -> M:
+    """A row that must exist (a foreign key or an earlier check guarantees it). Missing, it is a server bug."""
+    row = s.get(model, key)
+    if row is None:
+        raise LookupError(f"no {model.__name__} {key!r}")
+    return row
+
+
+def connection(s: Session) -> Connection:
     """The session's connection for Core reads, with pending ORM changes flushed first."""
     if s.new or s.dirty or s.deleted:
         s.flush()
@@ -30,7 +42,9 @@ def connection(s: Session):
 
 def variables(s: Session, conversation_id: str) -> tuple[VariableView, ...]:
     rows = s.exec(
-        select(CustomerVariable).where(CustomerVariable.conversation_id == conversation_id).order_by(CustomerVariable.name)
+        select(CustomerVariable)
+        .where(CustomerVariable.conversation_id == conversation_id)
+        .order_by(CustomerVariable.name)
     ).all()
     return tuple(VariableView(v.name, v.value, v.authenticated) for v in rows)
 
@@ -48,9 +62,9 @@ def active_agents(s: Session, conversation_id: str) -> list[Agent]:
     return list(
         s.exec(
             select(Agent)
-            .join(Participant, Participant.agent_id == Agent.id)
-            .where(Participant.conversation_id == conversation_id, Participant.left_at.is_(None))
-            .order_by(Participant.joined_at)
+            .join(Participant, col(Participant.agent_id) == Agent.id)
+            .where(Participant.conversation_id == conversation_id, col(Participant.left_at).is_(None))
+            .order_by(col(Participant.joined_at))
         ).all()
     )
 
@@ -60,7 +74,7 @@ def is_participant(s: Session, conversation_id: str, agent_id: str) -> Participa
         select(Participant).where(
             Participant.conversation_id == conversation_id,
             Participant.agent_id == agent_id,
-            Participant.left_at.is_(None),
+            col(Participant.left_at).is_(None),
         )
     ).first()
 
@@ -129,7 +143,9 @@ def last_public_seq(s: Session, conversation_id: str) -> int:
     """What a customer may know of the log's length: private events do not count."""
     from ..store.models import Event
 
-    seq = s.exec(select(func.max(Event.seq)).where(Event.conversation_id == conversation_id, Event.visibility == "all")).one()
+    seq = s.exec(
+        select(func.max(Event.seq)).where(Event.conversation_id == conversation_id, Event.visibility == "all")
+    ).one()
     return seq or 0
 
 
@@ -138,14 +154,14 @@ def agent_loads(s: Session, agent_ids: Iterable[str] | None = None) -> dict[str,
     ids = list(agent_ids) if agent_ids is not None else None
     q1 = (
         select(Participant.agent_id, func.count())
-        .join(Conversation, Conversation.id == Participant.conversation_id)
-        .where(Participant.left_at.is_(None), Conversation.status != "closed")
+        .join(Conversation, col(Conversation.id) == Participant.conversation_id)
+        .where(col(Participant.left_at).is_(None), Conversation.status != "closed")
         .group_by(Participant.agent_id)
     )
     q2 = select(Offer.agent_id, func.count()).where(Offer.status == "pending").group_by(Offer.agent_id)
     if ids is not None:
-        q1 = q1.where(Participant.agent_id.in_(ids))
-        q2 = q2.where(Offer.agent_id.in_(ids))
+        q1 = q1.where(col(Participant.agent_id).in_(ids))
+        q2 = q2.where(col(Offer.agent_id).in_(ids))
     loads: dict[str, int] = {agent_id: 0 for agent_id in ids or ()}
     c = connection(s)
     for agent_id, n in list(c.execute(q1)) + list(c.execute(q2)):

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import update
-from sqlmodel import select
+from sqlalchemy import Select, update
+from sqlalchemy import select as core_select
+from sqlmodel import col, select
 
 from ..errors import not_found, precondition
 from ..store.models import Agent, AgentSession, Conversation, Offer, Participant
@@ -30,6 +32,7 @@ from .read import (
     agent_loads,
     conversation_view,
     is_participant,
+    must_get,
     profile_queues,
     queue_json,
     variables,
@@ -37,7 +40,6 @@ from .read import (
 )
 from .tx import Tx
 from .views import AgentPrincipal, ConversationView
-
 
 _OFFER_STATES = {
     "pending": "OFFER_STATE_PENDING",
@@ -77,27 +79,29 @@ def dispatch(tx: Tx, now: datetime | None = None) -> int:
         for r in c.execute(
             select(Offer.conversation_id, Offer.agent_id).where(
                 Offer.kind == "chat",
-                Offer.status.in_(("rejected", "timed_out")),
-                Offer.resolved_at > cutoff,
-                Offer.agent_id.in_([a["agent_id"] for a in free]),
+                col(Offer.status).in_(("rejected", "timed_out")),
+                col(Offer.resolved_at) > cutoff,
+                col(Offer.agent_id).in_([a["agent_id"] for a in free]),
             )
         )
     }
     made = 0
-    after: tuple = ()
+    after: tuple[datetime, str] | tuple[()] = ()
     while served:
         page = c.execute(_waiting_page(served, after)).all()
         for conv_id, queue_id, enqueued_at in page:
             after = (enqueued_at, conv_id)
             if queue_id not in served:
                 continue
-            candidates = [a for a in free if queue_id in pq.get(a["profile_id"], ()) and loads[a["agent_id"]] < a["max_chats"]]
+            candidates = [
+                a for a in free if queue_id in pq.get(a["profile_id"], ()) and loads[a["agent_id"]] < a["max_chats"]
+            ]
             if not candidates:
                 served.discard(queue_id)  # nobody left for this queue in this round
                 continue
             preferred = [a for a in candidates if (conv_id, a["agent_id"]) not in cooling] or candidates
             pick = min(preferred, key=lambda a: (a["last_offer_at"], a["created_at"]))
-            make_offer(tx, tx.session.get(Conversation, conv_id), pick["id"], pick["agent_id"], now)
+            make_offer(tx, must_get(tx.session, Conversation, conv_id), pick["id"], pick["agent_id"], now)
             pick["last_offer_at"] = now
             loads[pick["agent_id"]] = loads.get(pick["agent_id"], 0) + 1
             made += 1
@@ -107,31 +111,38 @@ def dispatch(tx: Tx, now: datetime | None = None) -> int:
 
 
 _PAGE = 200
+# Six columns: more than sqlmodel's select is typed for, so SQLAlchemy's (the same statement).
 _LIVE_AGENTS = (
-    select(
-        AgentSession.id,
-        AgentSession.agent_id,
-        AgentSession.profile_id,
-        AgentSession.last_offer_at,
-        AgentSession.created_at,
-        Agent.max_chats,
+    core_select(
+        col(AgentSession.id),
+        col(AgentSession.agent_id),
+        col(AgentSession.profile_id),
+        col(AgentSession.last_offer_at),
+        col(AgentSession.created_at),
+        col(Agent.max_chats),
     )
-    .join(Agent, Agent.id == AgentSession.agent_id)
-    .where(AgentSession.ended_at.is_(None), AgentSession.ready == True, AgentSession.stream_count > 0)  # noqa: E712
+    .join(Agent, col(Agent.id) == AgentSession.agent_id)
+    .where(
+        col(AgentSession.ended_at).is_(None),
+        col(AgentSession.ready) == True,  # noqa: E712
+        col(AgentSession.stream_count) > 0,
+    )
 )
 
 
-def _waiting_page(queues: set[str], after: tuple):
+def _waiting_page(queues: set[str], after: tuple[datetime, str] | tuple[()]) -> Select[str, str, datetime]:
     """The next waiting chats not on offer, oldest first, after the keyset `after`."""
     offered = select(Offer.conversation_id).where(Offer.kind == "chat", Offer.status == "pending")
     q = select(Conversation.id, Conversation.queue_id, Conversation.enqueued_at).where(
-        Conversation.status == "queued", Conversation.queue_id.in_(queues), Conversation.id.not_in(offered)
+        Conversation.status == "queued", col(Conversation.queue_id).in_(queues), col(Conversation.id).not_in(offered)
     )
     if after:
+        enqueued_at, conv_id = after
         q = q.where(
-            (Conversation.enqueued_at > after[0]) | ((Conversation.enqueued_at == after[0]) & (Conversation.id > after[1]))
+            (col(Conversation.enqueued_at) > enqueued_at)
+            | ((col(Conversation.enqueued_at) == enqueued_at) & (col(Conversation.id) > conv_id))
         )
-    return q.order_by(Conversation.enqueued_at, Conversation.id).limit(_PAGE)
+    return q.order_by(col(Conversation.enqueued_at), col(Conversation.id)).limit(_PAGE)
 
 
 def make_offer(
@@ -140,7 +151,7 @@ def make_offer(
     session_id: str,
     agent_id: str,
     now: datetime,
-    invite_payload: dict | None = None,
+    invite_payload: dict[str, Any] | None = None,
 ) -> Offer:
     s = tx.session
     offer = Offer(
@@ -155,7 +166,7 @@ def make_offer(
         expires_at=now + timedelta(seconds=tx.settings.offer_timeout),
     )
     s.add(offer)
-    tx.conn.execute(update(AgentSession).where(AgentSession.id == session_id).values(last_offer_at=now))
+    tx.conn.execute(update(AgentSession).where(col(AgentSession.id) == session_id).values(last_offer_at=now))
     payload = {
         "offer_id": offer.id,
         "kind": "OFFER_KIND_INVITE" if invite_payload else "OFFER_KIND_CHAT",
@@ -210,12 +221,12 @@ def accept_offer(tx: Tx, who: AgentPrincipal, offer_id: str) -> ConversationView
     now = tx.now
     offer = _own_pending_offer(tx, who, offer_id, "accepted")
     if offer is None:  # accepted already: answer the retry the same way, if still in it
-        conv = s.get(Conversation, s.get(Offer, offer_id).conversation_id)
+        conv = must_get(s, Conversation, must_get(s, Offer, offer_id).conversation_id)
         if not is_participant(s, conv.id, who.agent_id):
             raise precondition("OFFER_NO_LONGER_VALID", "You accepted this offer and have left the conversation since.")
         return conversation_view(s, conv)
-    conv = s.get(Conversation, offer.conversation_id)
-    agent = s.get(Agent, who.agent_id)
+    conv = must_get(s, Conversation, offer.conversation_id)
+    agent = must_get(s, Agent, who.agent_id)
     close_offer(tx, offer, "accepted", now)
     if offer.kind == "invite":
         invites.on_accepted(tx, offer, conv, agent, now)

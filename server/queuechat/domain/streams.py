@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from ..bus import Bus
 from ..config import Limits
@@ -148,7 +148,7 @@ def _feed_after(s: Session, session_id: str, after_seq: int) -> list[FeedEventVi
     rows = s.exec(
         select(FeedEvent)
         .where(FeedEvent.session_id == session_id, FeedEvent.seq > after_seq)
-        .order_by(FeedEvent.seq)  # type: ignore[arg-type]
+        .order_by(col(FeedEvent.seq))
         .limit(_PAGE)
     ).all()
     return [feed_view(r) for r in rows]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import os
 import queue
@@ -183,10 +184,8 @@ def _deliver(done: list) -> None:
     for name, loop, fut, outcome, after in done:
         by_loop.setdefault(loop, []).append((name, fut, outcome, after))
     for loop, items in by_loop.items():
-        try:
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting any more
             loop.call_soon_threadsafe(_complete, items)
-        except RuntimeError:  # the loop has closed: nobody is waiting any more
-            pass
 
 
 def _complete(items: list) -> None:
@@ -200,8 +199,8 @@ def _complete(items: list) -> None:
                 failures = after()
             except Exception as e:  # pragma: no cover - after-commit parts catch their own
                 failures = [e]
-            for e in failures:
+            for failure in failures:
                 # Committed all the same: the caller gets its result; the lost effect is logged.
-                log.error("after commit of write %s: an effect failed", name, exc_info=e)
+                log.error("after commit of write %s: an effect failed", name, exc_info=failure)
         if not fut.done():
             fut.set_result(outcome)

@@ -6,10 +6,16 @@ Times are aware UTC datetimes (SQLModel's UTCDateTime), stored alike by SQLite a
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Optional
+from typing import Any, cast
 
-from sqlalchemy import Column, Index, Text, UniqueConstraint, text
+from sqlalchemy import Column, Index, Table, Text, UniqueConstraint, text
 from sqlmodel import Field, SQLModel
+
+
+def table(model: type[SQLModel]) -> Table:
+    """A table model's Core table, for Core reads of whole rows: SQLModel sets __table__ but does not declare it."""
+    t: Table = cast(Any, model).__table__
+    return t
 
 
 class Setting(SQLModel, table=True):
@@ -63,8 +69,8 @@ class PredefinedMessage(SQLModel, table=True):
     id: str = Field(primary_key=True)
     title: str
     body: str = Field(sa_column=Column(Text, nullable=False))
-    queue_id: Optional[str] = Field(default=None, foreign_key="queue.id", ondelete="CASCADE")
-    profile_id: Optional[str] = Field(default=None, foreign_key="profile.id", ondelete="CASCADE")
+    queue_id: str | None = Field(default=None, foreign_key="queue.id", ondelete="CASCADE")
+    profile_id: str | None = Field(default=None, foreign_key="profile.id", ondelete="CASCADE")
 
 
 class AgentSession(SQLModel, table=True):
@@ -78,9 +84,9 @@ class AgentSession(SQLModel, table=True):
     ready: bool = False
     # Open offer streams; offers are made only while > 0.
     stream_count: int = 0
-    stream_lost_at: Optional[datetime] = None
+    stream_lost_at: datetime | None = None
     created_at: datetime
-    ended_at: Optional[datetime] = Field(default=None, index=True)
+    ended_at: datetime | None = Field(default=None, index=True)
     # Routing picks the agent idle longest: the oldest of these.
     last_offer_at: datetime
     # Last seq of this session's offer feed.
@@ -97,9 +103,9 @@ class Conversation(SQLModel, table=True):
     created_at: datetime
     # Place in the queue; a rejected chat keeps it.
     enqueued_at: datetime
-    closed_at: Optional[datetime] = None
+    closed_at: datetime | None = None
     last_seq: int = 0
-    start_request_id: Optional[str] = Field(default=None, unique=True)
+    start_request_id: str | None = Field(default=None, unique=True)
 
     __table_args__ = (Index("ix_conversation_queue_wait", "status", "queue_id", "enqueued_at"),)
 
@@ -113,18 +119,18 @@ class CustomerVariable(SQLModel, table=True):
 
 
 class Participant(SQLModel, table=True):
-    id: Optional[int] = Field(default=None, primary_key=True)
+    id: int | None = Field(default=None, primary_key=True)
     conversation_id: str = Field(foreign_key="conversation.id", index=True)
     agent_id: str = Field(foreign_key="agent.id", index=True)
     joined_at: datetime
-    left_at: Optional[datetime] = None
+    left_at: datetime | None = None
 
 
 class Event(SQLModel, table=True):
     """A conversation's log. seq is gap-free per conversation, assigned in the committing transaction."""
 
     __tablename__ = "conversation_event"
-    id: Optional[int] = Field(default=None, primary_key=True)
+    id: int | None = Field(default=None, primary_key=True)
     conversation_id: str = Field(foreign_key="conversation.id")
     seq: int
     kind: str
@@ -133,7 +139,7 @@ class Event(SQLModel, table=True):
     created_at: datetime
     # Who caused it ("customer" or "agent:<id>"); scopes request_id.
     actor: str
-    request_id: Optional[str] = None
+    request_id: str | None = None
     payload: str = Field(sa_column=Column(Text, nullable=False))
 
     __table_args__ = (
@@ -149,13 +155,13 @@ class Offer(SQLModel, table=True):
     conversation_id: str = Field(foreign_key="conversation.id", index=True)
     # chat | invite
     kind: str
-    invite_id: Optional[str] = Field(default=None, foreign_key="invite.id")
+    invite_id: str | None = Field(default=None, foreign_key="invite.id")
     # pending | accepted | rejected | timed_out | withdrawn
     status: str
-    withdraw_reason: Optional[str] = None
+    withdraw_reason: str | None = None
     created_at: datetime
     expires_at: datetime
-    resolved_at: Optional[datetime] = None
+    resolved_at: datetime | None = None
 
     __table_args__ = (
         # A chat is offered to one agent at a time: the database enforces it.
@@ -175,13 +181,13 @@ class Invite(SQLModel, table=True):
     conversation_id: str = Field(foreign_key="conversation.id", index=True)
     inviter_id: str = Field(foreign_key="agent.id")
     invitee_id: str = Field(foreign_key="agent.id")
-    queue_id: Optional[str] = None
+    queue_id: str | None = None
     # pending | accepted | rejected | timed_out | cancelled | withdrawn
     status: str
-    request_id: Optional[str] = None
+    request_id: str | None = None
     created_at: datetime
     expires_at: datetime
-    resolved_at: Optional[datetime] = None
+    resolved_at: datetime | None = None
 
     __table_args__ = (
         Index(
@@ -202,15 +208,15 @@ class OfferMenu(SQLModel, table=True):
     prompt: str = Field(sa_column=Column(Text, nullable=False))
     # JSON list of {"option_id", "label"}
     options: str = Field(sa_column=Column(Text, nullable=False))
-    chosen_option_id: Optional[str] = None
-    chosen_at: Optional[datetime] = None
+    chosen_option_id: str | None = None
+    chosen_at: datetime | None = None
 
 
 class FeedEvent(SQLModel, table=True):
     """An agent session's offer feed, resumable by seq like a conversation."""
 
     __tablename__ = "agent_feed_event"
-    id: Optional[int] = Field(default=None, primary_key=True)
+    id: int | None = Field(default=None, primary_key=True)
     session_id: str = Field(foreign_key="agent_session.id")
     seq: int
     kind: str
@@ -227,21 +233,21 @@ class Attachment(SQLModel, table=True):
     conversation_id: str = Field(foreign_key="conversation.id", index=True)
     # "customer" or "agent:<id>": only the uploader continues, completes or sends it.
     uploader: str
-    request_id: Optional[str] = None
+    request_id: str | None = None
     file_name: str
     declared_type: str
     size_bytes: int
     received_bytes: int = 0
     # uploading | complete | attached
     status: str
-    sha256: Optional[str] = None
-    content_type: Optional[str] = None
+    sha256: str | None = None
+    content_type: str | None = None
     created_at: datetime
     # Unfinished or unsent uploads are removed after this; None once on a message.
-    expires_at: Optional[datetime] = None
-    event_seq: Optional[int] = None
+    expires_at: datetime | None = None
+    event_seq: int | None = None
     # all | agents, as the message it is on
-    visibility: Optional[str] = None
+    visibility: str | None = None
 
     __table_args__ = (
         UniqueConstraint("conversation_id", "uploader", "request_id"),
