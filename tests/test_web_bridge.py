@@ -1,8 +1,12 @@
 """The grpc-web bridge, spoken to by a plain grpc-web client (tests/web_grpcweb.py): binary and text modes,
-unary and streaming calls, trailers, deadlines, cancellation, CORS, the body limit, and `queuechat serve`."""
+unary and streaming calls, trailers, deadlines, cancellation, CORS, the limits, and `queuechat serve`. Then
+hostile and departing browsers, against a recording stand-in backend where the real server cannot tell:
+bad frame flags, grpc-timeout edge cases, forged client addresses, disconnects mid-stream."""
 
 import asyncio
 import base64
+import contextlib
+import logging
 import os
 import re
 import sys
@@ -12,6 +16,7 @@ from pathlib import Path
 import aiohttp
 import grpc
 import pytest
+from aiohttp import web as aioweb
 from files import MIB
 from harness import is_event
 from multidict import CIMultiDict
@@ -22,9 +27,10 @@ from chat.v1 import admin_service_pb2 as admin_pb
 from chat.v1 import agent_service_pb2 as agent_pb
 from chat.v1 import customer_service_pb2 as cust_pb
 from chat.v1 import resources_pb2 as rpb
+from queuechat.domain.log import conv_topic
 from queuechat.store.models import AgentSession
-from queuechat_web import DEFAULT_MAX_BODY_BYTES, start_bridge
-from queuechat_web.bridge import call_metadata
+from queuechat_web import DEFAULT_MAX_BODY_BYTES, grpcweb, start_bridge
+from queuechat_web.bridge import call_metadata, client_address
 
 ROOT = Path(__file__).resolve().parent.parent
 CS = "/chat.v1.CustomerService/"
@@ -176,8 +182,9 @@ async def test_grpc_timeout_is_the_call_deadline(web):
     assert 0.3 <= loop.time() - began < 5
     unary = await web.call(CS + "ListQueues", cust_pb.ListQueuesRequest(), headers={"grpc-timeout": "10S"})
     assert unary.code == grpc.StatusCode.OK
+    # A malformed grpc-timeout is ignored, as Envoy does (see the tests further down).
     bad = await web.call(CS + "ListQueues", cust_pb.ListQueuesRequest(), headers={"grpc-timeout": "soon"})
-    assert bad.code == grpc.StatusCode.INVALID_ARGUMENT and "grpc-timeout" in bad.message
+    assert bad.code == grpc.StatusCode.OK
 
 
 async def stream_count(server, agent_id: str) -> int:
@@ -302,10 +309,15 @@ async def test_only_the_chat_services_and_well_formed_requests_pass(bridge, http
 
     truncated = await web.call(CS + "ListQueues", body=body(b"\x00\x00\x00\x00\x09abc"))
     assert truncated.code == grpc.StatusCode.INVALID_ARGUMENT
+    # A length field that claims 4 GiB is checked against the body, never allocated.
+    lying = await web.call(CS + "ListQueues", body=body(b"\x00\xff\xff\xff\xffabc"))
+    assert lying.code == grpc.StatusCode.INVALID_ARGUMENT and "4294967295" in lying.message
+    empty = await web.call(CS + "ListQueues", body=b"")
+    assert empty.code == grpc.StatusCode.INVALID_ARGUMENT
     compressed = await web.call(CS + "ListQueues", body=body(envelope(b"", flag=1)))
     assert compressed.code == grpc.StatusCode.INVALID_ARGUMENT
-    two = await web.call(CS + "ListQueues", body=body(envelope(b"") * 2))
-    assert two.code == grpc.StatusCode.INVALID_ARGUMENT
+    many = await web.call(CS + "ListQueues", body=body(envelope(b"") * 10_000))
+    assert many.code == grpc.StatusCode.INVALID_ARGUMENT and "more than one frame" in many.message
 
     json_headers = {"content-type": "application/grpc-web+json"}
     async with http.post(base_url(bridge) + CS + "ListQueues", data=b"{}", headers=json_headers) as resp:
@@ -320,6 +332,7 @@ def test_request_headers_become_call_metadata():
             "Cookie": "session=1", "Sec-Fetch-Mode": "cors", "X-Grpc-Web": "1", "Grpc-Timeout": "1S",
             "Authorization": "Bearer qc_x", "X-Request-Id": "r-1",
             "Trace-Bin": base64.b64encode(b"\x00\x01\x02").decode().rstrip("="), "X-Bad": "caf\u00e9",
+            "X-Forwarded-For": "6.6.6.6", "X-Forwarded-Proto": "https", "Forwarded": "for=6.6.6.6", "X-Real-IP": "6.6.6.6",
         }
     )  # fmt: skip
     assert dict(call_metadata(headers)) == {
@@ -381,3 +394,405 @@ def test_demo_help_points_at_the_customer_page(capsys):
     out = capsys.readouterr().out
     assert "open http://localhost:8080/ in a browser" in out
     assert "http://localhost:8080/#identity_token=ey" in out
+
+
+# --- hostile and departing browsers -------------------------------------------------------------
+
+
+class Backend:
+    """A stand-in gRPC server for CustomerService that records what the bridge sends it: each call's
+    method, request bytes, invocation metadata and deadline. StreamConversation sends a message every
+    few milliseconds until the caller goes away."""
+
+    def __init__(self):
+        self.calls: list[dict] = []
+        self.open_streams = 0
+        self.server = grpc.aio.server()
+        self.server.add_generic_rpc_handlers(
+            (
+                grpc.method_handlers_generic_handler(
+                    "chat.v1.CustomerService",
+                    {
+                        "ListQueues": grpc.unary_unary_rpc_method_handler(self.unary),
+                        "StreamConversation": grpc.unary_stream_rpc_method_handler(self.stream),
+                    },
+                ),
+            )
+        )
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+
+    def _record(self, method: str, request: bytes, context) -> None:
+        self.calls.append(
+            {
+                "method": method,
+                "request": request,
+                "metadata": [(m.key, m.value) for m in context.invocation_metadata()],
+                "time_remaining": context.time_remaining(),
+            }
+        )
+
+    async def unary(self, request: bytes, context) -> bytes:
+        self._record("ListQueues", request, context)
+        return b""
+
+    async def stream(self, request: bytes, context):
+        self._record("StreamConversation", request, context)
+        self.open_streams += 1
+        try:
+            while True:
+                yield b"\x08\x01"
+                await asyncio.sleep(0.005)
+        finally:
+            self.open_streams -= 1
+
+    def metadata(self, call: int = -1) -> dict:
+        return dict(self.calls[call]["metadata"])
+
+
+@pytest.fixture
+async def backend():
+    b = Backend()
+    await b.server.start()
+    try:
+        yield b
+    finally:
+        await b.server.stop(None)
+
+
+@pytest.fixture
+async def fake_bridge(backend):
+    """A bridge in front of the recording backend."""
+    b = await start_bridge(f"127.0.0.1:{backend.port}", "127.0.0.1", 0)
+    try:
+        yield b
+    finally:
+        await b.stop()
+
+
+@pytest.fixture(params=["binary", "text"])
+def fake_web(request, fake_bridge, http) -> GrpcWebClient:
+    return GrpcWebClient(http, base_url(fake_bridge), text=request.param == "text")
+
+
+@pytest.mark.parametrize(
+    "flag, code, words",
+    [
+        (0x80, grpc.StatusCode.INVALID_ARGUMENT, "trailer frame"),
+        (0x81, grpc.StatusCode.INVALID_ARGUMENT, "trailer frame"),
+        (0x02, grpc.StatusCode.INVALID_ARGUMENT, "reserved"),
+        (0x40, grpc.StatusCode.INVALID_ARGUMENT, "reserved"),
+        (0x7E, grpc.StatusCode.INVALID_ARGUMENT, "reserved"),
+        # Compressed, but no grpc-encoding says how: ill-formed.
+        (0x01, grpc.StatusCode.INVALID_ARGUMENT, "compressed"),
+    ],
+)
+async def test_request_frames_other_than_one_plain_message_are_refused_before_the_backend(
+    backend, fake_web, flag, code, words
+):
+    def body(raw: bytes) -> bytes:
+        return base64.b64encode(raw) if fake_web.text else raw
+
+    request = b"\x0a\x01x"  # the backend takes any bytes
+    refused = await fake_web.call(CS + "ListQueues", body=body(envelope(request, flag=flag)))
+    assert (refused.code, refused.messages) == (code, [])
+    assert words in refused.message.lower() and f"{flag:#04x}" in refused.message
+    # A trailer frame after a good message frame is refused too.
+    after = await fake_web.call(
+        CS + "ListQueues", body=body(envelope(request) + envelope(b"grpc-status: 0\r\n", flag=flag))
+    )
+    assert after.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert backend.calls == [], "the backend was called"
+
+    ok = await fake_web.call(CS + "ListQueues", body=body(envelope(request)))
+    assert ok.code == grpc.StatusCode.OK
+    assert [c["request"] for c in backend.calls] == [request]
+
+
+async def test_compressed_request_messages_get_unimplemented_with_the_encodings_accepted(backend, fake_web):
+    body = envelope(b"\x1f\x8b\x08\x00", flag=0x01)
+    refused = await fake_web.call(
+        CS + "ListQueues", body=base64.b64encode(body) if fake_web.text else body, headers={"grpc-encoding": "gzip"}
+    )
+    assert refused.code == grpc.StatusCode.UNIMPLEMENTED and "gzip" in refused.message
+    assert refused.trailers["grpc-accept-encoding"] == "identity"
+    assert backend.calls == []
+
+
+@pytest.mark.parametrize(
+    "header, seconds",
+    [
+        ("99999999H", grpcweb.MAX_TIMEOUT),  # the longest the spec allows: clamped, not an instant deadline
+        ("99999999S", grpcweb.MAX_TIMEOUT),
+        ("10000000M", grpcweb.MAX_TIMEOUT),
+        ("2H", 7200),
+        ("90S", 90),
+        ("30000m", 30),
+        ("30000000u", 30),
+        ("30000000n", 0.03),
+    ],
+)
+async def test_grpc_timeout_is_parsed_per_the_spec_and_clamped(backend, fake_web, header, seconds):
+    call = await fake_web.call(CS + "ListQueues", b"", headers={"grpc-timeout": header})
+    assert call.code == grpc.StatusCode.OK, f"{call.code}: {call.message}"
+    # gRPC rounds the deadline it sends up a little.
+    assert backend.calls[-1]["time_remaining"] == pytest.approx(seconds, rel=0.01, abs=5)
+
+
+@pytest.mark.parametrize(
+    "header",
+    ["soon", "", "5", "S", "1s", "1h", "1.5S", "-1S", "+1S", "100000000H", "1 S", "0x10S", "\u0661\u0662S", "5SS"],
+)
+async def test_a_malformed_grpc_timeout_is_ignored_like_envoy_does(backend, fake_web, header):
+    call = await fake_web.call(CS + "ListQueues", b"", headers={"grpc-timeout": header})
+    assert call.code == grpc.StatusCode.OK, f"{call.code}: {call.message}"
+    assert backend.calls[-1]["time_remaining"] is None, "a malformed grpc-timeout became a deadline"
+
+
+def test_parse_timeout():
+    assert grpcweb.parse_timeout("1n") == 1e-9
+    assert grpcweb.parse_timeout("0S") == 0
+    assert grpcweb.parse_timeout("12345678m") == 12345.678
+    assert grpcweb.parse_timeout("1000000M") == grpcweb.MAX_TIMEOUT == 30 * 24 * 3600
+    assert grpcweb.parse_timeout("99999999H") == grpcweb.MAX_TIMEOUT
+    assert grpcweb.parse_timeout("99999999n") == pytest.approx(0.099999999)
+    for bad in ("100000000n", "1", "H", "1d", "\u0661S", " 1S", "1S ", "1\u00a0S"):
+        with pytest.raises(ValueError):
+            grpcweb.parse_timeout(bad)
+
+
+# Heartbeats every 2 ms: data is on its way to the browsers when they leave.
+@pytest.mark.configure(limits={"heartbeat_interval": 0.002})
+async def test_browsers_leaving_mid_stream_end_their_streams_quietly(server, bridge, caplog):
+    """Before the fix about one aborted stream in ten logged `ERROR aiohttp.server: Error handling request`
+    with a traceback (ClientConnectionResetError: Cannot write to closing transport). That is a race, so
+    this runs 3 rounds of 50; the next test makes the race certain."""
+    caplog.set_level(logging.DEBUG)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True)) as http:
+        conv_id, token = await start_chat(GrpcWebClient(http, base_url(bridge)))
+        topic = conv_topic(conv_id)
+        body = envelope(cust_pb.CustomerServiceStreamConversationRequest(conversation_id=conv_id))
+        headers = {"content-type": "application/grpc-web+proto", "authorization": f"Bearer {token}"}
+
+        async def watch_then_leave() -> None:
+            resp = await http.post(base_url(bridge) + CS + "StreamConversation", data=body, headers=headers)
+            assert resp.status == 200
+            assert await resp.content.readany(), "the stream sent nothing"
+            resp.close()  # a closed tab: the connection goes
+
+        for _ in range(3):
+            await asyncio.gather(*(watch_then_leave() for _ in range(50)))
+
+            async def all_gone():
+                return server.core.bus.subscriber_count(topic) == 0
+
+            await until(all_gone)  # the backend streams were cancelled
+            assert not bridge.streams
+    noisy = [r for r in caplog.records if r.levelno > logging.DEBUG and r.name.startswith(("aiohttp", "queuechat_web"))]
+    assert noisy == [], [f"{r.name} {r.levelname}: {r.getMessage()} {r.exc_info and r.exc_info[1]!r}" for r in noisy]
+    assert [r for r in caplog.records if r.exc_info] == []
+
+
+async def test_a_write_that_finds_the_browser_gone_ends_the_stream_quietly(
+    backend, fake_bridge, http, caplog, monkeypatch
+):
+    """The race above, made certain: the browser's connection closes just before the bridge writes the
+    stream's third message, so the write finds the transport closing before aiohttp has cancelled the handler."""
+    caplog.set_level(logging.DEBUG)
+    write = aioweb.StreamResponse.write
+    writes = 0
+
+    async def close_then_write(response, data):
+        nonlocal writes
+        writes += 1
+        if writes == 3:
+            response._req.transport.close()
+        return await write(response, data)
+
+    monkeypatch.setattr(aioweb.StreamResponse, "write", close_then_write)
+    stream = await GrpcWebClient(http, base_url(fake_bridge)).open(CS + "StreamConversation")
+    with contextlib.suppress(aiohttp.ClientPayloadError, AssertionError):
+        await stream.finish()  # the body ends without a trailer frame
+    assert writes == 3
+
+    async def cancelled():
+        return backend.open_streams == 0
+
+    await until(cancelled)
+    assert not fake_bridge.streams
+    assert [r for r in caplog.records if r.levelno > logging.DEBUG or r.exc_info] == []
+    assert any(r.levelno == logging.DEBUG and "left" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_stream_the_browser_leaves_cancels_the_backend_call(backend, fake_bridge, http, caplog):
+    caplog.set_level(logging.DEBUG)
+    web = GrpcWebClient(http, base_url(fake_bridge))
+    streams = [await web.open(CS + "StreamConversation") for _ in range(10)]
+    for s in streams:
+        assert await s.next() is not None
+    assert backend.open_streams == 10
+    for s in streams:
+        s.close()
+
+    async def cancelled():
+        return backend.open_streams == 0
+
+    await until(cancelled)
+    assert [r for r in caplog.records if r.levelno > logging.DEBUG or r.exc_info] == []
+
+
+async def test_the_backend_sees_the_browsers_address_and_no_forged_one(backend, fake_web):
+    forged = {
+        "X-Forwarded-For": "6.6.6.6",
+        "Forwarded": "for=6.6.6.6",
+        "X-Real-IP": "6.6.6.6",
+        "X-Forwarded-Host": "evil",
+    }
+    await fake_web.call(CS + "ListQueues", b"", headers=forged)
+    md = backend.metadata()
+    assert md["x-forwarded-for"] == "127.0.0.1"
+    assert not {"forwarded", "x-real-ip", "x-forwarded-host"} & md.keys()
+    assert all("6.6.6.6" not in str(v) for v in md.values())
+    # Streams too.
+    stream = await fake_web.open(CS + "StreamConversation", headers=forged)
+    assert await stream.next() is not None
+    stream.close()
+    assert backend.metadata()["x-forwarded-for"] == "127.0.0.1"
+
+
+async def test_behind_trusted_proxies_the_rightmost_untrusted_address_is_the_client(backend, http):
+    b = await start_bridge(f"127.0.0.1:{backend.port}", "127.0.0.1", 0, trusted_proxies=["127.0.0.1", "10.0.0.0/8"])
+    try:
+        web = GrpcWebClient(http, base_url(b))
+
+        async def seen(*xff: str) -> str:
+            headers = CIMultiDict(("X-Forwarded-For", v) for v in xff)
+            await web.call(CS + "ListQueues", b"", headers=headers)
+            return backend.metadata()["x-forwarded-for"]
+
+        # The browser may write anything on the left; the proxies append what they saw.
+        assert await seen("6.6.6.6, 203.0.113.7, 10.1.2.3") == "203.0.113.7"
+        assert await seen("6.6.6.6", "203.0.113.7,10.1.2.3") == "203.0.113.7"  # two header lines are one list
+        assert await seen("203.0.113.7:4711, 10.1.2.3") == "203.0.113.7"
+        assert await seen("[2001:db8::7]:4711") == "2001:db8::7"
+        assert await seen("10.0.0.1, 10.0.0.2") == "10.0.0.1"  # all trusted: the left-most
+        assert await seen() == "127.0.0.1"  # no header: the proxy itself
+        assert await seen("6.6.6.6, not-an-address") == "127.0.0.1"  # garbage from a proxy: trust nothing in it
+    finally:
+        await b.stop()
+
+    # A peer that is not a trusted proxy cannot set the address.
+    b = await start_bridge(f"127.0.0.1:{backend.port}", "127.0.0.1", 0, trusted_proxies=["10.0.0.0/8"])
+    try:
+        await GrpcWebClient(http, base_url(b)).call(CS + "ListQueues", b"", headers={"X-Forwarded-For": "203.0.113.7"})
+        assert backend.metadata()["x-forwarded-for"] == "127.0.0.1"
+    finally:
+        await b.stop()
+    with pytest.raises(ValueError):
+        await start_bridge(f"127.0.0.1:{backend.port}", "127.0.0.1", 0, trusted_proxies=["10.0.0.0/33"])
+
+
+def test_client_address():
+    import ipaddress
+
+    trusted = [ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("::1/128")]
+    assert client_address("192.0.2.1", ["10.0.0.9"], trusted) == "192.0.2.1"
+    assert client_address("10.0.0.1", ["192.0.2.5, 10.0.0.9"], trusted) == "192.0.2.5"
+    assert client_address("::ffff:10.0.0.1", ["192.0.2.5"], trusted) == "192.0.2.5"  # a v4 peer on a dual-stack socket
+    assert client_address("::1", ["::ffff:192.0.2.5"], trusted) == "192.0.2.5"
+    # Garbage (here an empty entry) ends the walk: the last hop that was an address.
+    assert client_address("10.0.0.1", ["192.0.2.5, , 10.0.0.9"], trusted) == "10.0.0.9"
+    assert client_address("10.0.0.1", ["192.0.2.5, unknown"], trusted) == "10.0.0.1"
+    assert client_address("::ffff:192.0.2.1", [], []) == "192.0.2.1"
+    assert client_address(None, ["192.0.2.5"], trusted) is None
+
+
+async def raw_request(
+    port: int, path: str, parts: list[bytes], content_length: int
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A grpc-web POST written by hand, so the test decides when each part of the body goes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/grpc-web+proto\r\n"
+        f"Content-Length: {content_length}\r\n\r\n".encode()
+    )
+    for part in parts:
+        writer.write(part)
+    await writer.drain()
+    return reader, writer
+
+
+async def raw_response(reader: asyncio.StreamReader) -> bytes:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    length = int(re.search(rb"(?i)content-length: (\d+)", head)[1])
+    return await asyncio.wait_for(reader.readexactly(length), 5)
+
+
+async def test_request_bodies_being_read_are_capped_all_together(backend, http, caplog):
+    b = await start_bridge(f"127.0.0.1:{backend.port}", "127.0.0.1", 0, max_body_bytes=1000, max_buffered_bytes=1500)
+    try:
+        body = envelope(b"x" * 900)
+        # A slow client holds 800 bytes of its body in the bridge...
+        slow_r, slow_w = await raw_request(b.port, CS + "ListQueues", [body[:800]], len(body))
+
+        async def holding():
+            return b.buffered_bytes == 800
+
+        await until(holding)
+        # ...so a second one that would take the total over 1500 is refused at once.
+        other_r, other_w = await raw_request(b.port, CS + "ListQueues", [body[:800]], len(body))
+        refused = await raw_response(other_r)
+        assert b"grpc-status: 8\r\n" in refused and b"busy" in refused
+        other_w.close()
+        # The slow one finishes, and is answered.
+        slow_w.write(body[800:])
+        assert b"grpc-status: 0\r\n" in await raw_response(slow_r)
+        slow_w.close()
+        assert [c["request"] for c in backend.calls] == [b"x" * 900]
+
+        # A client that leaves halfway through its body is no error either.
+        caplog.set_level(logging.DEBUG)
+        gone_r, gone_w = await raw_request(b.port, CS + "ListQueues", [body[:500]], len(body))
+
+        async def reading():
+            return b.buffered_bytes == 500
+
+        await until(reading)
+        gone_w.transport.abort()
+
+        async def released():
+            return b.buffered_bytes == 0
+
+        await until(released)
+        await asyncio.sleep(0.1)
+        assert [r for r in caplog.records if r.levelno > logging.DEBUG or r.exc_info] == []
+        assert len(backend.calls) == 1
+    finally:
+        await b.stop()
+
+
+async def test_open_streams_are_capped_all_together(backend, http):
+    b = await start_bridge(f"127.0.0.1:{backend.port}", "127.0.0.1", 0, max_streams=2)
+    try:
+        web = GrpcWebClient(http, base_url(b))
+        first, second = [await web.open(CS + "StreamConversation") for _ in range(2)]
+        for s in (first, second):
+            assert await s.next() is not None
+        third = await web.call(CS + "StreamConversation")
+        assert third.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "too many open streams" in third.message
+        assert (backend.open_streams, len(backend.calls)) == (2, 2)
+        # Unary calls are not streams.
+        assert (await web.call(CS + "ListQueues")).code == grpc.StatusCode.OK
+
+        first.close()
+
+        async def one_left():
+            return backend.open_streams == 1 and len(b.streams) == 1
+
+        await until(one_left)
+        again = await web.open(CS + "StreamConversation")
+        assert await again.next() is not None
+        again.close()
+        second.close()
+    finally:
+        await b.stop()

@@ -17,6 +17,7 @@ from urllib.parse import unquote
 import aiohttp
 import grpc
 from google.rpc import error_details_pb2, status_pb2
+from multidict import CIMultiDict
 
 WAIT = 10.0
 _B64_RUN = re.compile(rb"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?")
@@ -136,11 +137,16 @@ class GrpcWebClient:
         request: Any = b"",
         *,
         token: str = "",
-        headers: dict[str, str] | None = None,
+        headers: dict[str, str] | CIMultiDict[str] | None = None,
         body: bytes | None = None,
     ) -> Call:
-        """Start a call; read it with Call.next/finish. body replaces the enveloped request."""
-        hdrs = {"content-type": self.content_type, "x-grpc-web": "1", **(headers or {})}
+        """Start a call; read it with Call.next/finish. body replaces the enveloped request. headers replace
+        the defaults; a CIMultiDict sends a header more than once."""
+        hdrs = CIMultiDict({"content-type": self.content_type, "x-grpc-web": "1"})
+        extra = CIMultiDict(headers or {})
+        for key in extra:
+            hdrs.popall(key, None)
+        hdrs.extend(extra)
         if token:
             hdrs["authorization"] = f"Bearer {token}"
         if body is None:
