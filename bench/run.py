@@ -45,6 +45,8 @@ def config(agents: int, max_chats: int) -> str:
     lines = [
         "[settings]", "offer_timeout = 600", "stream_grace = 600",
         "[security]", "argon2_time_cost = 1", "argon2_memory_kib = 1024",
+        # A load test is a flood by design.
+        "[rate_limits]", "enabled = false",
         '[[queues]]', 'id = "q"', 'display_name = "Q"',
         '[[profiles]]', 'id = "p"', 'display_name = "P"', 'queues = ["q"]',
     ]

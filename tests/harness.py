@@ -36,6 +36,9 @@ def base_config(**overrides: Any) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "settings": {"offer_timeout": 30.0, "reject_cooldown": 30.0, "stream_grace": 0.5},
         "limits": {"heartbeat_interval": 0.5},
+        # Off unless a test turns them on (@pytest.mark.configure(rate_limits={"enabled": True, ...})):
+        # the suite starts hundreds of chats from one address.
+        "rate_limits": {"enabled": False},
         "security": {"identity_secrets": [IDENTITY_SECRET], "argon2_time_cost": 1, "argon2_memory_kib": 1024},
         "queues": [
             {"id": "sales", "display_name": "Sales"},

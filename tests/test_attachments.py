@@ -227,7 +227,8 @@ async def test_storage_is_content_addressed_with_no_user_names(server):
     agent, cust = await server.chat(variables={"name": "Ada"})
     a_up, c_up = uploaders(agent, cust)
     data = b"same bytes\n"
-    first = await c_up.upload(data, "../../etc/passwd\x00.txt")
+    await expect_error(c_up.upload(data, "passwd\x00.txt"), grpc.StatusCode.INVALID_ARGUMENT, "BAD_CHARACTERS")
+    first = await c_up.upload(data, "../../etc/passwd.txt")
     second = await a_up.upload(data, "..\\secret\\copy.txt")
     assert first.file_name == "passwd.txt" and second.file_name == "copy.txt"
     root = server.data_dir / "files"

@@ -106,7 +106,7 @@ def test_a_secret_of_the_wrong_type_is_not_repeated():
 
 def test_an_unknown_key_at_the_top_level_is_refused():
     msg = one_problem({**base_config(), "setting": {"offer_timeout": 5}})
-    assert msg.startswith("setting: unknown key; expected one of settings, limits, security, queues,")
+    assert msg.startswith("setting: unknown key; expected one of settings, limits, security, rate_limits, queues,")
 
 
 def test_an_unknown_key_in_a_section_is_refused():
@@ -122,7 +122,7 @@ def test_an_unknown_key_in_a_list_item_is_refused():
     msg = one_problem(doc)
     assert msg == (
         "agents[1].max_chat: unknown key; "
-        "expected one of id, display_name, profiles, password, password_hash, max_chats"
+        "expected one of id, display_name, profiles, password, password_hash, max_chats, disabled"
     )
 
 

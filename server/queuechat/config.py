@@ -71,6 +71,36 @@ class Limits:
     upload_sweep_interval: _Interval = 60.0
 
 
+_Bytes = Annotated[int, Strict(), Field(ge=0)]
+_Cap = Annotated[int, Strict(), Field(ge=0)]  # 0: this limit is off
+_NonNegative = Annotated[float, Strict(), Field(ge=0, allow_inf_nan=False)]
+
+
+@dataclass(frozen=True, config=_MODEL)
+class RateLimits:
+    """Defences against floods (docs/api.md, "Rate limits"). Each count is per minute unless it says
+    bytes (per hour); 0 turns that one limit off, enabled = false turns them all off."""
+
+    enabled: Annotated[bool, Strict()] = True
+    # Peers whose X-Forwarded-For is believed (the built-in web bridge connects from loopback).
+    trusted_proxies: Annotated[list[_Text], Strict()] = dataclasses.field(default_factory=lambda: ["127.0.0.1", "::1"])
+    start_chat_per_address: _Cap = 20
+    start_chat_per_identity: _Cap = 10
+    messages_per_conversation: _Cap = 120
+    uploads_per_conversation: _Cap = 20
+    uploads_per_address: _Cap = 60
+    upload_bytes_per_conversation: _Bytes = 200 * 1024 * 1024
+    upload_bytes_per_address: _Bytes = 1024 * 1024 * 1024
+    login_per_address: _Cap = 30
+    login_per_username: _Cap = 30
+    # After this many wrong passwords in a row for one username from one address, wait base * 2^n seconds.
+    login_free_failures: _Cap = 3
+    login_backoff_base: _NonNegative = 1.0
+    login_backoff_max: _Interval = 300.0
+    # Chats waiting in one queue; past it StartChat answers QUEUE_FULL.
+    max_waiting_per_queue: _Cap = 1000
+
+
 @dataclass(frozen=True, config=_MODEL)
 class QueueConfig:
     id: _Id
@@ -92,6 +122,8 @@ class AgentConfig:
     password: _Str | None = None
     password_hash: _Str | None = None
     max_chats: _Count = 3
+    # A disabled agent cannot log in; its sessions end when the file is applied.
+    disabled: Annotated[bool, Strict()] = False
 
 
 @dataclass(frozen=True, config=_MODEL)
@@ -99,6 +131,16 @@ class AdminConfig:
     id: _Id
     password: _Str | None = None
     password_hash: _Str | None = None
+    disabled: Annotated[bool, Strict()] = False
+
+
+@dataclass(frozen=True, config=_MODEL)
+class IdentityTokenConfig:
+    """One signer of customers' identity tokens. audience and issuer are checked when given."""
+
+    secret: _Text
+    audience: _Text | None = None
+    issuer: _Text | None = None
 
 
 @dataclass(frozen=True, config=_MODEL)
@@ -111,12 +153,23 @@ class PredefinedConfig:
 
 
 @dataclass(frozen=True, config=_MODEL)
-class _Security:
+class Security:
     # HS256 secrets for customers' identity tokens; several allow rotation.
     identity_secrets: Annotated[list[_Text], Strict()] = dataclasses.field(default_factory=list)
+    # The same with an expected audience and issuer per signer: [[security.identity_tokens]].
+    identity_tokens: Annotated[list[IdentityTokenConfig], Strict()] = dataclasses.field(default_factory=list)
+    # Clock skew allowed on exp, nbf and iat; the longest lifetime (exp - iat) a token may claim.
+    identity_leeway: _NonNegative = 30.0
+    identity_max_lifetime: _Interval = 3600.0
     # argon2id cost; lower it only for tests. argon2 needs 8 KiB per lane and PasswordHasher uses 4 lanes.
     argon2_time_cost: _Count = 3
     argon2_memory_kib: Annotated[int, Strict(), Field(ge=32)] = 65536
+    # Sessions end after this long without a call (an agent's not while its offer stream is open),
+    # and after the absolute lifetime in any case.
+    admin_session_idle: _Interval = 3600.0
+    admin_session_max: _Interval = 12 * 3600.0
+    agent_session_idle: _Interval = 2 * 3600.0
+    agent_session_max: _Interval = 24 * 3600.0
 
 
 @dataclass(frozen=True, config=_MODEL)
@@ -125,7 +178,8 @@ class _File:
 
     settings: _FileSettings = dataclasses.field(default_factory=_FileSettings)
     limits: Limits = dataclasses.field(default_factory=Limits)
-    security: _Security = dataclasses.field(default_factory=_Security)
+    security: Security = dataclasses.field(default_factory=Security)
+    rate_limits: RateLimits = dataclasses.field(default_factory=RateLimits)
     queues: Annotated[list[QueueConfig], Strict()] = dataclasses.field(default_factory=list)
     profiles: Annotated[list[ProfileConfig], Strict()] = dataclasses.field(default_factory=list)
     agents: Annotated[list[AgentConfig], Strict()] = dataclasses.field(default_factory=list)
@@ -147,6 +201,13 @@ class Config:
     identity_secrets: list[str] = dataclasses.field(default_factory=list)
     argon2_time_cost: int = 3
     argon2_memory_kib: int = 65536
+    rate_limits: RateLimits = dataclasses.field(default_factory=RateLimits)
+    security: Security = dataclasses.field(default_factory=lambda: Security())
+
+    @property
+    def identity_signers(self) -> list[IdentityTokenConfig]:
+        """Every accepted signer: identity_secrets (any audience) and identity_tokens."""
+        return [IdentityTokenConfig(s) for s in self.identity_secrets] + list(self.security.identity_tokens)
 
 
 class ConfigError(ValueError):
@@ -160,7 +221,7 @@ class ConfigError(ValueError):
 _FILE = TypeAdapter(_File)
 ENV_PREFIX = "QUEUECHAT_"
 # Only the flat sections: the lists of queues, agents... have no sensible one-variable form.
-ENV_SECTIONS = {"settings": _FileSettings, "limits": Limits, "security": _Security}
+ENV_SECTIONS = {"settings": _FileSettings, "limits": Limits, "security": Security, "rate_limits": RateLimits}
 _SECTIONS = {
     **ENV_SECTIONS,
     "queues": QueueConfig,
@@ -170,7 +231,7 @@ _SECTIONS = {
     "predefined_messages": PredefinedConfig,
 }
 # Their values are not repeated in error messages, which end up in logs.
-_SECRET_KEYS = {"password", "password_hash", "identity_secrets"}
+_SECRET_KEYS = {"password", "password_hash", "identity_secrets", "secret"}
 
 Loc = tuple[str | int, ...]
 
@@ -216,6 +277,8 @@ def _parse(doc: Any, environ: Mapping[str, str], file: str | None) -> Config:
         identity_secrets=f.security.identity_secrets,
         argon2_time_cost=f.security.argon2_time_cost,
         argon2_memory_kib=f.security.argon2_memory_kib,
+        rate_limits=f.rate_limits,
+        security=f.security,
     )
 
 

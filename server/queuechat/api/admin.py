@@ -18,6 +18,7 @@ from ..domain.views import AdminPrincipal, AgentAccountView, PredefinedView, Pro
 from ..errors import invalid
 from . import convert
 from .errors import authenticated, bearer, rpc
+from .peer import client_address
 
 
 async def _admin(service: AdminService, request: object, context: grpc.aio.ServicerContext) -> AdminPrincipal:
@@ -84,7 +85,8 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
 
     @rpc
     async def Login(self, request: pb.AdminServiceLoginRequest, context) -> pb.AdminServiceLoginResponse:
-        token = await self.core.admin_login(request.username, request.password)
+        client = client_address(context, self.core.config.rate_limits.trusted_proxies)
+        token = await self.core.admin_login(request.username, request.password, client)
         return pb.AdminServiceLoginResponse(admin_token=token)
 
     # --- queues --------------------------------------------------------------

@@ -13,6 +13,7 @@ from ..domain.views import AgentPrincipal, EventView, FeedEventView, Heartbeat
 from ..errors import invalid
 from . import convert, files
 from .errors import authenticated, bearer, rpc
+from .peer import client_address
 
 
 async def _agent(service: AgentService, request: object, context: grpc.aio.ServicerContext) -> AgentPrincipal:
@@ -28,7 +29,8 @@ class AgentService(agent_service_pb2_grpc.AgentServiceServicer):
 
     @rpc
     async def Login(self, request: pb.LoginRequest, context) -> pb.LoginResponse:
-        view = await self.core.login(request.username, request.password, request.profile_id, request.ready)
+        client = client_address(context, self.core.config.rate_limits.trusted_proxies)
+        view = await self.core.login(request.username, request.password, request.profile_id, request.ready, client)
         return convert.session(view)
 
     @agent_call

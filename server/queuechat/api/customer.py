@@ -15,6 +15,7 @@ from ..domain.views import CustomerPrincipal
 from . import convert, files
 from .agent import stream_item
 from .errors import authenticated, bearer, rpc
+from .peer import client_address
 
 
 async def _customer(service: CustomerService, request: Any, context: grpc.aio.ServicerContext) -> CustomerPrincipal:
@@ -36,8 +37,9 @@ class CustomerService(customer_service_pb2_grpc.CustomerServiceServicer):
 
     @rpc
     async def StartChat(self, request: pb.StartChatRequest, context) -> pb.StartChatResponse:
+        client = client_address(context, self.core.config.rate_limits.trusted_proxies)
         started = await self.core.start_chat(
-            request.queue_id, request.request_id, dict(request.variables), request.identity_token
+            request.queue_id, request.request_id, dict(request.variables), request.identity_token, client
         )
         return pb.StartChatResponse(
             conversation=convert.conversation(started.conversation), customer_token=started.customer_token

@@ -1,4 +1,10 @@
-"""Domain errors become canonical gRPC statuses carrying a google.rpc.ErrorInfo."""
+"""Domain errors become canonical gRPC statuses carrying a google.rpc.ErrorInfo.
+
+Every request is checked first (api/validate.py). An exception that is not a
+ChatError never reaches the client as it is: it becomes INTERNAL with a
+generic message and an error id, and the id is logged with the traceback
+(rate-limited, so a flood of failing calls cannot flood the log).
+"""
 
 from __future__ import annotations
 
@@ -6,16 +12,19 @@ import contextlib
 import functools
 import inspect
 import logging
+import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from ..bus import Lagging
-from ..errors import ChatError, Kind
+from ..errors import ChatError, Kind, invalid
+from .validate import check_request
 
 DOMAIN = "queuechat.chat.v1"
 log = logging.getLogger(__name__)
@@ -26,8 +35,59 @@ _CODES = {kind: getattr(grpc.StatusCode, kind.value) for kind in Kind}
 def status_for(err: ChatError) -> grpc.Status:
     info = any_pb2.Any()
     info.Pack(error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN, metadata=err.metadata))
+    details = [info]
+    if err.retry_after is not None:
+        retry = any_pb2.Any()
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(max(1_000_000, int(err.retry_after * 1e9)))  # at least 1 ms: "retry later", not "now"
+        retry.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+        details.append(retry)
     code = _CODES[err.kind]
-    return rpc_status.to_status(status_pb2.Status(code=code.value[0], message=err.message, details=[info]))
+    return rpc_status.to_status(status_pb2.Status(code=code.value[0], message=err.message, details=details))
+
+
+# Requests grpc could not parse reach the handler as this (see UndecodableRequests in server.py).
+UNDECODABLE: Any = object()
+_UNDECODABLE = invalid("UNDECODABLE_REQUEST", "The request could not be parsed as the method's message.")
+
+
+class _LogBudget:
+    """At most `burst` tracebacks, then one a `every` seconds; the rest are counted."""
+
+    def __init__(self, burst: int = 10, every: float = 10.0):
+        self.tokens, self.burst, self.every = float(burst), burst, every
+        self.at = time.monotonic()
+        self.suppressed = 0
+
+    def allow(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.at) / self.every)
+        self.at = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        self.suppressed += 1
+        return False
+
+
+_log_budget = _LogBudget()
+
+
+def _internal(method: str, e: BaseException) -> ChatError:
+    error_id = uuid.uuid4().hex[:16]
+    if _log_budget.allow():
+        extra = f" ({_log_budget.suppressed} more since, not logged)" if _log_budget.suppressed else ""
+        _log_budget.suppressed = 0
+        log.error("internal error %s in %s%s", error_id, method, extra, exc_info=e)
+    return ChatError(
+        Kind.INTERNAL, "INTERNAL", f"Something went wrong on the server (error id {error_id}).", error_id=error_id
+    )
+
+
+def _first_check(request: Any) -> None:
+    if request is UNDECODABLE:
+        raise _UNDECODABLE
+    check_request(request)
 
 
 async def _abort(context: grpc.aio.ServicerContext, err: ChatError) -> None:
@@ -38,13 +98,16 @@ async def _abort(context: grpc.aio.ServicerContext, err: ChatError) -> None:
 _LAGGING = ChatError(Kind.UNAVAILABLE, "STREAM_LAGGING", "The stream fell behind; resume from the last seq you saw.")
 
 
-def rpc(method: Callable) -> Callable:
-    """Wrap a servicer method (coroutine or async generator): ChatError -> status."""
+def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a servicer method (coroutine or async generator): check the request first; ChatError -> its
+    status; anything unexpected -> INTERNAL with an error id."""
+    name = method.__name__
     if inspect.isasyncgenfunction(method):
 
         @functools.wraps(method)
-        async def stream(self: Any, request: Any, context: grpc.aio.ServicerContext):
+        async def stream(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
             try:
+                _first_check(request)
                 async with contextlib.aclosing(method(self, request, context)) as gen:
                     async for item in gen:
                         yield item
@@ -52,15 +115,24 @@ def rpc(method: Callable) -> Callable:
                 await _abort(context, e)
             except Lagging:
                 await _abort(context, _LAGGING)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as e:
+                await _abort(context, _internal(name, e))
 
         return stream
 
     @functools.wraps(method)
-    async def unary(self: Any, request: Any, context: grpc.aio.ServicerContext):
+    async def unary(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
+            _first_check(request)
             return await method(self, request, context)
         except ChatError as e:
             await _abort(context, e)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:
+            await _abort(context, _internal(name, e))
 
     return unary
 
@@ -103,5 +175,7 @@ def bearer(context: grpc.aio.ServicerContext) -> str:
                 except UnicodeDecodeError:
                     return ""
             scheme, _, token = value.partition(" ")
-            return token.strip() if scheme.lower() == "bearer" else ""
+            token = token.strip()
+            # Tokens this server issues are ASCII and short; anything else is no token at all.
+            return token if scheme.lower() == "bearer" and token.isascii() and len(token) <= 512 else ""
     return ""

@@ -6,6 +6,8 @@ import asyncio
 import logging
 import os
 import signal
+from collections.abc import Callable
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -25,6 +27,7 @@ from . import convert
 from .admin import AdminService
 from .agent import AgentService
 from .customer import CustomerService
+from .errors import UNDECODABLE
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +41,46 @@ _OPTIONS = [
     # Keep idle streams alive through NATs and notice dead peers.
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
+    # Since grpc 1.5x the ping's own timeout is this one; without it a frozen peer is noticed only after ~90 s.
+    ("grpc.http2.ping_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     # Room for a 1 MiB upload chunk plus framing.
     ("grpc.max_receive_message_length", 4 * 1024 * 1024),
 ]
+
+
+def _tolerant(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def run(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception:  # DecodeError and friends: the handler answers INVALID_ARGUMENT
+            return UNDECODABLE
+
+    return run
+
+
+class _Registration:
+    """What the generated add_*Servicer_to_server functions see as the server. It registers their
+    handlers with a deserializer that never raises, so bytes that are not the method's message get
+    INVALID_ARGUMENT UNDECODABLE_REQUEST instead of grpc's UNKNOWN naming a Python class (and a
+    logged traceback per call)."""
+
+    def __init__(self, server: grpc.aio.Server):
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass  # registered below, from the same dictionary, with tolerant deserializers
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        safe = {
+            name: h._replace(request_deserializer=_tolerant(h.request_deserializer))  # type: ignore[attr-defined]
+            if h.request_deserializer is not None
+            else h
+            for name, h in handlers.items()
+        }
+        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, safe),))
+        self._server.add_registered_method_handlers(service, safe)
 
 
 class ChatServer:
@@ -51,9 +89,10 @@ class ChatServer:
         if os.environ.get("QUEUECHAT_CHECK_EVENTS") == "1":
             core.check_event = convert.check_payload  # every stored payload must parse as its message
         self.server = grpc.aio.server(options=_OPTIONS)
-        agent_service_pb2_grpc.add_AgentServiceServicer_to_server(AgentService(core), self.server)
-        customer_service_pb2_grpc.add_CustomerServiceServicer_to_server(CustomerService(core), self.server)
-        admin_service_pb2_grpc.add_AdminServiceServicer_to_server(AdminService(core), self.server)
+        services = _Registration(self.server)
+        agent_service_pb2_grpc.add_AgentServiceServicer_to_server(AgentService(core), services)
+        customer_service_pb2_grpc.add_CustomerServiceServicer_to_server(CustomerService(core), services)
+        admin_service_pb2_grpc.add_AdminServiceServicer_to_server(AdminService(core), services)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(

@@ -10,21 +10,23 @@ import re
 import secrets
 import uuid
 from collections.abc import Iterable
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import ColumnElement
+from sqlalchemy import ColumnElement, update
 from sqlmodel import Session, SQLModel, and_, col, delete, or_, select
 from sqlmodel.sql.expression import SelectOfScalar
 
 from ..config import Config, Settings
-from ..errors import already_exists, invalid, not_found, precondition, unauthenticated
+from ..errors import already_exists, denied, invalid, not_found, precondition, unauthenticated
 from ..store.models import (
     Admin,
     AdminSession,
     Agent,
     AgentProfile,
     AgentSession,
+    ConfiguredAccount,
     Conversation,
     FeedEvent,
     Invite,
@@ -38,7 +40,7 @@ from ..store.models import (
 )
 from . import agents
 from .auth import Passwords, token_hash
-from .read import conversation_view, profile_queues
+from .read import conversation_view, must_get, profile_queues
 from .tx import Tx
 from .views import AdminPrincipal, AgentAccountView, ConversationView, PredefinedView, ProfileView, QueueView
 
@@ -67,18 +69,41 @@ def apply_config(tx: Tx, cfg: Config, passwords: Passwords) -> None:
         for qid in p.queues:
             s.add(ProfileQueue(profile_id=p.id, queue_id=qid))
     s.flush()
+    # Whoever knew an old password, or holds a session of an account the file disabled or dropped, is out.
+    before = {(r.kind, r.id) for r in s.exec(select(ConfiguredAccount)).all()}
     for a in cfg.agents:
         cur = s.get(Agent, a.id)
-        h = _hash(passwords, cur.password_hash if cur else None, a.password, a.password_hash)
-        s.merge(Agent(id=a.id, display_name=a.display_name, password_hash=h, max_chats=a.max_chats))
+        old = cur.password_hash if cur else None  # merge() below updates cur in place
+        h = _hash(passwords, old, a.password, a.password_hash)
+        s.merge(
+            Agent(id=a.id, display_name=a.display_name, password_hash=h, max_chats=a.max_chats, disabled=a.disabled)
+        )
         s.flush()
+        if old is not None and (h != old or a.disabled):
+            agents.end_sessions(tx, a.id)
         s.exec(delete(AgentProfile).where(col(AgentProfile.agent_id) == a.id))
         for pid in a.profiles:
             s.add(AgentProfile(agent_id=a.id, profile_id=pid))
     for ad in cfg.admins:
         cur_admin = s.get(Admin, ad.id)
-        h = _hash(passwords, cur_admin.password_hash if cur_admin else None, ad.password, ad.password_hash)
-        s.merge(Admin(id=ad.id, password_hash=h))
+        old = cur_admin.password_hash if cur_admin else None
+        h = _hash(passwords, old, ad.password, ad.password_hash)
+        s.merge(Admin(id=ad.id, password_hash=h, disabled=ad.disabled))
+        if old is not None and (h != old or ad.disabled):
+            s.exec(delete(AdminSession).where(col(AdminSession.admin_id) == ad.id))
+    named = {("agent", a.id) for a in cfg.agents} | {("admin", ad.id) for ad in cfg.admins}
+    for kind, account_id in before - named:  # removed from the file: disabled, not deleted (history names it)
+        if kind == "agent" and (agent := s.get(Agent, account_id)) is not None:
+            agent.disabled = True
+            s.add(agent)
+            agents.end_sessions(tx, account_id)
+        elif kind == "admin" and (adm := s.get(Admin, account_id)) is not None:
+            adm.disabled = True
+            s.add(adm)
+            s.exec(delete(AdminSession).where(col(AdminSession.admin_id) == account_id))
+    s.exec(delete(ConfiguredAccount))
+    for kind, account_id in sorted(named):
+        s.add(ConfiguredAccount(kind=kind, id=account_id))
     for m in cfg.predefined_messages:
         s.merge(PredefinedMessage(id=m.id, title=m.title, body=m.body, queue_id=m.queue, profile_id=m.profile))
     for key in SETTING_KEYS:
@@ -96,16 +121,50 @@ def load_settings(s: Session) -> tuple[Settings, bytes]:
 
 
 def create_admin_session(tx: Tx, admin_id: str, token: str) -> None:
-    tx.session.add(AdminSession(token_hash=token_hash(token), admin_id=admin_id, created_at=tx.now))
+    if must_get(tx.session, Admin, admin_id).disabled:
+        raise denied("ACCOUNT_DISABLED", "This account is disabled.")
+    row = AdminSession(token_hash=token_hash(token), admin_id=admin_id, created_at=tx.now, last_used_at=tx.now)
+    tx.session.add(row)
 
 
-def find_admin(s: Session, token: str) -> AdminPrincipal:
-    row = s.get(AdminSession, token_hash(token)) if token else None
+@dataclass(frozen=True, slots=True)
+class FoundAdmin:
+    principal: AdminPrincipal
+    token_hash: str
+    stale: bool  # last_used_at needs a touch
+
+
+def find_admin(s: Session, token: str, now: datetime, idle: float, lifetime: float) -> FoundAdmin:
+    """An admin session ends after `idle` seconds without a call and `lifetime` seconds in any case;
+    the caller deletes an expired one (end_admin_session)."""
+    key = token_hash(token) if token else ""
+    row = s.get(AdminSession, key) if key else None
     if row is None:
         raise unauthenticated(
             "ADMIN_SESSION_INVALID", "Log in as an admin first: the admin token is missing or unknown."
         )
-    return AdminPrincipal(row.admin_id)
+    used = row.last_used_at or row.created_at
+    if now - row.created_at > timedelta(seconds=lifetime) or now - used > timedelta(seconds=idle):
+        raise unauthenticated("ADMIN_SESSION_EXPIRED", "This admin session has expired; log in again.")
+    return FoundAdmin(AdminPrincipal(row.admin_id), key, now - used >= timedelta(seconds=60))
+
+
+def touch_admin_session(tx: Tx, key: str) -> None:
+    tx.conn.execute(update(AdminSession).where(col(AdminSession.token_hash) == key).values(last_used_at=tx.now))
+
+
+def end_admin_sessions(tx: Tx, idle: float, lifetime: float, token: str | None = None) -> int:
+    """Delete expired admin sessions (the one of `token`, or all of them: the sweeper)."""
+    q = select(AdminSession)
+    if token is not None:
+        q = q.where(col(AdminSession.token_hash) == token_hash(token))
+    gone = 0
+    for row in tx.session.exec(q).all():
+        used = row.last_used_at or row.created_at
+        if tx.now - row.created_at > timedelta(seconds=lifetime) or tx.now - used > timedelta(seconds=idle):
+            tx.session.delete(row)
+            gone += 1
+    return gone
 
 
 # --- AdminService ------------------------------------------------------------

@@ -9,8 +9,10 @@ the queue.
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from sqlalchemy import update
 from sqlmodel import Session, col, select
 
 from ..errors import denied, unauthenticated
@@ -32,6 +34,8 @@ def login(tx: Tx, agent_id: str, profile_id: str, ready: bool, token: str) -> Se
     """Credentials were checked by the caller (off the writer thread: argon2 is slow)."""
     s = tx.session
     now = tx.now
+    if must_get(s, Agent, agent_id).disabled:
+        raise denied("ACCOUNT_DISABLED", "This account is disabled.")
     check_profile(tx, agent_id, profile_id)
     end_sessions(tx, agent_id, now)
     sess = AgentSession(
@@ -41,6 +45,7 @@ def login(tx: Tx, agent_id: str, profile_id: str, ready: bool, token: str) -> Se
         profile_id=profile_id,
         ready=ready,
         created_at=now,
+        last_seen_at=now,
         last_offer_at=now,
     )
     s.add(sess)
@@ -150,10 +155,48 @@ def session_view(s: Session, sess: AgentSession, token: str = "") -> SessionView
     )
 
 
-def find_session(s: Session, token: str) -> AgentPrincipal:
+@dataclass(frozen=True, slots=True)
+class Found:
+    """A live session's principal, and whether its idle clock needs a touch."""
+
+    principal: AgentPrincipal
+    stale: bool
+
+
+TOUCH_EVERY = timedelta(seconds=60)  # last_seen_at is written at most this often
+
+
+def find_session(s: Session, token: str, now: datetime, idle: float, lifetime: float) -> Found:
+    """The live session of a token. One past its lifetime, or idle too long without an offer stream,
+    is refused (SESSION_EXPIRED); the caller ends it with end_expired."""
     sess = s.exec(select(AgentSession).where(AgentSession.token_hash == token_hash(token))).first() if token else None
     if sess is None or sess.ended_at is not None:
         raise unauthenticated("SESSION_INVALID", "Log in first: the session token is missing, unknown or ended.")
-    return AgentPrincipal(sess.id, sess.agent_id, sess.profile_id)
+    if _expired(sess, now, idle, lifetime):
+        raise unauthenticated("SESSION_EXPIRED", "This session has expired; log in again.", session_id=sess.id)
+    seen = sess.last_seen_at or sess.created_at
+    return Found(AgentPrincipal(sess.id, sess.agent_id, sess.profile_id), now - seen >= TOUCH_EVERY)
 
 
+def _expired(sess: AgentSession, now: datetime, idle: float, lifetime: float) -> bool:
+    if now - sess.created_at > timedelta(seconds=lifetime):
+        return True
+    seen = sess.last_seen_at or sess.created_at
+    return sess.stream_count == 0 and now - seen > timedelta(seconds=idle)
+
+
+def touch(tx: Tx, session_id: str) -> None:
+    tx.conn.execute(update(AgentSession).where(col(AgentSession.id) == session_id).values(last_seen_at=tx.now))
+
+
+def end_expired(tx: Tx, idle: float, lifetime: float, session_id: str | None = None) -> int:
+    """End sessions past their lifetime or idle time (one, or all: the sweeper). Returns how many."""
+    q = select(AgentSession).where(col(AgentSession.ended_at).is_(None))
+    if session_id is not None:
+        q = q.where(col(AgentSession.id) == session_id)
+    ended = 0
+    for sess in tx.session.exec(q).all():
+        if _expired(sess, tx.now, idle, lifetime):
+            _end(tx, sess, tx.now)
+            ended += 1
+    return ended

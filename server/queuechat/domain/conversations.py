@@ -8,16 +8,17 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, insert, update
+from sqlalchemy import bindparam, delete, func, insert, update
 from sqlmodel import Session, col, or_, select
 
 from ..config import Limits
-from ..errors import denied, invalid, not_found, precondition
+from ..errors import denied, exhausted, invalid, not_found, precondition, short, unauthenticated
 from ..store.models import (
     Agent,
     Conversation,
     CustomerVariable,
     Event,
+    IdentityTokenUse,
     OfferMenu,
     Participant,
     PredefinedMessage,
@@ -56,7 +57,13 @@ def start_chat(
     request_id: str,
     unverified: dict[str, str],
     verified: dict[str, str],
+    *,
+    identity_jti: str | None = None,
+    identity_expires: datetime | None = None,
+    max_waiting: int = 0,
 ) -> ConversationView:
+    """A retry (same request_id) returns the chat it made, before any other check: a full queue or a
+    used identity token does not turn a retry into a refusal."""
     s = tx.session
     if request_id:
         prior = s.exec(select(Conversation).where(Conversation.start_request_id == request_id)).first()
@@ -65,15 +72,23 @@ def start_chat(
                 raise invalid("REQUEST_ID_REUSED", "This request_id was used for a chat in another queue.")
             return conversation_view(s, prior, for_agent=False)
     if not queue_id or s.get(Queue, queue_id) is None:
-        raise not_found("QUEUE_NOT_FOUND", f"There is no queue {queue_id!r}.", queue_id=queue_id)
+        raise not_found("QUEUE_NOT_FOUND", f"There is no queue {short(queue_id)!r}.", queue_id=queue_id)
     now = tx.now
+    if max_waiting and _waiting(tx, queue_id) >= max_waiting:
+        message = "Too many chats are waiting in this queue; try again later."
+        raise exhausted("QUEUE_FULL", message, retry_after=30.0, queue_id=queue_id)
+    conversation_id = uuid.uuid4().hex
+    if identity_jti is not None:
+        if s.get(IdentityTokenUse, identity_jti) is not None:
+            raise unauthenticated("IDENTITY_TOKEN_REPLAYED", "This identity token has been used already.")
+        s.add(IdentityTokenUse(jti=identity_jti, expires_at=identity_expires or now, conversation_id=conversation_id))
     merged = {k: VariableView(k, v, False) for k, v in unverified.items()}
     merged.update({k: VariableView(k, v, True) for k, v in verified.items()})  # verified wins
     variables = tuple(merged[k] for k in sorted(merged))
     name = merged["name"].value if "name" in merged else ""
     # A new log: its first two events take seq 1 and 2 directly.
     conv = Conversation(
-        id=uuid.uuid4().hex,
+        id=conversation_id,
         queue_id=queue_id,
         status="queued",
         customer_connected=True,
@@ -111,6 +126,23 @@ def start_chat(
         created_at=now,
         closed_at=None,
     )
+
+
+def forget_identity_tokens(tx: Tx) -> int:
+    """Uses of identity tokens that have expired since: a replay of those fails on exp anyway."""
+    gone = tx.conn.execute(delete(IdentityTokenUse).where(col(IdentityTokenUse.expires_at) < tx.now))
+    return gone.rowcount
+
+
+def _waiting(tx: Tx, queue_id: str) -> int:
+    return tx.conn.execute(_WAITING, {"q": queue_id}).scalar_one()
+
+
+_WAITING = (
+    select(func.count())
+    .select_from(Conversation)
+    .where(col(Conversation.status) == "queued", col(Conversation.queue_id) == bindparam("q"))
+)
 
 
 def _require_open(conv: Conversation) -> None:

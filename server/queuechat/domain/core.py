@@ -13,6 +13,7 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,12 +29,21 @@ from ..store.models import Admin, Agent, Conversation
 from . import admin, agents, conversations, invites, routing
 from .access import readable_conversation
 from .attachments import Attachments
-from .auth import Passwords, check_customer_token, customer_token, new_token, verify_identity_token
+from .auth import (
+    IdentityClaims,
+    PasswordPool,
+    Passwords,
+    check_customer_token,
+    customer_token,
+    new_token,
+    verify_identity_token,
+)
 from .positions import QueuePositions
+from .ratelimit import Limiter
 from .read import conversation_view
 from .runner import Background, Writer
 from .streams import Streams
-from .tx import Context, EventCheck
+from .tx import Context, EventCheck, utcnow
 from .views import (
     AdminPrincipal,
     AgentAccountView,
@@ -78,6 +88,9 @@ class Core:
         self.check_event = check_event
         self.bus = Bus(config.limits.subscriber_queue)
         self.passwords = Passwords(config.argon2_time_cost, config.argon2_memory_kib)
+        self.password_pool = PasswordPool(self.passwords)
+        self.limiter = Limiter(config.rate_limits)
+        self.security = config.security
         self.token_secret = b""
         # token -> (principal, valid until): saves a read per call. Ends of sessions in this
         # process evict at once; the short lifetime covers sessions ended by another process.
@@ -117,14 +130,19 @@ class Core:
         await self.write(admin.apply_config, self.config, self.passwords)
         self.settings, self.token_secret = await self.db.read(admin.load_settings)
         await self.write(agents.recover)
-        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_uploads())
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
 
-    async def _sweep_uploads(self) -> None:
+    async def _sweep(self) -> None:
+        """Now and then: abandoned uploads, expired sessions, identity-token uses past their token's life."""
+        sec = self.security
         while True:
             try:
                 await self.attachments.sweep()
+                await self.write(agents.end_expired, sec.agent_session_idle, sec.agent_session_max)
+                await self.write(admin.end_admin_sessions, sec.admin_session_idle, sec.admin_session_max)
+                await self.write(conversations.forget_identity_tokens)
             except Exception:
-                log.exception("removing expired uploads failed")
+                log.exception("sweep failed")
             await asyncio.sleep(self.limits.upload_sweep_interval)
 
     async def stop(self) -> None:
@@ -134,6 +152,7 @@ class Core:
         self.effects.cancel_timers()
         await self.positions.stop()
         await self.background.drain()
+        self.password_pool.close()
 
     # --- authentication ---------------------------------------------------
 
@@ -142,14 +161,34 @@ class Core:
         hit = self._agent_tokens.get(token)
         if hit is not None and hit[1] > now:
             return hit[0]
-        who = await self.db.read(agents.find_session, token)
+        sec = self.security
+        try:
+            found = await self.db.read(
+                agents.find_session, token, utcnow(), sec.agent_session_idle, sec.agent_session_max
+            )
+        except ChatError as e:
+            if e.reason == "SESSION_EXPIRED":
+                self._spawn(agents.end_expired, sec.agent_session_idle, sec.agent_session_max, e.metadata["session_id"])
+                e.metadata.clear()
+            raise
+        if found.stale:
+            self._spawn(agents.touch, found.principal.session_id)
         if len(self._agent_tokens) > 10_000:
             self._agent_tokens.clear()
-        self._agent_tokens[token] = (who, now + _TOKEN_CACHE_SECONDS)
-        return who
+        self._agent_tokens[token] = (found.principal, now + _TOKEN_CACHE_SECONDS)
+        return found.principal
 
     async def authenticate_admin(self, token: str) -> AdminPrincipal:
-        return await self.db.read(admin.find_admin, token)
+        sec = self.security
+        try:
+            found = await self.db.read(admin.find_admin, token, utcnow(), sec.admin_session_idle, sec.admin_session_max)
+        except ChatError as e:
+            if e.reason == "ADMIN_SESSION_EXPIRED":
+                self._spawn(admin.end_admin_sessions, sec.admin_session_idle, sec.admin_session_max, token)
+            raise
+        if found.stale:
+            self._spawn(admin.touch_admin_session, found.token_hash)
+        return found.principal
 
     def authenticate_customer(self, token: str, conversation_id: str) -> CustomerPrincipal:
         """Customer tokens name their conversation; the MAC proves the server issued them."""
@@ -162,16 +201,27 @@ class Core:
 
     # --- agents -------------------------------------------------------------
 
-    async def login(self, username: str, password: str, profile_id: str, ready: bool) -> SessionView:
+    async def login(
+        self, username: str, password: str, profile_id: str, ready: bool, client: str = ""
+    ) -> SessionView:
         if not username or not password:
             raise invalid("CREDENTIALS_REQUIRED", "Give a username and a password.")
         if not profile_id:
             raise invalid("PROFILE_REQUIRED", "Choose a profile to log in with.")
-        stored = await self.db.read(lambda s: getattr(s.get(Agent, username), "password_hash", None))
-        ok = await asyncio.get_running_loop().run_in_executor(None, self.passwords.verify, stored, password)
-        if not ok:
-            raise unauthenticated("BAD_CREDENTIALS", "Unknown username or wrong password.")
+        await self._check_password(Agent, username, password, client)
         return await self.write(agents.login, username, profile_id, ready, new_token("qa"))
+
+    async def _check_password(
+        self, model: type[Agent] | type[Admin], username: str, password: str, client: str
+    ) -> None:
+        """Rate limits and back-off first (no hashing for a refused attempt), then argon2 on its own pool."""
+        key = f"{model.__tablename__}:{username}"
+        self.limiter.before_login(key, client)
+        stored = await self.db.read(_password_hash, model, username)
+        if not await self.password_pool.verify(stored, password):
+            self.limiter.login_failed(key, client)
+            raise unauthenticated("BAD_CREDENTIALS", "Unknown username or wrong password.")
+        self.limiter.login_succeeded(key, client)
 
     async def logout(self, who: AgentPrincipal) -> None:
         await self.write(agents.logout, who)
@@ -218,6 +268,13 @@ class Core:
         _check_request_id(request_id)
         if len(text) > self.limits.max_message_chars:
             conversations.check_text(self.limits, text)
+        sender = f"agent:{who.agent_id}" if isinstance(who, AgentPrincipal) else "customer"
+        self.limiter.check(
+            "messages_per_conversation",
+            f"{conversation_id}\0{sender}",
+            "TOO_MANY_MESSAGES",
+            "You are sending messages too fast; slow down.",
+        )
         return await self.write(
             conversations.send_message,
             who,
@@ -259,7 +316,7 @@ class Core:
         return await self.db.read(admin.list_queues)
 
     async def start_chat(
-        self, queue_id: str, request_id: str, variables: dict[str, str], identity_token: str
+        self, queue_id: str, request_id: str, variables: dict[str, str], identity_token: str, client: str = ""
     ) -> StartedChat:
         _check_request_id(request_id)
         if request_id and len(request_id) < 16:
@@ -274,15 +331,36 @@ class Core:
                 raise invalid(
                     "VARIABLE_TOO_LONG", f"Variable {name!r} is longer than {self.limits.max_variable_chars}."
                 )
-        verified = (
-            verify_identity_token(identity_token, self.config.identity_secrets).variables if identity_token else {}
-        )
+        claims = IdentityClaims({})
+        if identity_token:
+            claims = verify_identity_token(
+                identity_token,
+                self.config.identity_signers,
+                leeway=self.security.identity_leeway,
+                max_lifetime=self.security.identity_max_lifetime,
+            )
+        flood = "Too many chats started {}; try again in a minute."
+        self.limiter.check("start_chat_per_address", client, "TOO_MANY_CHATS", flood.format("from here"))
+        if claims.subject:
+            self.limiter.check("start_chat_per_identity", claims.subject, "TOO_MANY_CHATS", flood.format("by you"))
         # Tokens often carry claims that are not customer variables (namespaced URIs, large blobs): keep the rest.
         verified = {
-            k: v for k, v in verified.items() if _VAR_NAME.match(k) and len(v) <= self.limits.max_variable_chars
+            k: v for k, v in claims.variables.items() if _VAR_NAME.match(k) and len(v) <= self.limits.max_variable_chars
         }
         verified = dict(sorted(verified.items())[: self.limits.max_variables])
-        conv = await self.write(conversations.start_chat, queue_id, request_id, variables, verified)
+        rl = self.config.rate_limits
+        conv = await self.write(
+            conversations.start_chat,
+            queue_id,
+            request_id,
+            variables,
+            verified,
+            identity_jti=claims.jti,
+            identity_expires=claims.expires_at + timedelta(seconds=self.security.identity_leeway)
+            if claims.expires_at
+            else None,
+            max_waiting=rl.max_waiting_per_queue if rl.enabled else 0,
+        )
         return StartedChat(conv, customer_token(self.token_secret, conv.id))
 
     async def choose_option(
@@ -312,18 +390,15 @@ class Core:
 
     # --- admins ------------------------------------------------------------------
 
-    async def admin_login(self, username: str, password: str) -> str:
-        stored = await self.db.read(lambda s: getattr(s.get(Admin, username), "password_hash", None))
-        ok = await asyncio.get_running_loop().run_in_executor(None, self.passwords.verify, stored, password)
-        if not ok:
-            raise unauthenticated("BAD_CREDENTIALS", "Unknown admin or wrong password.")
+    async def admin_login(self, username: str, password: str, client: str = "") -> str:
+        await self._check_password(Admin, username, password, client)
         token = new_token("qadm")
         await self.write(admin.create_admin_session, username, token)
         return token
 
     async def hash_password(self, password: str) -> str:
         """Off the writer and the event loop: argon2 is slow on purpose."""
-        return await asyncio.get_running_loop().run_in_executor(None, self.passwords.hash, password)
+        return await self.password_pool.hash(password)
 
     async def list_profiles(self) -> list[ProfileView]:
         return await self.db.read(admin.list_profiles)
@@ -383,6 +458,13 @@ class Core:
 
     async def update_settings(self, new: Settings) -> Settings:
         return await self.write(admin.update_settings, new)
+
+
+def _password_hash(s: Session, model: type[Agent] | type[Admin], username: str) -> str | None:
+    if not username:
+        return None
+    row = s.get(Agent, username) if model is Agent else s.get(Admin, username)
+    return row.password_hash if row is not None else None
 
 
 def _check_request_id(request_id: str) -> None:

@@ -35,14 +35,14 @@ class Writer:
         self.context = context
         self.effects = effects
 
-    async def __call__(self, fn: Callable[..., T], *args: Any) -> T:
+    async def __call__(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         name = write_name(fn)
         context = self.context()
         effects = self.effects
 
         def job(session: Session) -> tuple[T, Callable[[], list[BaseException]]]:
             tx = Tx(session, context)  # a rerun starts afresh: nothing recorded
-            result = fn(tx, *args)
+            result = fn(tx, *args, **kwargs)
             if tx.take_dispatch():
                 routing.dispatch(tx)
             return result, tx.carry_out(effects)

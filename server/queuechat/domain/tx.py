@@ -70,7 +70,7 @@ class Effects(Protocol):
 class Writes(Protocol):
     """Runs a write: `await write(fn, *args)` is fn(tx, *args) in a transaction of its own."""
 
-    async def __call__(self, fn: Callable[..., T], *args: Any) -> T: ...
+    async def __call__(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T: ...
 
 
 class Reader(Protocol):

@@ -44,6 +44,8 @@ class Agent(SQLModel, table=True):
     display_name: str
     password_hash: str
     max_chats: int = 3
+    # Set by the file (disabled = true, or removed from it): no login, no session.
+    disabled: bool = Field(default=False, sa_column_kwargs={"server_default": text("false")})
 
 
 class AgentProfile(SQLModel, table=True):
@@ -55,6 +57,7 @@ class AgentProfile(SQLModel, table=True):
 class Admin(SQLModel, table=True):
     id: str = Field(primary_key=True)
     password_hash: str
+    disabled: bool = Field(default=False, sa_column_kwargs={"server_default": text("false")})
 
 
 class AdminSession(SQLModel, table=True):
@@ -62,6 +65,26 @@ class AdminSession(SQLModel, table=True):
     token_hash: str = Field(primary_key=True)
     admin_id: str = Field(foreign_key="admin.id", ondelete="CASCADE")
     created_at: datetime
+    # For the idle timeout; written at most once a minute.
+    last_used_at: datetime | None = None
+
+
+class ConfiguredAccount(SQLModel, table=True):
+    """The agents and admins the configuration file named when it was last applied: one that
+    disappears from the file is disabled and its sessions end."""
+
+    __tablename__ = "configured_account"
+    kind: str = Field(primary_key=True)  # agent | admin
+    id: str = Field(primary_key=True)
+
+
+class IdentityTokenUse(SQLModel, table=True):
+    """A customer identity token's jti, kept until the token expires: a replay is refused."""
+
+    __tablename__ = "identity_token_use"
+    jti: str = Field(primary_key=True)
+    expires_at: datetime = Field(index=True)
+    conversation_id: str
 
 
 class PredefinedMessage(SQLModel, table=True):
@@ -86,6 +109,8 @@ class AgentSession(SQLModel, table=True):
     stream_count: int = 0
     stream_lost_at: datetime | None = None
     created_at: datetime
+    # For the idle timeout: the last call with this session's token (written at most once a minute).
+    last_seen_at: datetime | None = None
     ended_at: datetime | None = Field(default=None, index=True)
     # Routing picks the agent idle longest: the oldest of these.
     last_offer_at: datetime
