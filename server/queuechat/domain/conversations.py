@@ -114,6 +114,7 @@ def start_chat(
     insert_event(tx, conv.id, 2, "participant_joined", {"participant": customer_participant(conv).to_json()},
                  actor="customer", now=now)
     tx.needs_dispatch()
+    tx.queue_changed(queue_id)  # those waiting see the count grow
     return ConversationView(
         id=conv.id,
         queue_id=queue_id,

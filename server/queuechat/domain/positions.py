@@ -1,10 +1,10 @@
 """Queue positions for waiting customers.
 
-Derived, not stored: after a chat leaves a queue (taken or ended), the
-queue's waiting list is read once and each waiting chat whose position
-changed gets a QueuePosition on its stream. Arrivals join at the back and
-move nobody, so they cost nothing here; a new customer's stream reads its
-own position when it opens. Changes within one loop turn are coalesced.
+Derived, not stored: when a queue's waiting list changes (a chat arrives, is
+taken or ends), the list is read once and each watching stream whose
+position or waiting count changed gets a QueuePosition. Changes are
+coalesced: a queue is re-read at most every `interval` seconds, however many
+chats come and go.
 """
 
 from __future__ import annotations
@@ -44,8 +44,12 @@ class QueuePositions:
     """Pushes positions to the waiting customers who watch them.
 
     A queue with nobody watching costs nothing; one with watchers is re-read at
-    most every `interval` seconds however fast chats leave it (positions are for
-    people: a fifth of a second is soon enough, and a long queue is one read)."""
+    most every `interval` seconds however fast chats join or leave it (positions
+    are for people: a fifth of a second is soon enough, and a long queue is one read).
+
+    Watches are counted per stream: a chat may have several streams open (a
+    second tab, a reconnect that overlaps the old stream), and it is watched
+    until the last of them calls `unwatch`. Every `watch` needs one `unwatch`."""
 
     def __init__(self, read: Reader, publish: Callable[[Topic, object], None], interval: float = 0.2):
         self._read = read
@@ -53,21 +57,38 @@ class QueuePositions:
         self._interval = interval
         self._dirty: set[str] = set()
         self._task: asyncio.Task[None] | None = None
-        self._watchers: dict[str, set[str]] = {}  # queue -> waiting conversations with an open stream
-        self._last: dict[str, dict[str, int]] = {}  # queue -> conversation -> position last sent
+        self._watchers: dict[str, dict[str, int]] = {}  # queue -> waiting conversation -> its streams watching
+        self._last: dict[str, dict[str, tuple[int, int]]] = {}  # queue -> conversation -> (position, count) sent
 
     def watch(self, queue_id: str, conversation_id: str) -> None:
-        self._watchers.setdefault(queue_id, set()).add(conversation_id)
+        """A stream that showed the position it read follows it from here.
+
+        The queue is refreshed once (within `interval`) and this conversation gets what it finds even if it
+        was sent before: a change that committed between the stream's read and this call is not lost."""
+        streams = self._watchers.setdefault(queue_id, {})
+        streams[conversation_id] = streams.get(conversation_id, 0) + 1
+        last = self._last.get(queue_id)
+        if last is not None:
+            last.pop(conversation_id, None)
+        self.mark(queue_id)
 
     def unwatch(self, queue_id: str, conversation_id: str) -> None:
-        watchers = self._watchers.get(queue_id)
-        if watchers is not None:
-            watchers.discard(conversation_id)
-            if not watchers:
-                del self._watchers[queue_id]
-                self._last.pop(queue_id, None)
+        streams = self._watchers.get(queue_id)
+        if streams is None or conversation_id not in streams:
+            return
+        if streams[conversation_id] > 1:
+            streams[conversation_id] -= 1
+            return
+        del streams[conversation_id]
+        last = self._last.get(queue_id)
+        if last is not None:
+            last.pop(conversation_id, None)
+        if not streams:
+            del self._watchers[queue_id]
+            self._last.pop(queue_id, None)
 
     def mark(self, queue_id: str) -> None:
+        """The queue's waiting list changed (an arrival or a departure)."""
         if queue_id not in self._watchers:
             return
         self._dirty.add(queue_id)
@@ -76,22 +97,25 @@ class QueuePositions:
 
     async def _run(self) -> None:
         while self._dirty:
-            await asyncio.sleep(self._interval)  # let departures pile up
+            await asyncio.sleep(self._interval)  # let arrivals and departures pile up
             dirty, self._dirty = self._dirty, set()
             for queue_id in dirty:
-                watchers = self._watchers.get(queue_id)
-                if not watchers:
+                if queue_id not in self._watchers:
                     continue
                 try:
                     ids = await self._read(waiting_ids, queue_id)
                 except Exception:  # pragma: no cover - a failed read must not stop later updates
                     log.exception("queue position refresh failed")
                     continue
+                watchers = self._watchers.get(queue_id)  # again: streams came and went during the read
+                if not watchers:
+                    continue
                 last = self._last.setdefault(queue_id, {})
-                for i, cid in enumerate(ids):
-                    if cid in watchers and last.get(cid) != i + 1:
-                        last[cid] = i + 1
-                        self._publish(conv_topic(cid), QueuePositionView(cid, i + 1, len(ids)))
+                count = len(ids)
+                for i, cid in enumerate(ids, 1):
+                    if cid in watchers and last.get(cid) != (i, count):
+                        last[cid] = (i, count)
+                        self._publish(conv_topic(cid), QueuePositionView(cid, i, count, queue_id))
 
     async def stop(self) -> None:
         if self._task is not None:

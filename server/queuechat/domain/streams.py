@@ -112,9 +112,11 @@ class Streams:
             del page  # a stream lives for hours: keep no backlog alive
             yield Heartbeat(sent if customer else seen)  # caught up: live from here
             pos = await self._read(_position, conversation_id)
+            shown: tuple[int, int] | None = None  # the position and count this stream shows
             if pos is not None:
                 watching = pos  # while it waits, this stream gets position updates
                 self._positions.watch(pos.queue_id, conversation_id)
+                shown = (pos.position, pos.waiting_count)
                 yield pos
             while True:
                 item = await sub.get(self._limits.heartbeat_interval)
@@ -124,7 +126,10 @@ class Streams:
                 elif isinstance(item, SessionEnded):
                     raise unauthenticated("SESSION_ENDED", "This session has ended; log in again.")
                 elif isinstance(item, QueuePositionView):
-                    yield item
+                    # The topic's updates are for every stream of the chat: show changes, and only while it waits.
+                    if watching is not None and (item.position, item.waiting_count) != shown:
+                        shown = (item.position, item.waiting_count)
+                        yield item
                 elif isinstance(item, EventView) and item.seq > seen:
                     seen = item.seq
                     if customer and not item.public:
