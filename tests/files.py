@@ -98,3 +98,45 @@ class Uploader:
                 assert item.chunk.offset == offset + sum(map(len, parts))
                 parts.append(item.chunk.data)
         return meta, b"".join(parts)
+
+
+def error_info(err) -> tuple[str, dict[str, str]]:
+    """(reason, metadata) of the google.rpc.ErrorInfo in a failed call's status."""
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    status = rpc_status.from_call(err)
+    for detail in status.details if status else []:
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            return info.reason, dict(info.metadata)
+    return "", {}
+
+
+# --- PDFs with and without active content -------------------------------------------------
+
+
+def pdf_doc(catalog: bytes = b"", objects: tuple[bytes, ...] = (), header: bytes = b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n") -> bytes:
+    """A small well-formed PDF: object 1 is the catalog (plus `catalog` entries), 2 the page tree,
+    then `objects` as 3, 4, ... with a classic cross-reference table."""
+    bodies = [b"<</Type/Catalog/Pages 2 0 R" + catalog + b">>", b"<</Type/Pages/Kids[]/Count 0>>", *objects]
+    out, offsets = header, []
+    for number, body in enumerate(bodies, 1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n" % number + body + b"\nendobj\n"
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(bodies) + 1)
+    out += b"".join(b"%010d 00000 n \n" % o for o in offsets)
+    return out + b"trailer\n<</Size %d/Root 1 0 R>>\nstartxref\n%d\n%%%%EOF\n" % (len(bodies) + 1, xref)
+
+
+def pdf_stream(entries: bytes, data: bytes) -> bytes:
+    """A stream object's body: its dictionary (entries plus /Length) and its data."""
+    return b"<<" + entries + b"/Length %d>>\nstream\n" % len(data) + data + b"\nendstream"
+
+
+def pdf_object_stream(objects: list[tuple[int, bytes]], filters: bytes = b"/Filter/FlateDecode", encode=zlib.compress) -> bytes:
+    """An object stream (PDF 1.5) holding `objects`, compressed as modern writers do."""
+    head = b" ".join(b"%d %d" % (n, sum(len(b) + 1 for _, b in objects[:i])) for i, (n, _) in enumerate(objects)) + b"\n"
+    data = head + b"".join(body + b"\n" for _, body in objects)
+    return pdf_stream(b"/Type/ObjStm/N %d/First %d" % (len(objects), len(head)) + filters, encode(data))

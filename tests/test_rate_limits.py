@@ -220,3 +220,44 @@ async def test_a_real_customer_and_agent_keep_working_through_a_flood(server):
     )
     assert sent.event.seq > 0
     await agent.send(conv_id, "Hi, how can I help?")
+
+
+@pytest.mark.configure(rate_limits={**ON, "uploads_per_conversation": 2, "uploads_per_address": 0})
+async def test_uploads_started_per_sender_and_conversation(server):
+    from files import Uploader
+
+    agent, cust = await server.chat()
+    up = Uploader(cust.stub, cust.md, cust.id, customer=True)
+    for i in range(2):
+        await up.create(f"f{i}.txt", 10)
+    err = await expect_error(up.create("f3.txt", 10), EXHAUSTED, "TOO_MANY_UPLOADS_STARTED")
+    assert retry_delay(err) > 0
+    await Uploader(agent.stub, agent.md, cust.id, customer=False).create("agent.txt", 10)  # the agent is apart
+
+
+@pytest.mark.configure(
+    rate_limits={**ON, "upload_bytes_per_conversation": 1000, "uploads_per_conversation": 0, "uploads_per_address": 0}
+)
+async def test_upload_bytes_per_sender_and_conversation(server):
+    from files import Uploader
+
+    _, cust = await server.chat()
+    up = Uploader(cust.stub, cust.md, cust.id, customer=True)
+    await up.create("a.txt", 600)
+    await expect_error(up.create("b.txt", 600), EXHAUSTED, "TOO_MANY_UPLOAD_BYTES")
+    await up.create("c.txt", 300)
+
+
+@pytest.mark.configure(rate_limits={**ON, "uploads_per_address": 2, "uploads_per_conversation": 0})
+async def test_uploads_started_per_address(server):
+    from files import Uploader
+
+    _, first = await server.chat()
+    second = await server.customer("support")
+    for cust in (first, second):
+        md = (*cust.md, ("x-forwarded-for", "198.51.100.77"))
+        await Uploader(cust.stub, md, cust.id, customer=True).create("x.txt", 10)
+    md = (*first.md, ("x-forwarded-for", "198.51.100.77"))
+    await expect_error(
+        Uploader(first.stub, md, first.id, customer=True).create("y.txt", 10), EXHAUSTED, "TOO_MANY_UPLOADS_STARTED"
+    )

@@ -358,18 +358,23 @@ async function download(att: Attachment, button: HTMLButtonElement): Promise<voi
   button.disabled = true;
   const parts: Uint8Array[] = [];
   let received = 0;
+  // Saved under the name and type the server gives now: its extension matches the content
+  // (text sent as page.html is page.txt), whatever an older message said.
+  let meta = att;
   try {
     // A broken download resumes from the bytes already here.
     await retrying(async () => {
       const req = { conversationId: s.conversationId, attachmentId: att.attachmentId, offset: BigInt(received) };
       for await (const r of client.downloadAttachment(req, opts(s, 300_000))) {
-        if (r.kind.case === "chunk") {
+        if (r.kind.case === "attachment") {
+          meta = r.kind.value;
+        } else if (r.kind.case === "chunk") {
           parts.push(r.kind.value.data);
           received += r.kind.value.data.length;
         }
       }
     });
-    save(new Blob(parts, { type: att.contentType }), att.fileName);
+    save(new Blob(parts, { type: meta.contentType }), meta.fileName || att.fileName);
   } catch (e) {
     ui.composerError.textContent = `Could not download “${att.fileName}”: ${describe(e).message}`;
   } finally {

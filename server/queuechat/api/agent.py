@@ -145,7 +145,7 @@ class AgentService(agent_service_pb2_grpc.AgentServiceServicer):
     async def CreateUpload(
         self, request: pb.CreateUploadRequest, context, who: AgentPrincipal
     ) -> pb.CreateUploadResponse:
-        return await files.create_upload(self.core, who, request, pb.CreateUploadResponse)
+        return await files.create_upload(self.core, who, request, pb.CreateUploadResponse, context)
 
     @agent_call
     async def UploadChunk(self, request: pb.UploadChunkRequest, context, who: AgentPrincipal) -> pb.UploadChunkResponse:

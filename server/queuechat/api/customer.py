@@ -85,7 +85,7 @@ class CustomerService(customer_service_pb2_grpc.CustomerServiceServicer):
 
     @customer_call
     async def CreateUpload(self, request, context, who: CustomerPrincipal):
-        return await files.create_upload(self.core, who, request, pb.CustomerServiceCreateUploadResponse)
+        return await files.create_upload(self.core, who, request, pb.CustomerServiceCreateUploadResponse, context)
 
     @customer_call
     async def UploadChunk(self, request, context, who: CustomerPrincipal):

@@ -8,11 +8,13 @@ from chat.v1 import resources_pb2 as rpb
 
 from ..domain.core import Core
 from . import convert
+from .peer import client_address
 
 
-async def create_upload(core: Core, who: Any, req: Any, response_type: type) -> Any:
-    up = await core.attachments.create(
-        who, req.conversation_id, req.request_id, req.file_name, req.size_bytes, req.content_type
+async def create_upload(core: Core, who: Any, req: Any, response_type: type, context: Any) -> Any:
+    client = client_address(context, core.config.rate_limits.trusted_proxies)
+    up = await core.create_upload(
+        who, req.conversation_id, req.request_id, req.file_name, req.size_bytes, req.content_type, client
     )
     return response_type(upload=convert.upload(up))
 

@@ -6,6 +6,11 @@ completed with its SHA-256: the file is hashed and sniffed in one streaming
 pass and moved to its content address. Only then can a message name it; the
 message and its attachments commit together. Nothing holds a whole file in
 memory: at most one chunk per call.
+
+Uploads of the same bytes share one blob. A blob goes only when no row names
+it, decided under that blob's lock: completing an upload moves its bytes in
+place and commits the row that names them under the same lock, so a removal
+either sees that row or removes the file before the bytes are moved in again.
 """
 
 from __future__ import annotations
@@ -23,13 +28,12 @@ from typing import Any, TypeVar
 from sqlmodel import Session, col, func, select
 
 from ..config import Limits
-from ..errors import exhausted, invalid, not_found, precondition
+from ..errors import ChatError, exhausted, invalid, not_found, precondition, short
 from ..store.blobs import BlobStore, Scanner
 from ..store.models import Attachment, Conversation
 from . import filetypes
-from .access import readable_conversation, require_member
+from .access import can_read, readable_conversation, require_member
 from .log import ts, utcnow
-from .read import must_get
 from .tx import Reader, Tx, Writes
 from .views import AgentPrincipal, CustomerPrincipal
 
@@ -58,7 +62,8 @@ def sanitise_name(name: str) -> str:
 def attachment_json(a: Attachment) -> dict[str, Any]:
     return {
         "attachment_id": a.id,
-        "file_name": a.file_name,
+        # Stored safe since completion; made safe here too for rows completed before that.
+        "file_name": filetypes.safe_name(a.file_name, a.content_type) if a.content_type else a.file_name,
         "content_type": a.content_type or "",
         "size_bytes": a.size_bytes,
         "sha256": a.sha256 or "",
@@ -171,10 +176,14 @@ def _record_chunk(tx: Tx, upload_id: str, stored: int, received: int) -> int:
 
 
 def _complete(tx: Tx, upload_id: str, sha256: str, content_type: str) -> dict[str, Any]:
-    row = must_get(tx.session, Attachment, upload_id)
+    row = tx.session.get(Attachment, upload_id)
+    if row is None or row.status != "uploading":  # expired meanwhile (the sweeper takes no upload lock)
+        raise not_found("UPLOAD_NOT_FOUND", f"No upload {upload_id!r} of yours.", upload_id=upload_id)
     row.status = "complete"
     row.sha256 = sha256
     row.content_type = content_type
+    # Clients save the file under this name: its extension must open it as what it is.
+    row.file_name = filetypes.safe_name(row.file_name, content_type)
     row.expires_at = tx.now + timedelta(seconds=tx.limits.upload_ttl)
     tx.session.add(row)
     return upload_json(row, tx.limits.upload_chunk_bytes)
@@ -207,7 +216,7 @@ def attach(tx: Tx, who: Who, conversation_id: str, ids: list[str], visibility: s
 
 
 def delete_upload(tx: Tx, who: Who, upload_id: str) -> tuple[list[str], list[str]]:
-    """Returns (part files, blobs) to remove once committed, like expire."""
+    """Returns (part files, blobs that may be unused) to remove once committed, like expire."""
     row = _own_upload(tx.session, who, upload_id)
     if row.status == "attached":
         raise precondition("ATTACHMENT_ALREADY_SENT", f"{row.file_name} is on a message already.", upload_id=upload_id)
@@ -217,7 +226,7 @@ def delete_upload(tx: Tx, who: Who, upload_id: str) -> tuple[list[str], list[str
 
 
 def expire(tx: Tx, now: datetime) -> tuple[list[str], list[str]]:
-    """Remove abandoned uploads; returns (part files, blobs) to delete once committed."""
+    """Remove abandoned uploads; returns (part files, blobs that may be unused) to delete once committed."""
     s = tx.session
     rows = s.exec(
         select(Attachment).where(Attachment.status != "attached", col(Attachment.expires_at) < now)
@@ -229,14 +238,15 @@ def expire(tx: Tx, now: datetime) -> tuple[list[str], list[str]]:
 
 
 def _leftovers(tx: Tx, deleted: Sequence[Attachment]) -> tuple[list[str], list[str]]:
-    """Part files of deleted uploads, and blobs no remaining attachment uses."""
+    """Part files of deleted uploads, and the blobs they named. Whether another row still names a
+    blob is decided later, under the blob's lock (Attachments._remove): an upload completing now
+    may name it by then."""
     parts = [r.id for r in deleted if r.status == "uploading"]
-    blobs = [
-        sha
-        for sha in {r.sha256 for r in deleted if r.sha256}
-        if tx.session.exec(select(Attachment.id).where(Attachment.sha256 == sha)).first() is None
-    ]
-    return parts, blobs
+    return parts, sorted({r.sha256 for r in deleted if r.sha256})
+
+
+def _blob_unused(s: Session, sha256: str) -> bool:
+    return s.exec(select(Attachment.id).where(Attachment.sha256 == sha256).limit(1)).first() is None
 
 
 # --- the async side: file I/O on threads, one chunk at a time ---------------
@@ -268,16 +278,21 @@ class Attachments:
         self.write = write
         self.limits = limits
         self.blobs = blobs
+        # Per upload id (chunks, completing, deleting) and per blob ("blob:" + sha256): a blob's file
+        # is moved in or removed only together with the database's say on who names it.
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         # Uploads in progress: chunks after the first need no read, completing needs no second
         # pass over the file. Lost on restart: then the stored lower bound and a full scan.
         self._live: dict[str, _Live] = {}
 
-    def _lock(self, upload_id: str) -> asyncio.Lock:
-        lock = self._locks.get(upload_id)
+    def _lock(self, key: str) -> asyncio.Lock:
+        lock = self._locks.get(key)
         if lock is None:
-            lock = self._locks[upload_id] = asyncio.Lock()
+            lock = self._locks[key] = asyncio.Lock()
         return lock
+
+    def _blob_lock(self, sha256: str) -> asyncio.Lock:
+        return self._lock("blob:" + sha256)
 
     async def _on_disk(self, row: Attachment) -> int:
         """Bytes confirmed before a restart are in the part file; a torn tail fails the SHA-256 check."""
@@ -347,30 +362,45 @@ class Attachments:
         sha256 = sha256.lower()
         if not _SHA256.match(sha256):
             raise invalid("BAD_SHA256", "sha256 must be 64 hexadecimal characters.")
+        # Runs to its end even if the caller goes away: once the bytes are in the blob, the row that
+        # names them must commit (or fail) before the blob's lock is let go.
+        task = asyncio.ensure_future(self._finish(who, upload_id, sha256))
+        task.add_done_callback(_consume)
+        return await asyncio.shield(task)
+
+    async def _finish(self, who: Who, upload_id: str, sha256: str) -> dict[str, Any]:
         async with self._lock(upload_id):
             row = await self.read(_own_upload, who, upload_id)
             if row.status != "uploading":
                 if row.sha256 == sha256:
                     return upload_json(row, self.limits.upload_chunk_bytes)  # a retry
                 raise precondition("UPLOAD_COMPLETED", "This upload is already complete.", upload_id=upload_id)
+            live = self._live.get(upload_id)
             if row.received_bytes != row.size_bytes:
+                # The stored count is a lower bound: tell what has arrived, as GetUpload does.
+                received = live.received if live is not None else await self._on_disk(row)
                 raise precondition(
                     "UPLOAD_INCOMPLETE",
-                    f"{row.received_bytes:,} of {row.size_bytes:,} bytes received.",
-                    received_bytes=row.received_bytes,
+                    f"{received:,} of {row.size_bytes:,} bytes received.",
+                    received_bytes=received,
                 )
-            live = self._live.get(upload_id)
             if live is not None and live.hashing is not None:
                 await asyncio.gather(live.hashing, return_exceptions=True)  # a failure falls back to a scan
             if live is not None and live.scanner is not None and live.scanner.size == row.size_bytes:
-                scan = live.scanner.result()
+                scan = await self._io(live.scanner.result)
             else:
                 scan = await self._io(self.blobs.scan, upload_id)
             if scan.sha256 != sha256:
                 raise invalid("CHECKSUM_MISMATCH", "The SHA-256 of the bytes received differs; upload the file again.")
-            content_type = filetypes.classify(row.declared_type, scan.head, scan.tail, scan.utf8)
-            await self._io(self.blobs.commit, upload_id, sha256)
-            done = await self.write(_complete, upload_id, sha256, content_type)
+            content_type = filetypes.classify(row.declared_type, scan.head, scan.tail, scan.utf8, scan.pdf_problem)
+            async with self._blob_lock(sha256):
+                await self._io(self.blobs.commit, upload_id, sha256)
+                try:
+                    done = await self.write(_complete, upload_id, sha256, content_type)
+                except ChatError:  # rolled back: the bytes just moved in may be nobody's
+                    if await self.read(_blob_unused, sha256):
+                        await self._io(self.blobs.remove_blob, sha256)
+                    raise
             self._live.pop(upload_id, None)
             return done
 
@@ -401,18 +431,33 @@ class Attachments:
             self._live.pop(upload_id, None)
             await self._io(self.blobs.remove_part, upload_id)
         for sha in blobs:
-            await self._io(self.blobs.remove_blob, sha)
+            # Under the lock no upload of these bytes is between moving them in and committing its row.
+            async with self._blob_lock(sha):
+                if await self.read(_blob_unused, sha):
+                    await self._io(self.blobs.remove_blob, sha)
+
+
+def _consume(task: asyncio.Future[Any]) -> None:
+    """A completion whose caller went away: its outcome was theirs to see, not the log's."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _downloadable(s: Session, who: Who, attachment_id: str) -> Attachment:
     """Visibility follows the message: private ones are for agents only.
-    Own uploads are visible to their uploader."""
+    Own uploads are visible to their uploader. Anything else, in whatever conversation, is simply
+    not found: the answer tells nothing about other conversations."""
     row = s.get(Attachment, attachment_id) if attachment_id else None
-    if row is None:
-        raise not_found("ATTACHMENT_NOT_FOUND", f"No attachment {attachment_id!r}.")
-    readable_conversation(s, who, row.conversation_id)  # PERMISSION_DENIED for someone else's conversation
-    own = row.uploader == actor(who) and row.status == "complete"
-    visible = row.status == "attached" and (isinstance(who, AgentPrincipal) or row.visibility == "all")
-    if not (own or visible):
-        raise not_found("ATTACHMENT_NOT_FOUND", f"No attachment {attachment_id!r}.")
+    if row is None or not _may_see(s, who, row):
+        raise not_found("ATTACHMENT_NOT_FOUND", f"No attachment {short(attachment_id)!r} that you can see.")
     return row
+
+
+def _may_see(s: Session, who: Who, row: Attachment) -> bool:
+    if isinstance(who, CustomerPrincipal):
+        if row.conversation_id != who.conversation_id:
+            return False
+    elif not can_read(s, who, row.conversation_id):
+        return False
+    own = row.uploader == actor(who) and row.status == "complete"
+    return own or (row.status == "attached" and (isinstance(who, AgentPrincipal) or row.visibility == "all"))

@@ -396,6 +396,20 @@ class Core:
         await self.write(admin.create_admin_session, username, token)
         return token
 
+    async def create_upload(
+        self, who: Who, conversation_id: str, request_id: str, name: str, size: int, ctype: str, client: str = ""
+    ) -> dict[str, Any]:
+        """Limits first (uploads started and bytes, per sender in the conversation and per address)."""
+        sender = f"{conversation_id}\0" + (f"agent:{who.agent_id}" if isinstance(who, AgentPrincipal) else "customer")
+        many, much = "Too many uploads started {}; wait a little.", "Too many bytes uploaded {}; wait a while."
+        lim = self.limiter
+        lim.check("uploads_per_conversation", sender, "TOO_MANY_UPLOADS_STARTED", many.format("in this chat"))
+        lim.check("uploads_per_address", client, "TOO_MANY_UPLOADS_STARTED", many.format("from here"))
+        cost = float(max(0, size))
+        lim.check("upload_bytes_per_conversation", sender, "TOO_MANY_UPLOAD_BYTES", much.format("in this chat"), cost)
+        lim.check("upload_bytes_per_address", client, "TOO_MANY_UPLOAD_BYTES", much.format("from here"), cost)
+        return await self.attachments.create(who, conversation_id, request_id, name, size, ctype)
+
     async def hash_password(self, password: str) -> str:
         """Off the writer and the event loop: argon2 is slow on purpose."""
         return await self.password_pool.hash(password)

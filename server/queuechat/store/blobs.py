@@ -2,6 +2,9 @@
 
 No user-supplied name ever reaches a path. Every call is blocking I/O on at
 most one chunk at a time; callers run it on a thread.
+
+The scan that hashes an upload also looks for active content in PDFs
+(`PdfCheck`), in the same single pass and in bounded memory.
 """
 
 from __future__ import annotations
@@ -9,6 +12,8 @@ from __future__ import annotations
 import codecs
 import hashlib
 import os
+import re
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +27,8 @@ class Scan:
     head: bytes
     tail: bytes
     utf8: bool  # valid UTF-8 with no NUL bytes
+    # For a file that starts like a PDF: (reason, what) if it has active content or cannot be checked.
+    pdf_problem: tuple[str, str] | None = None
 
 
 class Scanner:
@@ -35,8 +42,12 @@ class Scanner:
         self.size = 0
         self.head = b""
         self.tail = b""
+        self._sniffed = False
+        self._pdf: PdfCheck | None = None
+        self._result: Scan | None = None
 
     def update(self, block: bytes) -> None:
+        before = self.size
         if len(self.head) < self._head_size:
             self.head = (self.head + block[: self._head_size])[: self._head_size]
         self._h.update(block)
@@ -48,15 +59,353 @@ class Scanner:
                 self.utf8 = b"\x00" not in block
             except UnicodeDecodeError:
                 self.utf8 = False
+        if not self._sniffed and len(self.head) >= 4:
+            # What filetypes.classify will call a PDF: "%PDF" at the very start.
+            self._sniffed = True
+            if self.head.startswith(b"%PDF"):
+                self._pdf = PdfCheck()
+                self._pdf.feed(self.head[:before])  # the few bytes before this block
+        if self._pdf is not None:
+            self._pdf.feed(block)
 
     def result(self) -> Scan:
-        utf8 = self.utf8
-        if utf8:
-            try:
-                self._decoder.decode(b"", final=True)
-            except UnicodeDecodeError:
-                utf8 = False
-        return Scan(self._h.hexdigest(), self.size, self.head, self.tail, utf8)
+        if self._result is None:
+            utf8 = self.utf8
+            if utf8:
+                try:
+                    self._decoder.decode(b"", final=True)
+                except UnicodeDecodeError:
+                    utf8 = False
+            problem = self._pdf.finish() if self._pdf is not None else None
+            self._result = Scan(self._h.hexdigest(), self.size, self.head, self.tail, utf8, problem)
+        return self._result
+
+
+# --- active content in PDFs ----------------------------------------------------------------
+#
+# A PDF runs code through actions: JavaScript (an action with /S /JavaScript and its /JS script, the
+# document's /JavaScript name tree, /Rendition actions, which carry /JS too), /Launch (start a
+# program), and /AA (additional actions: run on opening a page, on a field, on closing). It carries
+# other files in /EmbeddedFile(s), /EF and /FileAttachment annotations, Flash and 3D in /RichMedia*,
+# and scripted forms in /XFA. /OpenAction alone is harmless (most name a page to open at); its action
+# is refused for what it is. Names may spell letters as #xx (/J#61vaScript), so names are decoded.
+#
+# The file is read as a reader reads it from the start: names inside strings and comments are text,
+# not keys, and stream data is skipped, except for object streams (PDF 1.5), which hold ordinary
+# objects, compressed: those are inflated (in pieces, at most _INFLATE_BUDGET bytes in all) and read
+# the same way. An object stream that cannot be read (another filter, a predictor, encrypted,
+# damaged) makes the file unchecked, so refused. Besides, anywhere in the raw bytes (and in inflated
+# object streams), an action type written out (/S /JavaScript, /S /Launch, /S /Rendition) or any of
+# the names above spelled with #xx is refused: it catches an object hidden where the cross-reference
+# table points into a string or into another stream's data.
+#
+# Memory: a few hundred bytes carried between pieces, plus one inflated piece (_INFLATE_PIECE).
+
+_D = rb"\x00\t\n\x0c\r ()<>\[\]{}/%"  # whitespace and delimiters, for a character class
+_NAME_END = rb"(?![^" + _D + rb"])"
+_ESCAPED = rb"/[^" + _D + rb"#]{0,64}#[0-9A-Fa-f]{2}(?:[^" + _D + rb"#]|#[0-9A-Fa-f]{2}){0,64}" + _NAME_END
+_ACTIVE = frozenset(
+    {
+        b"JavaScript", b"JS", b"Rendition", b"Launch", b"AA",
+        b"EmbeddedFile", b"EmbeddedFiles", b"EF", b"FileAttachment", b"XFA",
+    }
+)  # fmt: skip
+_FLATE = frozenset({b"FlateDecode", b"Fl"})
+_OTHER_FILTERS = frozenset(
+    {
+        b"ASCIIHexDecode", b"AHx", b"ASCII85Decode", b"A85", b"LZWDecode", b"LZW", b"RunLengthDecode",
+        b"RL", b"CCITTFaxDecode", b"CCF", b"JBIG2Decode", b"DCTDecode", b"DCT", b"JPXDecode", b"Crypt",
+    }
+)  # fmt: skip
+_DICT_NAMES = _FLATE | _OTHER_FILTERS | {b"First", b"ObjStm", b"Predictor"}
+_WATCHED = sorted(_ACTIVE | _DICT_NAMES, key=len, reverse=True)
+# One token of object syntax that matters here; the regex engine skips everything between them (the
+# look-ahead lets it jump to the next possible first byte).
+_TOKEN = re.compile(
+    rb"(?=[(%<>/s])(?:(?P<str>\()|(?P<com>%)|(?P<open><<)|(?P<close>>>)|(?P<hex><)"
+    rb"|/(?P<name>" + b"|".join(map(re.escape, _WATCHED)) + rb"|RichMedia[A-Za-z]*)" + _NAME_END
+    + rb"|(?P<esc>" + _ESCAPED + rb")"
+    + rb"|(?P<stream>stream)" + _NAME_END + rb")"
+)  # fmt: skip
+_KEYWORD_AFTER = frozenset(b"\x00\t\n\x0c\r ()<>[]{}%")  # what may precede the keyword "stream"
+# Anywhere, strings and stream data included.
+_RAW = re.compile(
+    rb"/(?:S[\x00\t\n\x0c\r ]{0,32}/(?P<name>JavaScript|Launch|Rendition)" + _NAME_END
+    + rb"|(?P<esc>" + _ESCAPED[1:] + rb"))"
+)  # fmt: skip
+_IN_STRING = re.compile(rb"[()\\]")
+_EOL = re.compile(rb"[\r\n]")
+_NOT_WS = re.compile(rb"[^\x00\t\n\x0c\r ]")
+_HEX_ESCAPE = re.compile(rb"#([0-9A-Fa-f]{2})")
+_CARRY = 320  # longer than any token above: a token cut by a piece's end is read with the next piece
+_INFLATE_PIECE = 1024 * 1024
+_INFLATE_BUDGET = 64 * 1024 * 1024
+
+ACTIVE_CONTENT = "PDF_ACTIVE_CONTENT"
+UNCHECKABLE = "PDF_UNCHECKABLE"
+
+
+def _is_active(name: bytes) -> bool:
+    return name in _ACTIVE or name.startswith(b"RichMedia")
+
+
+def _decode_name(token: bytes) -> bytes:
+    return _HEX_ESCAPE.sub(lambda m: bytes([int(m[1], 16)]), token[1:])
+
+
+class _Problem(Exception):
+    def __init__(self, reason: str, what: str):
+        super().__init__(reason, what)
+        self.reason, self.what = reason, what
+
+
+def _active(name: bytes) -> _Problem:
+    return _Problem(ACTIVE_CONTENT, "/" + name.decode("latin-1"))
+
+
+class _Raw:
+    """The markers of _RAW anywhere in a sequence of pieces."""
+
+    def __init__(self) -> None:
+        self._carry = b""
+
+    def feed(self, data: bytes, final: bool = False) -> None:
+        buf = self._carry + data
+        limit = len(buf) if final else len(buf) - _CARRY
+        if limit <= 0:
+            self._carry = buf
+            return
+        for m in _RAW.finditer(buf):
+            if m.start() >= limit:
+                break
+            name = m["name"] or _decode_name(m[0])
+            if _is_active(name):
+                raise _active(name)
+        self._carry = buf[limit:]
+
+
+class _Syntax:
+    """Object syntax read from the start, piece by piece: names outside strings and comments, the
+    dictionary before each `stream` keyword, and (with streams) what each stream's data is."""
+
+    NORMAL, STRING, COMMENT, HEX, EOL, CR, SKIP, PLAIN, INFLATE = range(9)
+
+    def __init__(self, owner: PdfCheck, streams: bool):
+        self._owner = owner
+        self._streams = streams
+        self._carry = b" "  # one byte of context before the next piece (for the keyword's look-behind)
+        self._state = self.NORMAL
+        self._depth = 0  # << >> nesting
+        self._string_depth = 0
+        self._escape = False
+        self._after_dict = False  # only whitespace and comments since a top-level dictionary ended
+        self._keys: dict[bytes, int] = {}  # names of interest in the current top-level dictionary
+        self._inner: _Syntax | None = None  # an object stream's contents
+        self._inner_raw: _Raw | None = None
+        self._inflate: zlib._Decompress | None = None
+
+    def feed(self, data: bytes, final: bool = False) -> None:
+        buf = self._carry + data
+        pos, end = 1, len(buf)
+        while pos < end:
+            step = self._step(buf, pos, final)
+            if step is None:
+                break
+            pos = step
+        if final:
+            self._finish()
+        self._carry = buf[pos - 1 :]
+
+    def _finish(self) -> None:
+        if self._state == self.INFLATE and self._inflate is not None:
+            self._inflated(self._inflate.flush())
+        if self._inner is not None:
+            self._end_stream()
+
+    # Each state's step reads from pos and returns where it stopped, or None to wait for more bytes.
+
+    def _step(self, buf: bytes, pos: int, final: bool) -> int | None:
+        state = self._state
+        if state == self.NORMAL:
+            return self._normal(buf, pos, final)
+        if state == self.STRING:
+            return self._string(buf, pos)
+        if state == self.COMMENT or state == self.EOL:
+            m = _EOL.search(buf, pos)
+            if m is None:
+                return len(buf)
+            if state == self.EOL:
+                self._state = self.CR if m[0] == b"\r" else self._data_state()
+            else:
+                self._state = self.NORMAL
+            return m.end()
+        if state == self.CR:  # "stream" CR LF: the data starts after the LF
+            self._state = self._data_state()
+            return pos + 1 if buf[pos : pos + 1] == b"\n" else pos
+        if state == self.HEX:
+            i = buf.find(b">", pos)
+            if i < 0:
+                return len(buf)
+            self._state = self.NORMAL
+            return i + 1
+        if state == self.INFLATE:
+            return self._inflating(buf, pos)
+        # SKIP or PLAIN: stream data up to "endstream"
+        i = buf.find(b"endstream", pos)
+        stop = i if i >= 0 else (len(buf) if final else max(pos, len(buf) - 8))
+        if state == self.PLAIN and self._inner is not None:
+            self._inner.feed(buf[pos:stop])
+        if i < 0:
+            return None if stop == pos else stop
+        self._end_stream()
+        self._state = self.NORMAL
+        return i + 9
+
+    def _normal(self, buf: bytes, pos: int, final: bool) -> int | None:
+        limit = len(buf) if final else len(buf) - _CARRY
+        if pos >= limit:
+            return None
+        m = _TOKEN.search(buf, pos)
+        skipped_to = limit if m is None or m.start() >= limit else m.start()
+        # A stream's dictionary is the one just before the keyword: only whitespace and comments between.
+        if self._after_dict and _NOT_WS.search(buf, pos, skipped_to):
+            self._after_dict = False
+        if m is None or m.start() >= limit:
+            return limit
+        kind = m.lastgroup
+        if kind not in ("com", "stream"):
+            self._after_dict = False
+        if kind == "str":
+            self._state, self._string_depth, self._escape = self.STRING, 1, False
+        elif kind == "com":
+            self._state = self.COMMENT
+        elif kind == "open":
+            if self._depth == 0:
+                self._keys = {}
+            self._depth += 1
+        elif kind == "close":
+            if self._depth > 0:
+                self._depth -= 1
+                self._after_dict = self._depth == 0
+        elif kind == "hex":
+            self._state = self.HEX
+        elif kind == "stream":
+            if buf[m.start() - 1] not in _KEYWORD_AFTER:  # "endstream", "/stream"
+                return m.end()
+            if self._streams and self._after_dict:
+                self._state = self.EOL
+            self._after_dict = False
+        else:
+            name = m["name"] or _decode_name(m["esc"])
+            if _is_active(name):
+                raise _active(name)
+            if self._depth > 0 and name in _DICT_NAMES:
+                self._keys[name] = self._keys.get(name, 0) + 1
+        return m.end()
+
+    def _string(self, buf: bytes, pos: int) -> int:
+        if self._escape:
+            self._escape = False
+            return pos + 1
+        while True:
+            m = _IN_STRING.search(buf, pos)
+            if m is None:
+                return len(buf)
+            c, pos = m[0], m.end()
+            if c == b"\\":
+                if pos >= len(buf):
+                    self._escape = True
+                    return pos
+                pos += 1
+            elif c == b"(":
+                self._string_depth += 1
+            else:
+                self._string_depth -= 1
+                if self._string_depth == 0:
+                    self._state = self.NORMAL
+                    return pos
+
+    def _data_state(self) -> int:
+        """What to do with the data of the stream whose dictionary was just read."""
+        keys = self._keys
+        self._keys = {}
+        if b"First" not in keys and b"ObjStm" not in keys:
+            return self.SKIP  # page content, an image, a font...: no objects in there
+        flate = keys.get(b"FlateDecode", 0) + keys.get(b"Fl", 0)
+        other = sorted(k.decode() for k in keys if k in _OTHER_FILTERS)
+        if other or flate > 1 or b"Predictor" in keys:
+            what = "/" + other[0] if other else "a predictor" if b"Predictor" in keys else "two /FlateDecode filters"
+            raise _Problem(UNCHECKABLE, f"an object stream encoded with {what}")
+        self._inner = _Syntax(self._owner, streams=False)
+        if flate:
+            self._inner_raw = _Raw()
+            self._inflate = zlib.decompressobj()
+            return self.INFLATE
+        return self.PLAIN
+
+    def _inflating(self, buf: bytes, pos: int) -> int:
+        d = self._inflate
+        assert d is not None
+        try:
+            out = d.decompress(buf[pos:], _INFLATE_PIECE)
+            while True:
+                self._inflated(out)
+                if d.eof or not d.unconsumed_tail:
+                    break
+                out = d.decompress(d.unconsumed_tail, _INFLATE_PIECE)
+        except zlib.error:
+            raise _Problem(UNCHECKABLE, "an encrypted or damaged object stream") from None
+        if not d.eof:
+            return len(buf)
+        self._end_stream()
+        self._state = self.SKIP  # anything after the compressed data, up to "endstream"
+        return len(buf) - len(d.unused_data)
+
+    def _inflated(self, out: bytes) -> None:
+        if not out:
+            return
+        self._owner.inflated += len(out)
+        if self._owner.inflated > _INFLATE_BUDGET:
+            raise _Problem(UNCHECKABLE, f"object streams of more than {_INFLATE_BUDGET // 2**20} MiB")
+        assert self._inner is not None and self._inner_raw is not None
+        self._inner.feed(out)
+        self._inner_raw.feed(out)
+
+    def _end_stream(self) -> None:
+        if self._inner is not None:
+            self._inner.feed(b"", final=True)
+        if self._inner_raw is not None:
+            self._inner_raw.feed(b"", final=True)
+        self._inner = self._inner_raw = self._inflate = None
+
+
+class PdfCheck:
+    """Active content in a PDF fed in pieces (see above). `finish` returns (reason, what) or None."""
+
+    def __init__(self) -> None:
+        self.problem: tuple[str, str] | None = None
+        self.inflated = 0
+        self._raw = _Raw()
+        self._syntax = _Syntax(self, streams=True)
+        self._done = False
+
+    def feed(self, data: bytes) -> None:
+        self._run(data, False)
+
+    def finish(self) -> tuple[str, str] | None:
+        self._run(b"", True)
+        return self.problem
+
+    def _run(self, data: bytes, final: bool) -> None:
+        if self._done:
+            return
+        self._done = final
+        try:
+            self._raw.feed(data, final)
+            self._syntax.feed(data, final)
+        except _Problem as p:
+            self.problem = (p.reason, p.what)
+            self._done = True  # the verdict is in: no need to read further
 
 
 class BlobStore:
