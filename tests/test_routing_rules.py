@@ -10,12 +10,12 @@ from datetime import timedelta
 from itertools import count
 
 import pytest
+from bare import T0, Bare, schedules
 from sqlmodel import func, select
 
-from bare import T0, Bare, schedules
 from queuechat.domain import agents, conversations, invites, routing
 from queuechat.errors import ChatError
-from queuechat.store.models import AgentSession, Conversation, Offer
+from queuechat.store.models import Conversation, Offer
 
 
 def at(seconds: float):
@@ -80,23 +80,16 @@ def test_the_agent_idle_longest_gets_the_next_chat(bare):
 def test_one_dispatch_spreads_chats_by_idleness(bare):
     """Offers made within one dispatch count at once: three chats go to three agents, not all to one."""
     b = bare
-    for i, t in ((1, 0), (2, 1), (3, 2)):
-        b.login(f"agent{i}", now=at(t))
+    who = {i: b.login(f"agent{i}", now=at(i - 1)) for i in (1, 2, 3)}
     chats = [b.chat(now=at(10 + i)) for i in range(3)]
     assert [b.offered_to(c) for c in chats] == [None, None, None]
 
     def open_all(tx):
         for i in (3, 2, 1):
-            agents.stream_opened(tx, b.read(_session_of, f"agent{i}"))
+            agents.stream_opened(tx, who[i].session_id)
 
     b.write(open_all, now=at(20))
     assert [b.offered_to(c) for c in chats] == ["agent1", "agent2", "agent3"]
-
-
-def _session_of(s, agent_id):
-    return s.exec(
-        select(AgentSession.id).where(AgentSession.agent_id == agent_id, AgentSession.ended_at.is_(None))
-    ).one()
 
 
 @pytest.mark.parametrize("first", ["agent1", "agent2"])
@@ -265,7 +258,9 @@ def test_a_logged_out_agent_gets_nothing_and_its_offers_go_back(bare):
     assert b.offered_to(c1) == "agent1"
     b.write(agents.logout, a1, now=at(2))
     assert b.offered_to(c1) is None
-    assert b.read(lambda s: [o.status for o in s.exec(select(Offer).where(Offer.conversation_id == c1))]) == ["withdrawn"]
+    assert b.read(lambda s: [o.status for o in s.exec(select(Offer).where(Offer.conversation_id == c1))]) == [
+        "withdrawn"
+    ]
     b.agent("agent2", now=at(3))
     assert b.offered_to(c1) == "agent2"
 
@@ -394,8 +389,8 @@ def test_expiring_an_answered_offer_changes_nothing(make, answer):
     if answer == "accepted":
         b.accept(a1, offer.id)
     else:
-        b.agent("agent2", now=at(0.5))
-        b.reject(a1, offer.id)
+        b.agent("agent2", now=at(2))
+        b.reject(a1, offer.id, now=at(3))
     before = (b.offer(offer.id).model_dump(), [o.model_dump() for o in b.pending()], status(b, c1))
     _, effects = b.run(routing.expire_offer, offer.id, now=at(1000))
     assert effects == ()
@@ -459,6 +454,7 @@ def test_named_invite_targets(in_chat):
 
 def test_queue_invite_picks_a_free_ready_agent_of_the_queue_not_in_the_conversation(in_chat):
     b, a1, c1 = in_chat
+    # agent1 itself is of the queue and has room, but is in the conversation.
     refused("NO_AGENT_AVAILABLE", b, invites.invite_agent, a1, c1, "", "", "support")
     # agent2: in the conversation; agent3: full; agent4: not ready; agent5: sales only; agent6: the one.
     a2 = b.agent("agent2", profile="support", now=at(2))
@@ -477,12 +473,6 @@ def test_queue_invite_picks_a_free_ready_agent_of_the_queue_not_in_the_conversat
         assert [(o.kind, o.agent_id) for o in b.pending(c1)] == [("invite", "agent6")]
         b.write(invites.cancel_invite, a1, inv["invite_id"])
         assert b.pending(c1) == []
-
-
-def test_queue_invite_never_picks_the_inviter(in_chat):
-    b, a1, c1 = in_chat
-    # agent1 is in "both" (support included) with room: it must not invite itself.
-    refused("NO_AGENT_AVAILABLE", b, invites.invite_agent, a1, c1, "", "", "support")
 
 
 def test_one_pending_invite_at_a_time(in_chat):
@@ -558,3 +548,43 @@ def test_a_logout_with_several_offers_hands_them_all_on_in_one_write(bare):
     _, effects = b.run(agents.logout, a1, now=at(6))
     assert [b.offered_to(c) for c in chats] == ["agent2"] * 3
     assert len(schedules(effects, routing.expire_offer)) == 3
+
+
+# --- every write that frees a slot fills it in that same write ----------------------
+
+
+def test_leaving_fills_the_slot(make):
+    b = make(max_chats={"agent1": 1})
+    a1 = b.agent("agent1", now=at(0))
+    c1 = b.chat("support", now=at(1))
+    b.accept(a1, b.pending(c1)[0].id)
+    a2 = b.agent("agent2", profile="support", now=at(2))
+    invite(b, a1, c1, agent_id="agent2", now=at(3))
+    b.accept(a2, b.pending(c1)[0].id, now=at(4))
+    c2 = b.chat("sales", now=at(5))
+    assert b.offered_to(c2) is None  # agent1 is full, agent2 does not do sales
+    b.write(conversations.leave, a1, c1, now=at(6))
+    assert b.offered_to(c2) == "agent1"
+
+
+def test_cancelling_an_invite_fills_the_invitees_slot(make):
+    b = make(max_chats={"agent2": 1})
+    a1 = b.agent("agent1", profile="support", now=at(0))
+    c1 = b.chat("support", now=at(1))
+    b.accept(a1, b.pending(c1)[0].id)
+    b.agent("agent2", now=at(2))
+    inv = invite(b, a1, c1, agent_id="agent2", now=at(3))
+    c2 = b.chat("sales", now=at(4))
+    assert b.offered_to(c2) is None
+    b.write(invites.cancel_invite, a1, inv["invite_id"], now=at(5))
+    assert b.offered_to(c2) == "agent2"
+
+
+def test_a_customer_leaving_the_queue_frees_the_offered_slot(make):
+    b = make(max_chats={"agent1": 1})
+    b.agent("agent1", now=at(0))
+    c1, c2 = b.chat(now=at(1)), b.chat(now=at(2))
+    assert (b.offered_to(c1), b.offered_to(c2)) == ("agent1", None)
+    b.write(conversations.end_chat, b.customer(c1), c1, now=at(3))
+    assert status(b, c1) == "closed" and b.offered_to(c1) is None
+    assert b.offered_to(c2) == "agent1"
