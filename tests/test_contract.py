@@ -18,12 +18,43 @@ SERVICES = [
 ]
 
 
-def test_buf_lint_passes():
+# The contract as last released (docs/deploy.md, "Releasing", has how to refresh it).
+RELEASED = ROOT / "proto" / "released" / "chat-v1.binpb"
+
+
+def _buf(*args: str, cwd: Path = ROOT / "proto") -> subprocess.CompletedProcess[str]:
     buf = ROOT / "node_modules" / ".bin" / "buf"
     if not buf.exists():
         pytest.fail("buf is missing: scripts/setup installs it with npm ci")
-    result = subprocess.run([str(buf), "lint"], cwd=ROOT / "proto", capture_output=True, text=True)
+    return subprocess.run([str(buf), *args], cwd=cwd, capture_output=True, text=True, timeout=60)
+
+
+def test_buf_lint_passes():
+    result = _buf("lint")
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_no_breaking_change_since_the_released_contract():
+    """buf breaking (FILE rules, proto/buf.yaml) against the image of the last release."""
+    result = _buf("breaking", "--against", str(RELEASED))
+    assert result.returncode == 0, "breaking changes since the released contract:\n" + result.stdout + result.stderr
+
+
+def test_buf_breaking_catches_a_renumbered_field(tmp_path):
+    """The check above would see a break: a scratch copy of proto/ with one field renumbered fails it."""
+    import re
+    import shutil
+
+    scratch = tmp_path / "proto"
+    shutil.copytree(ROOT / "proto", scratch, ignore=shutil.ignore_patterns("released"))
+    resources = scratch / "chat" / "v1" / "resources.proto"
+    field = re.compile(r"^(\s+[\w.]+ \w+ = )(\d+);", re.MULTILINE)
+    renumbered, n = field.subn(lambda m: f"{m[1]}{int(m[2]) + 1000};", resources.read_text(), count=1)
+    assert n == 1
+    resources.write_text(renumbered)
+    result = _buf("breaking", "--against", str(RELEASED), cwd=scratch)
+    assert result.returncode != 0
+    assert "was deleted" in result.stdout, result.stdout + result.stderr
 
 
 def test_only_unary_and_server_streaming_calls():

@@ -356,7 +356,8 @@ function addFiles(): void {
 async function download(att: Attachment, button: HTMLButtonElement): Promise<void> {
   const s = session!;
   button.disabled = true;
-  const parts: Uint8Array[] = [];
+  // Blob takes ArrayBuffer-backed bytes; protobuf-es types bytes fields as any Uint8Array (never shared).
+  const parts: Uint8Array<ArrayBuffer>[] = [];
   let received = 0;
   // Saved under the name and type the server gives now: its extension matches the content
   // (text sent as page.html is page.txt), whatever an older message said.
@@ -369,7 +370,7 @@ async function download(att: Attachment, button: HTMLButtonElement): Promise<voi
         if (r.kind.case === "attachment") {
           meta = r.kind.value;
         } else if (r.kind.case === "chunk") {
-          parts.push(r.kind.value.data);
+          parts.push(r.kind.value.data as Uint8Array<ArrayBuffer>);
           received += r.kind.value.data.length;
         }
       }
