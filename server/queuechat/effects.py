@@ -1,18 +1,38 @@
 """The in-process implementation of the domain's effects (domain/tx.py):
-the in-memory bus and event-loop timers. A cluster replaces it with one that
-also tells the other nodes; the domain does not change."""
+the in-memory bus, event-loop timers, metrics and event logs. A cluster
+replaces it with one that also tells the other nodes; the domain does not
+change."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from .bus import Bus
 from .config import Settings
+from .observability import logs
 
 WriteFn = Callable[..., Any]
+
+
+class MetricsSink(Protocol):
+    """Where committed writes' counts and observations go (observability.metrics.Metrics)."""
+
+    def count(self, name: str, value: float, labels: dict[str, str]) -> None: ...
+
+    def observe(self, name: str, value: float, labels: dict[str, str]) -> None: ...
+
+
+class NoMetrics:
+    """Metrics are off: counts and observations go nowhere."""
+
+    def count(self, name: str, value: float, labels: dict[str, str]) -> None:
+        pass
+
+    def observe(self, name: str, value: float, labels: dict[str, str]) -> None:
+        pass
 
 
 class LocalEffects:
@@ -24,8 +44,10 @@ class LocalEffects:
         on_queue_changed: Callable[[str], None] = lambda queue_id: None,
         on_session_ended: Callable[[str], None] = lambda session_id: None,
         on_settings_changed: Callable[[Settings], None] = lambda settings: None,
+        metrics: MetricsSink | None = None,
     ):
         self.bus = bus
+        self.metrics: MetricsSink = metrics or NoMetrics()  # the server sets it when metrics are on
         self._spawn = spawn  # runs a write in the background
         self._on_queue_changed = on_queue_changed
         self._on_session_ended = on_session_ended
@@ -55,6 +77,15 @@ class LocalEffects:
 
     def settings_changed(self, settings: Settings) -> None:
         self._on_settings_changed(settings)
+
+    def count(self, name: str, value: float, labels: dict[str, str]) -> None:
+        self.metrics.count(name, value, labels)
+
+    def observe(self, name: str, value: float, labels: dict[str, str]) -> None:
+        self.metrics.observe(name, value, labels)
+
+    def log(self, event: str, fields: dict[str, object]) -> None:
+        logs.event(event, fields)
 
     @property
     def pending_timers(self) -> int:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -22,12 +23,18 @@ from chat.v1 import (
     customer_service_pb2_grpc,
 )
 
+from .. import __version__
 from ..domain.core import Core
+from ..observability import logs
+from ..observability.interceptor import ServerObserver
+from ..observability.metrics import Metrics, MetricsServer
+from ..observability.tracing import Tracing
 from . import convert
 from .admin import AdminService
 from .agent import AgentService
 from .customer import CustomerService
 from .errors import UNDECODABLE
+from .peer import client_address
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +90,43 @@ class _Registration:
         self._server.add_registered_method_handlers(service, safe)
 
 
+def metrics_addresses(metrics_listen: str) -> list[str]:
+    """The entries of --metrics-listen: HOST:PORT, or `web` for the web port; empty: metrics off."""
+    return [a.strip() for a in metrics_listen.split(",") if a.strip()]
+
+
 class ChatServer:
-    def __init__(self, core: Core, address: str):
+    """The gRPC server. metrics_listen: where to serve /metrics (comma-separated HOST:PORT; `web`
+    serves it on the web port, see serve(); empty: metrics off). tracing: spans per RPC and per write
+    (observability/tracing.py; None: off)."""
+
+    def __init__(self, core: Core, address: str, *, metrics_listen: str = "", tracing: Tracing | None = None):
         self.core = core
         if os.environ.get("QUEUECHAT_CHECK_EVENTS") == "1":
             core.check_event = convert.check_payload  # every stored payload must parse as its message
-        self.server = grpc.aio.server(options=_OPTIONS)
+        listen = metrics_addresses(metrics_listen)
+        self.metrics = Metrics(core) if listen else None
+        self.metrics_listen = [a for a in listen if a != "web"]
+        self.metrics_servers: list[MetricsServer] = []
+        self.tracing = tracing
+        if self.metrics is not None:
+            core.effects.metrics = self.metrics  # counts and observations of committed writes
+            self.metrics.known(
+                pb.DESCRIPTOR.services_by_name[name]
+                for pb, name in (
+                    (agent_service_pb2, "AgentService"),
+                    (customer_service_pb2, "CustomerService"),
+                    (admin_service_pb2, "AdminService"),
+                )
+            )
+        core.write.around = self._around_write()
+        trusted = core.config.rate_limits.trusted_proxies
+        interceptors: list[grpc.aio.ServerInterceptor] = [
+            ServerObserver(self.metrics, lambda context: client_address(context, trusted))
+        ]
+        if tracing is not None:
+            interceptors.append(tracing.interceptor())
+        self.server = grpc.aio.server(options=_OPTIONS, interceptors=interceptors)
         services = _Registration(self.server)
         agent_service_pb2_grpc.add_AgentServiceServicer_to_server(AgentService(core), services)
         customer_service_pb2_grpc.add_CustomerServiceServicer_to_server(CustomerService(core), services)
@@ -101,35 +139,108 @@ class ChatServer:
         )
         self.port = self.server.add_insecure_port(address)
 
+    def _around_write(self) -> Callable[[str], contextlib.AbstractContextManager[object]] | None:
+        """The Writer's hook for each named write: a latency timer and a span, as far as they are on."""
+        metrics, tracing = self.metrics, self.tracing
+        if metrics is None and tracing is None:
+            return None
+        if tracing is None:
+            assert metrics is not None
+            return metrics.time_write
+        if metrics is None:
+            return tracing.write_span
+
+        @contextlib.contextmanager
+        def both(name: str) -> Iterator[object]:
+            with metrics.time_write(name), tracing.write_span(name) as span:
+                yield span
+
+        return both
+
     async def start(self) -> None:
         await self.core.start()
         await self.server.start()
         for name in SERVICE_NAMES + ("",):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        for listen in self.metrics_listen:
+            assert self.metrics is not None
+            try:
+                self.metrics_servers.append(await self.metrics.serve(listen))
+            except OSError as e:
+                # Metrics never take the chat down: Prometheus sees the target down, the log says why.
+                log.error("metrics: cannot listen on %s (%s); serving without this /metrics endpoint", listen, e)
+        fields = {
+            "version": __version__,
+            "grpc_port": self.port,
+            "metrics_ports": [m.port for m in self.metrics_servers] or None,
+            "database": self.core.db.engine.dialect.name,  # never the URL: it may hold a password
+            "tracing": self.tracing is not None,
+        }
+        logs.event("node.started", fields)
 
     async def stop(self, grace: float = 5.0) -> None:
         """Drain: report NOT_SERVING, let calls finish for `grace` seconds, then cancel streams."""
+        logs.event("node.stopping", {"grpc_port": self.port})
         for name in SERVICE_NAMES + ("",):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.stop(grace)
         await self.core.stop()
         self.core.db.close()
+        for server in self.metrics_servers:
+            await server.stop()
+        self.metrics_servers.clear()
+        logs.event("node.stopped", {"grpc_port": self.port})
 
 
-async def serve(core: Core, address: str, web_listen: str = "", web_origins: list[str] | None = None) -> None:
-    """Run until SIGINT/SIGTERM; with web_listen ("HOST:PORT") also the customer page and grpc-web bridge."""
+async def _start_bridge(
+    target: str, web_listen: str, web_origins: list[str] | None, metrics: Metrics | None
+) -> Any:
+    """The web bridge; with metrics, it also serves GET /metrics (--metrics-listen web)."""
     from queuechat_web import split_host_port, start_bridge
+    from queuechat_web.bridge import DEFAULT_MAX_BODY_BYTES, Bridge
 
-    srv = ChatServer(core, address)
+    if metrics is None:
+        return await start_bridge(target, *split_host_port(web_listen), allowed_origins=web_origins)
+
+    handle = metrics.handle
+
+    class WithMetrics(Bridge):
+        def app(self) -> Any:
+            app = super().app()
+            app.router.add_get("/metrics", handle)
+            return app
+
+    bridge = WithMetrics(target, web_origins or [], DEFAULT_MAX_BODY_BYTES)
+    await bridge.start(*split_host_port(web_listen))
+    return bridge
+
+
+async def serve(
+    core: Core,
+    address: str,
+    web_listen: str = "",
+    web_origins: list[str] | None = None,
+    metrics_listen: str = "",
+) -> None:
+    """Run until SIGINT/SIGTERM; with web_listen ("HOST:PORT") also the customer page and grpc-web bridge;
+    with metrics_listen (HOST:PORT entries, or `web`: on the web port) Prometheus metrics at /metrics.
+    Traces go where the OTEL_* environment variables say (off without them)."""
+    tracing = Tracing.from_env()
+    srv = ChatServer(core, address, metrics_listen=metrics_listen, tracing=tracing)
     await srv.start()
     log.info("queuechat gRPC listening on port %d", srv.port)
+    for m in srv.metrics_servers:
+        log.info("queuechat metrics listening on port %d (/metrics)", m.port)
+    on_web = "web" in metrics_addresses(metrics_listen)
+    if on_web and not web_listen:
+        log.warning("--metrics-listen web: the web port is off (--web-listen is empty), so no /metrics there")
     bridge = None
     if web_listen:
         # The bridge calls this process's gRPC port; a wildcard listen address is reached on localhost.
         grpc_host = address.rpartition(":")[0].strip("[]")
         grpc_host = "localhost" if grpc_host in ("", "0.0.0.0", "::", "*") else grpc_host
         target = f"[{grpc_host}]:{srv.port}" if ":" in grpc_host else f"{grpc_host}:{srv.port}"
-        bridge = await start_bridge(target, *split_host_port(web_listen), allowed_origins=web_origins)
+        bridge = await _start_bridge(target, web_listen, web_origins, srv.metrics if on_web else None)
         log.info("queuechat web bridge and customer page listening on port %d", bridge.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -141,3 +252,5 @@ async def serve(core: Core, address: str, web_listen: str = "", web_origins: lis
     if bridge is not None:
         await bridge.stop()
     await srv.stop()
+    if tracing is not None:
+        tracing.shutdown()  # export what is buffered

@@ -125,6 +125,7 @@ def create_admin_session(tx: Tx, admin_id: str, token: str) -> None:
         raise denied("ACCOUNT_DISABLED", "This account is disabled.")
     row = AdminSession(token_hash=token_hash(token), admin_id=admin_id, created_at=tx.now, last_used_at=tx.now)
     tx.session.add(row)
+    tx.log("admin.login", admin_id=admin_id)
 
 
 @dataclass(frozen=True, slots=True)

@@ -50,6 +50,7 @@ def login(tx: Tx, agent_id: str, profile_id: str, ready: bool, token: str) -> Se
     )
     s.add(sess)
     s.flush()
+    tx.log("agent.login", agent_id=agent_id, session_id=sess.id, profile_id=profile_id, ready=ready)
     return session_view(s, sess, token)
 
 
@@ -72,6 +73,7 @@ def _end(tx: Tx, sess: AgentSession, now: datetime) -> None:
     sess.ready = False
     tx.session.add(sess)
     tx.session_ended(sess.id)
+    tx.log("agent.session_ended", agent_id=sess.agent_id, session_id=sess.id)
     tx.publish(feed_topic(sess.id), SessionEnded(sess.id))  # its streams end
     routing.withdraw_session_offers(tx, sess.id, now)
 

@@ -212,6 +212,7 @@ def attach(tx: Tx, who: Who, conversation_id: str, ids: list[str], visibility: s
         row.expires_at = None
         tx.session.add(row)
         out.append(row)
+    tx.count("attachments", len(out), sender=actor(who).partition(":")[0])
     return out
 
 

@@ -115,6 +115,8 @@ def start_chat(
                  actor="customer", now=now)
     tx.needs_dispatch()
     tx.queue_changed(queue_id)  # those waiting see the count grow
+    tx.count("chats_started", queue=queue_id)
+    tx.log("chat.started", conversation_id=conv.id, queue_id=queue_id, identified=bool(verified))
     return ConversationView(
         id=conv.id,
         queue_id=queue_id,
@@ -234,6 +236,7 @@ def send_message(
     )
     for f in files:
         f.event_seq = event.seq
+    tx.count("messages", sender=actor.partition(":")[0], visibility="agents" if private else "all")
     return event
 
 
@@ -470,6 +473,8 @@ def _close(tx: Tx, conv: Conversation, by: dict[str, Any], actor: str, now: date
     conv.closed_at = now
     tx.session.add(conv)
     append_event(tx, conv, "chat_closed", {"closed_by": by}, actor=actor, now=now)
+    tx.count("chats_closed", queue=conv.queue_id)
+    tx.log("chat.closed", conversation_id=conv.id, queue_id=conv.queue_id, closed_by=actor)
 
 
 # --- reads -----------------------------------------------------------------

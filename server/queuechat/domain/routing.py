@@ -182,6 +182,8 @@ def make_offer(
         payload["invite"] = invite_payload
     append_feed(tx, session_id, "offer", payload, now)
     tx.schedule(offer.expires_at, expire_offer, offer.id)
+    tx.count("offers_made", kind=offer.kind)
+    tx.log("offer.made", offer_id=offer.id, kind=offer.kind, conversation_id=conv.id, agent_id=agent_id)
     return offer
 
 
@@ -195,6 +197,10 @@ def close_offer(tx: Tx, offer: Offer, state: str, now: datetime, reason: str | N
     if reason:
         update["withdraw_reason"] = _WITHDRAW_REASONS[reason]
     append_feed(tx, offer.session_id, "offer_update", update, now)
+    tx.count("offers", outcome=state, kind=offer.kind)
+    tx.observe("offer_answer_seconds", (now - offer.created_at).total_seconds(), outcome=state)
+    ids = {"offer_id": offer.id, "conversation_id": offer.conversation_id, "agent_id": offer.agent_id}
+    tx.log(f"offer.{state}", **ids, reason=reason)
 
 
 def _own_pending_offer(tx: Tx, who: AgentPrincipal, offer_id: str, answer: str) -> Offer | None:
@@ -243,6 +249,7 @@ def accept_offer(tx: Tx, who: AgentPrincipal, offer_id: str) -> ConversationView
             now=now,
         )
         tx.queue_changed(conv.queue_id)
+        tx.observe("chat_wait_seconds", (now - conv.enqueued_at).total_seconds(), queue=conv.queue_id)
     s.flush()
     return conversation_view(s, conv)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any, TypeVar
 
 from sqlmodel import Session
@@ -18,6 +19,8 @@ from .tx import Context, Effects, Tx
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
+# Wraps each run of a named write, given its name: a trace span, a latency timer (set by the server).
+Around = Callable[[str], AbstractContextManager[object]]
 
 
 def write_name(fn: Callable[..., Any]) -> str:
@@ -30,10 +33,13 @@ def write_name(fn: Callable[..., Any]) -> str:
 
 
 class Writer:
-    def __init__(self, db: Database, context: Callable[[], Context], effects: Effects):
+    def __init__(
+        self, db: Database, context: Callable[[], Context], effects: Effects, around: Around | None = None
+    ):
         self.db = db
         self.context = context
         self.effects = effects
+        self.around = around
 
     async def __call__(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         name = write_name(fn)
@@ -48,7 +54,10 @@ class Writer:
             return result, tx.carry_out(effects)
 
         try:
-            return await self.db.transact(name, job)
+            if self.around is None:
+                return await self.db.transact(name, job)
+            with self.around(name):
+                return await self.db.transact(name, job)
         except ChatError:
             raise  # a refusal: the caller's answer, not a failure
         except Exception:

@@ -4,9 +4,9 @@ database, and every effect it may have.
 A write is a plain function `fn(tx, *args)`. It reads and changes rows
 through `tx.session` (or `tx.conn` on hot paths), reads settings, limits and
 the time from `tx`, and records its effects on `tx`: publish an event,
-arm a timer, mark a queue's positions changed, ask for routing. Nothing is
-carried out before the transaction commits, and nothing at all if it rolls
-back.
+arm a timer, mark a queue's positions changed, ask for routing, count or
+observe a metric, log an event. Nothing is carried out before the transaction
+commits, and nothing at all if it rolls back.
 
 A write may run more than once: when a group commit fails, every write of
 the batch runs again on its own, each with a fresh Tx. So a write touches
@@ -66,6 +66,16 @@ class Effects(Protocol):
     def settings_changed(self, settings: Settings) -> None:
         """Writes from now on see these settings."""
 
+    def count(self, name: str, value: float, labels: dict[str, str]) -> None:
+        """Add value to the event counter `name` (offers, messages, ...): a metric, if metrics are on."""
+
+    def observe(self, name: str, value: float, labels: dict[str, str]) -> None:
+        """Record one observation of `name` (offer-to-answer seconds, ...): a metric, if metrics are on."""
+
+    def log(self, event: str, fields: dict[str, object]) -> None:
+        """An event that matters (chat.started, offer.accepted, ...), for the log: ids as fields,
+        never a secret or a message body."""
+
 
 class Writes(Protocol):
     """Runs a write: `await write(fn, *args)` is fn(tx, *args) in a transaction of its own."""
@@ -122,6 +132,18 @@ class Tx:
 
     def settings_changed(self, settings: Settings) -> None:
         self._effects.append(("settings_changed", (settings,)))
+
+    # Metrics and event logs are effects too: a rolled-back write counts and logs nothing,
+    # and a rerun counts once.
+
+    def count(self, name: str, value: float = 1, **labels: str) -> None:
+        self._effects.append(("count", (name, value, labels)))
+
+    def observe(self, name: str, value: float, **labels: str) -> None:
+        self._effects.append(("observe", (name, value, labels)))
+
+    def log(self, event: str, **fields: object) -> None:
+        self._effects.append(("log", (event, fields)))
 
     def needs_dispatch(self) -> None:
         """Routing must run: the runner dispatches once, at the end of this same transaction."""

@@ -33,13 +33,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import event, inspect
+from sqlalchemy import event
 from sqlalchemy import text as sql_text
 from sqlalchemy.engine import Engine
-from sqlalchemy.schema import CreateColumn
 from sqlmodel import Session, SQLModel, create_engine
 
-from . import models  # noqa: F401  (registers the tables)
+from . import migrations, models  # noqa: F401  (models registers the tables)
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -94,27 +93,20 @@ class Database:
         self._writer.start()
         self._readers = ThreadPoolExecutor(readers, thread_name_prefix="db-read")
 
-    def create_all(self) -> None:
-        SQLModel.metadata.create_all(self.engine)
-        self._add_missing_columns()
+    def ensure_schema(self, *, migrate: bool = False) -> None:
+        """Make sure the schema is this code's (store/migrations): an empty database gets it, a current one
+        is left alone. One that is behind (or made before migrations) is upgraded if `migrate`, else
+        migrations.SchemaBehind; one a newer queuechat migrated: migrations.SchemaAhead."""
+        migrations.ensure(self.url, migrate=migrate)
 
-    def _add_missing_columns(self) -> None:
-        """create_all makes missing tables but never changes one. Until the schema has migrations,
-        columns added since a database was made are added here (each is nullable or has a default)."""
-        existing = inspect(self.engine)
-        with self.engine.begin() as conn:
-            for table in SQLModel.metadata.sorted_tables:
-                if not existing.has_table(table.name):
-                    continue
-                have = {c["name"] for c in existing.get_columns(table.name)}
-                for column in table.columns:
-                    if column.name in have:
-                        continue
-                    ddl = CreateColumn(column).compile(dialect=self.engine.dialect)
-                    conn.execute(sql_text(f'ALTER TABLE "{table.name}" ADD COLUMN {ddl}'))
+    def create_all(self) -> None:
+        """ensure_schema(): the name from before migrations (an empty database is still created)."""
+        self.ensure_schema()
 
     def drop_all(self) -> None:
         SQLModel.metadata.drop_all(self.engine)
+        with self.engine.begin() as conn:
+            conn.execute(sql_text(f"DROP TABLE IF EXISTS {migrations.VERSION_TABLE}"))
 
     async def transact(self, name: str, job: Job[T]) -> T:
         """Run a named job in a transaction on the writer thread; its after-commit part runs
