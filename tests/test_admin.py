@@ -103,12 +103,15 @@ async def test_every_call_but_login_needs_an_admin_token(server):
     agent = await server.agent("agent1", offers=False)
     service = pb.DESCRIPTOR.services_by_name["AdminService"]
     methods = [m for m in service.methods if m.name != "Login"]
-    assert len(methods) == 20
+    assert len(methods) == 21
     for m in methods:
         call = getattr(server.admin_stub, m.name)
         request = getattr(pb, m.input_type.name)()
         for md in ((), auth(agent.token), auth("qadm_garbage"), (("authorization", "Basic abc"),)):
-            await expect_error(call(request, metadata=md), grpc.StatusCode.UNAUTHENTICATED, "ADMIN_SESSION_INVALID")
+            pending = call(request, metadata=md)
+            if m.server_streaming:
+                pending = _drain(pending)
+            await expect_error(pending, grpc.StatusCode.UNAUTHENTICATED, "ADMIN_SESSION_INVALID")
 
     # Refused before anything is looked at: a valid write by a non-admin changes nothing.
     await refuse(
@@ -521,3 +524,8 @@ async def test_list_conversations_default_page_size(server, admin):
     assert len(page.conversations) == 50 and page.next_page_token
     rest = await admin.ListConversations(pb.AdminServiceListConversationsRequest(page_token=page.next_page_token))
     assert len(rest.conversations) == 1 and not rest.next_page_token
+
+
+async def _drain(call) -> None:
+    async for _ in call:
+        pass

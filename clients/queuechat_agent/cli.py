@@ -58,6 +58,12 @@ def parser() -> argparse.ArgumentParser:
         help="where downloads go (default ~/Downloads)",
     )
 
+    sup = sub.add_parser("supervisor", help="the supervisor screen: every queue's live figures (an admin login)")
+    sup.add_argument("--username", default=os.environ.get("QUEUECHAT_ADMIN_USER", ""), help="the admin's username")
+    sup.add_argument(
+        "--queue", action="append", default=[], metavar="ID", help="only this queue (repeat for more; default: all)"
+    )
+
     login = sub.add_parser("login", help="log in; prints the session as JSON and saves it to the session file")
     login.add_argument("--username", required=True)
     login.add_argument(
@@ -281,7 +287,7 @@ async def run(argv: list[str] | None = None, out: TextIO | None = None, err: Tex
             args = parser().parse_args(argv)
     except SystemExit as exit:
         return int(exit.code or 0)
-    if args.command in (None, "ui"):
+    if args.command in (None, "ui", "supervisor"):
         print("queuechat-agent: the desktop runs from main(), not run()", file=err)
         return 2
     try:
@@ -307,11 +313,21 @@ def main(argv: list[str] | None = None) -> int:
             args = parser().parse_args([*argv, "ui"])
     except SystemExit as exit:
         return int(exit.code or 0)
-    if args.command != "ui":
+    if args.command not in ("ui", "supervisor"):
         try:
             return asyncio.run(run(argv))
         except KeyboardInterrupt:
             return 130
+    if args.command == "supervisor":
+        from .supervisor import SupervisorApp
+
+        SupervisorApp(
+            server=args.server or os.environ.get("QUEUECHAT_SERVER", DEFAULT_SERVER),
+            username=args.username,
+            password=os.environ.get("QUEUECHAT_ADMIN_PASSWORD", ""),
+            queue_ids=args.queue,
+        ).run()
+        return 0
     from .app import AgentApp
 
     AgentApp(

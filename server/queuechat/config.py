@@ -69,6 +69,8 @@ class Limits:
     # Unfinished or unsent uploads are removed after this many seconds without progress.
     upload_ttl: _Interval = 3600.0
     upload_sweep_interval: _Interval = 60.0
+    # Supervisor figures: the share of chats answered within this many seconds is the service level.
+    service_level_target: _Interval = 60.0
 
 
 _Bytes = Annotated[int, Strict(), Field(ge=0)]

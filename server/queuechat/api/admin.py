@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal, overload
+import asyncio
+import contextlib
+from collections.abc import AsyncGenerator
+from typing import Literal, cast, overload
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
@@ -14,7 +17,16 @@ from chat.v1 import resources_pb2 as rpb
 from ..config import Settings
 from ..domain.admin import check_id
 from ..domain.core import Core
-from ..domain.views import AdminPrincipal, AgentAccountView, PredefinedView, ProfileView, QueueView
+from ..domain.views import (
+    AdminPrincipal,
+    AgentAccountView,
+    Heartbeat,
+    PredefinedView,
+    ProfileView,
+    QueueStatsSnapshot,
+    QueueStatsView,
+    QueueView,
+)
 from ..errors import invalid
 from . import convert
 from .errors import authenticated, bearer, rpc
@@ -28,6 +40,8 @@ async def _admin(service: AdminService, request: object, context: grpc.aio.Servi
 admin_call = authenticated(_admin)
 
 MIN_PASSWORD = 8
+# Seconds between checks that the admin session of an open StreamQueueStats still exists.
+SESSION_RECHECK = 30.0
 
 
 def _duration(seconds: float) -> Duration:
@@ -61,6 +75,32 @@ def _agent(a: AgentAccountView) -> pb.AgentAccount:
 def _predefined(m: PredefinedView) -> rpb.PredefinedMessage:
     return rpb.PredefinedMessage(
         predefined_message_id=m.id, title=m.title, body=m.body, queue_id=m.queue_id or "", profile_id=m.profile_id or ""
+    )
+
+
+def _queue_stats(q: QueueStatsView) -> pb.QueueStats:
+    msg = pb.QueueStats(
+        queue=rpb.Queue(queue_id=q.queue_id, display_name=q.queue_name),
+        waiting_count=q.waiting_count,
+        longest_wait=_duration(q.longest_wait),
+        agents_ready=q.agents_ready,
+        agents_busy=q.agents_busy,
+        agents_not_ready=q.agents_not_ready,
+        offers_accepted=q.offers_accepted,
+        offers_rejected=q.offers_rejected,
+        offers_timed_out=q.offers_timed_out,
+        service_level_target=_duration(q.service_level_target),
+    )
+    if q.service_level is not None:  # unset: no chat answered in the window
+        msg.service_level = q.service_level
+    return msg
+
+
+def _stats_snapshot(v: QueueStatsSnapshot) -> pb.QueueStatsSnapshot:
+    return pb.QueueStatsSnapshot(
+        queues=[_queue_stats(q) for q in v.queues],
+        compute_time=convert.timestamp(v.computed_at),
+        window=_duration(v.window),
     )
 
 
@@ -231,3 +271,24 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
         return pb.ExportConversationResponse(
             conversation=convert.conversation(t.conversation), events=[convert.event(e) for e in t.events]
         )
+
+    # --- supervisor figures ------------------------------------------------------
+
+    @admin_call
+    async def StreamQueueStats(self, request: pb.StreamQueueStatsRequest, context, who: AdminPrincipal):
+        """The figures, for as long as the admin session lasts: it is checked again every SESSION_RECHECK
+        seconds, which also counts the open stream as use of the session (a wallboard is not idle)."""
+        token = bearer(context)
+        loop = asyncio.get_running_loop()
+        checked = loop.time()
+        # Items come at least every heartbeat_interval, so the check runs at least that often.
+        figures = cast(AsyncGenerator[object, None], self.core.queue_stats(list(request.queue_ids)))
+        async with contextlib.aclosing(figures):
+            async for item in figures:
+                if loop.time() - checked >= SESSION_RECHECK:
+                    await self.core.authenticate_admin(token)  # UNAUTHENTICATED once the session has ended
+                    checked = loop.time()
+                if isinstance(item, QueueStatsSnapshot):
+                    yield pb.StreamQueueStatsResponse(snapshot=_stats_snapshot(item))
+                elif isinstance(item, Heartbeat):
+                    yield pb.StreamQueueStatsResponse(heartbeat=convert.heartbeat(item))

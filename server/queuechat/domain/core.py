@@ -42,6 +42,7 @@ from .positions import QueuePositions
 from .ratelimit import Limiter
 from .read import conversation_view
 from .runner import Background, Writer
+from .stats import QueueStats
 from .streams import Streams
 from .tx import Context, EventCheck, utcnow
 from .views import (
@@ -108,6 +109,7 @@ class Core:
         self.read = db.read
         self.attachments = Attachments(db.read, self.write, self.limits, BlobStore(files_dir))
         self.streams = Streams(db.read, self.write, self._spawn, self.bus, self.positions, self.limits)
+        self.stats = QueueStats(db.read, self.limits.heartbeat_interval, self.limits.service_level_target)
         self._sweeper: asyncio.Task[None] | None = None
 
     def _context(self) -> Context:
@@ -126,7 +128,8 @@ class Core:
     # --- life cycle --------------------------------------------------------
 
     async def start(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(None, self.db.create_all)
+        # An empty database gets the schema; one that is behind raises SchemaBehind (serve --migrate upgrades first).
+        await asyncio.get_running_loop().run_in_executor(None, self.db.ensure_schema)
         await self.write(admin.apply_config, self.config, self.passwords)
         self.settings, self.token_secret = await self.db.read(admin.load_settings)
         await self.write(agents.recover)
@@ -151,6 +154,7 @@ class Core:
             await asyncio.gather(self._sweeper, return_exceptions=True)
         self.effects.cancel_timers()
         await self.positions.stop()
+        await self.stats.stop()
         await self.background.drain()
         self.password_pool.close()
 
@@ -472,6 +476,11 @@ class Core:
 
     async def update_settings(self, new: Settings) -> Settings:
         return await self.write(admin.update_settings, new)
+
+    def queue_stats(self, queue_ids: Sequence[str] = ()) -> AsyncIterator[object]:
+        """Supervisor figures per queue: QueueStatsSnapshot, and Heartbeat when idle (domain/stats.py). One
+        refresher per process, `self.stats`; it runs only while a stream watches."""
+        return self.stats.stream(queue_ids)
 
 
 def _password_hash(s: Session, model: type[Agent] | type[Admin], username: str) -> str | None:

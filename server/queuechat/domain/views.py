@@ -160,3 +160,30 @@ class PredefinedView:
     body: str
     queue_id: str | None
     profile_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStatsView:
+    """One queue's supervisor figures (domain/stats.py has what each one counts)."""
+
+    queue_id: str
+    queue_name: str
+    waiting_count: int
+    longest_wait: float  # seconds; 0 when none waits
+    agents_ready: int
+    agents_busy: int
+    agents_not_ready: int
+    offers_accepted: int
+    offers_rejected: int
+    offers_timed_out: int
+    service_level: float | None  # 0..1; None when no chat was answered in the window
+    service_level_target: float  # seconds
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStatsSnapshot:
+    """Every queue's figures, read together at computed_at; offers count over the `window` seconds before it."""
+
+    queues: tuple[QueueStatsView, ...]
+    computed_at: datetime
+    window: float
