@@ -371,3 +371,23 @@ async def test_a_customer_variable_with_nul_leaves_nothing_behind(server):
         "BAD_CHARACTERS",
     )
     assert await count_rows(server, CustomerVariable) == before
+
+
+def test_the_demo_identity_token_passes_the_demo_configurations_checks(capsys):
+    """scripts/serve prints a link with a signed token: it must pass the lifetime cap and the rest."""
+    from pathlib import Path
+
+    from queuechat.config import load_config
+    from queuechat.demo import print_demo_help
+    from queuechat.domain.auth import verify_identity_token
+
+    config = load_config(Path(__file__).resolve().parents[1] / "config/demo.toml", environ={})
+    print_demo_help(config, "[::]:50051", "0.0.0.0:8080")
+    token = capsys.readouterr().out.split("#identity_token=")[1].split()[0]
+    claims = verify_identity_token(
+        token,
+        config.identity_signers,
+        leeway=config.security.identity_leeway,
+        max_lifetime=config.security.identity_max_lifetime,
+    )
+    assert claims.variables["name"] == "Ada Lovelace"

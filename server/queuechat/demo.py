@@ -17,7 +17,13 @@ def print_demo_help(config: Config, listen: str, web_listen: str = "") -> None:
     token = ""
     if config.identity_secrets:
         token = jwt.encode(
-            {"name": "Ada Lovelace", "email": "ada@example.com", "exp": int(time.time()) + 86400},
+            # As long-lived as the configuration allows (the demo's: a day), so the printed link keeps working.
+            {
+                "name": "Ada Lovelace",
+                "email": "ada@example.com",
+                "iat": int(time.time()),
+                "exp": int(time.time() + min(86400.0, config.security.identity_max_lifetime)),
+            },
             config.identity_secrets[0],
             algorithm="HS256",
         )
@@ -30,6 +36,11 @@ def print_demo_help(config: Config, listen: str, web_listen: str = "") -> None:
             f"  {page}#identity_token={token}" if token else "  (none: the configuration has no identity secret)",
             "",
         ]
+    lines += [
+        "Or chat as a customer in a terminal:",
+        f"  .venv/bin/queuechat-customer --server {addr} --queue {queue} --name Ada",
+        "",
+    ]
     if agent:
         lines += [
             "Answer as an agent in the terminal desktop (another terminal):",
