@@ -324,8 +324,14 @@ async def phase_memory(args) -> dict:
 
 async def phase_attachments(args) -> dict:
     """Upload and download of one 20 MiB file, as a customer, in 1 MiB chunks."""
-    size = 20 * MIB
-    data = b"%PDF-1.4\n" + os.urandom(size - 16) + b"\n%%EOF\n"
+    # A PDF as they come (a scan, say): a little object syntax around one big image stream. The
+    # server reads the syntax for active content and skips stream data, as a PDF reader does.
+    def head(n: int) -> bytes:
+        return b"%PDF-1.4\n1 0 obj\n<< /Type /XObject /Subtype /Image /Length " + str(n).encode() + b" >>\nstream\n"
+
+    tail = b"\nendstream\nendobj\ntrailer\n<< /Size 2 >>\n%%EOF\n"
+    body = 20 * MIB - len(head(20 * MIB)) - len(tail)
+    data = head(body) + os.urandom(body) + tail
     digest = hashlib.sha256(data).hexdigest()
     async with grpc.aio.insecure_channel(args.target) as ch:
         stub = customer_service_pb2_grpc.CustomerServiceStub(ch)

@@ -391,3 +391,29 @@ def test_the_demo_identity_token_passes_the_demo_configurations_checks(capsys):
         max_lifetime=config.security.identity_max_lifetime,
     )
     assert claims.variables["name"] == "Ada Lovelace"
+
+
+@pytest.mark.configure(security={"agent_session_idle": 0.5, "agent_session_max": 3600.0})
+async def test_time_with_the_offer_stream_open_is_not_idle_time(server):
+    """An agent who waited on the offer stream longer than the idle time, then lost it for a moment
+    (a network blip, a restart), is still logged in when it reconnects."""
+    agent = await server.agent("agent1")
+    started = time.monotonic()
+    while time.monotonic() - started < 1.2:  # well past the idle time, the stream open all along
+        await agent.offers.wait_for(lambda i: i.HasField("heartbeat"), start=len(agent.offers.items))
+    await agent.offers.cancel()
+    server.core._agent_tokens.clear()  # as after 5 s, or on another node: the session is read again
+    agent.open_offers()  # reconnects at once: its session is still good
+    await agent.offers.wait_for(lambda i: i.HasField("heartbeat"))
+    await server.agent_stub.ListConversations(agent_pb.ListConversationsRequest(), metadata=auth(agent.token))
+
+
+async def test_identity_claims_with_control_characters_are_not_variables(server):
+    t = jwt.encode(
+        {"name": "Ada\x00", "note": "bell\x07", "email": "ada@example.com", "exp": int(time.time()) + 600},
+        IDENTITY_SECRET,
+        algorithm="HS256",
+    )
+    resp = await start(server, t)
+    got = variables(resp)
+    assert "name" not in got and "note" not in got and got["email"] == ("ada@example.com", True)

@@ -261,3 +261,23 @@ async def test_uploads_started_per_address(server):
     await expect_error(
         Uploader(first.stub, md, first.id, customer=True).create("y.txt", 10), EXHAUSTED, "TOO_MANY_UPLOADS_STARTED"
     )
+
+
+def test_the_peer_address_as_grpc_reports_it_over_ipv6():
+    """grpc percent-encodes the brackets of an IPv6 peer; the built-in bridge connects from ::1."""
+    from queuechat.api.peer import client_address, peer_ip
+
+    assert peer_ip("ipv6:%5B::1%5D:41768") == "::1"
+    assert peer_ip("ipv6:[2001:db8::7]:443") == "2001:db8::7"
+    assert peer_ip("ipv6:%5B::ffff:192.0.2.9%5D:5000") == "192.0.2.9"
+    assert peer_ip("ipv4:203.0.113.5:1234") == "203.0.113.5"
+
+    class Context:
+        def peer(self):
+            return "ipv6:%5B::1%5D:41768"
+
+        def invocation_metadata(self):
+            return (("x-forwarded-for", "198.51.100.23"),)
+
+    assert client_address(Context(), ["127.0.0.1", "::1"]) == "198.51.100.23"  # type: ignore[arg-type]
+    assert client_address(Context(), []) == "::1"  # type: ignore[arg-type]

@@ -48,7 +48,6 @@ def status_for(err: ChatError) -> grpc.Status:
 
 # Requests grpc could not parse reach the handler as this (see UndecodableRequests in server.py).
 UNDECODABLE: Any = object()
-_UNDECODABLE = invalid("UNDECODABLE_REQUEST", "The request could not be parsed as the method's message.")
 
 
 class _LogBudget:
@@ -86,7 +85,8 @@ def _internal(method: str, e: BaseException) -> ChatError:
 
 def _first_check(request: Any) -> None:
     if request is UNDECODABLE:
-        raise _UNDECODABLE
+        # A new error each time: re-raising one object would chain every request's frames onto it.
+        raise invalid("UNDECODABLE_REQUEST", "The request could not be parsed as the method's message.")
     check_request(request)
 
 

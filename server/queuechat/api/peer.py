@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable
 from functools import lru_cache
+from urllib.parse import unquote
 
 import grpc
 
@@ -24,12 +25,17 @@ def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
 
 
 def peer_ip(peer: str) -> str:
-    """grpc's peer string ("ipv4:1.2.3.4:5678", "ipv6:[::1]:5678", "unix:...") without the port."""
-    kind, _, rest = peer.partition(":")
+    """grpc's peer string ("ipv4:1.2.3.4:5678", "ipv6:[::1]:5678" or, percent-encoded,
+    "ipv6:%5B::1%5D:5678", "unix:...") without the port; an IPv4-mapped IPv6 address as IPv4."""
+    kind, _, rest = unquote(peer).partition(":")
     if kind == "ipv4":
         return rest.rpartition(":")[0]
     if kind == "ipv6":
-        return rest.rpartition(":")[0].strip("[]")
+        host = rest.rpartition(":")[0].strip("[]")
+        addr = _ip(host)
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        return host
     return peer  # a unix socket: one local caller
 
 

@@ -183,7 +183,9 @@ def find_session(s: Session, token: str, now: datetime, idle: float, lifetime: f
 def _expired(sess: AgentSession, now: datetime, idle: float, lifetime: float) -> bool:
     if now - sess.created_at > timedelta(seconds=lifetime):
         return True
-    seen = sess.last_seen_at or sess.created_at
+    # Time with the offer stream open is presence: idleness counts from the later of the last call
+    # and the moment the stream went (a blip or a restart sets stream_lost_at: the clock starts again).
+    seen = max(sess.last_seen_at or sess.created_at, sess.stream_lost_at or sess.created_at)
     return sess.stream_count == 0 and now - seen > timedelta(seconds=idle)
 
 

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -67,6 +67,7 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 _TOKEN_CACHE_SECONDS = 5.0
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # as api/validate.py refuses in request fields
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 _VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
 
@@ -138,14 +139,22 @@ class Core:
     async def _sweep(self) -> None:
         """Now and then: abandoned uploads, expired sessions, identity-token uses past their token's life."""
         sec = self.security
+        agent_times, admin_times = (sec.agent_session_idle, sec.agent_session_max), (
+            sec.admin_session_idle,
+            sec.admin_session_max,
+        )
+        jobs: list[tuple[str, Callable[[], Awaitable[object]]]] = [
+            ("uploads", self.attachments.sweep),
+            ("agent sessions", lambda: self.write(agents.end_expired, *agent_times)),
+            ("admin sessions", lambda: self.write(admin.end_admin_sessions, *admin_times)),
+            ("identity tokens", lambda: self.write(conversations.forget_identity_tokens)),
+        ]
         while True:
-            try:
-                await self.attachments.sweep()
-                await self.write(agents.end_expired, sec.agent_session_idle, sec.agent_session_max)
-                await self.write(admin.end_admin_sessions, sec.admin_session_idle, sec.admin_session_max)
-                await self.write(conversations.forget_identity_tokens)
-            except Exception:
-                log.exception("sweep failed")
+            for what, job in jobs:  # each on its own: one failing (a disk error, say) must not stop the rest
+                try:
+                    await job()
+                except Exception:
+                    log.exception("sweep of %s failed", what)
             await asyncio.sleep(self.limits.upload_sweep_interval)
 
     async def stop(self) -> None:
@@ -347,9 +356,12 @@ class Core:
         self.limiter.check("start_chat_per_address", client, "TOO_MANY_CHATS", flood.format("from here"))
         if claims.subject:
             self.limiter.check("start_chat_per_identity", claims.subject, "TOO_MANY_CHATS", flood.format("by you"))
-        # Tokens often carry claims that are not customer variables (namespaced URIs, large blobs): keep the rest.
+        # Tokens often carry claims that are not customer variables (namespaced URIs, large blobs, control
+        # characters that no request field may hold): keep the rest.
         verified = {
-            k: v for k, v in claims.variables.items() if _VAR_NAME.match(k) and len(v) <= self.limits.max_variable_chars
+            k: v
+            for k, v in claims.variables.items()
+            if _VAR_NAME.match(k) and len(v) <= self.limits.max_variable_chars and not _CONTROL.search(v)
         }
         verified = dict(sorted(verified.items())[: self.limits.max_variables])
         rl = self.config.rate_limits

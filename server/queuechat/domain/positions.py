@@ -51,10 +51,18 @@ class QueuePositions:
     second tab, a reconnect that overlaps the old stream), and it is watched
     until the last of them calls `unwatch`. Every `watch` needs one `unwatch`."""
 
-    def __init__(self, read: Reader, publish: Callable[[Topic, object], None], interval: float = 0.2):
+    def __init__(
+        self,
+        read: Reader,
+        publish: Callable[[Topic, object], None],
+        interval: float = 0.2,
+        count_interval: float = 2.0,
+    ):
         self._read = read
         self._publish = publish
         self._interval = interval
+        self._count_interval = count_interval
+        self._counts_sent: dict[str, float] = {}  # queue -> when count-only updates last went out
         self._dirty: set[str] = set()
         self._task: asyncio.Task[None] | None = None
         self._watchers: dict[str, dict[str, int]] = {}  # queue -> waiting conversation -> its streams watching
@@ -112,10 +120,27 @@ class QueuePositions:
                     continue
                 last = self._last.setdefault(queue_id, {})
                 count = len(ids)
+                # A move in the queue goes out at once; a new count alone (arrivals behind everyone
+                # watching) at most every count_interval: under a surge that is one update per
+                # watcher every few seconds, not five a second.
+                now = asyncio.get_running_loop().time()
+                counts_due = now - self._counts_sent.get(queue_id, 0.0) >= self._count_interval
+                held = False
                 for i, cid in enumerate(ids, 1):
-                    if cid in watchers and last.get(cid) != (i, count):
-                        last[cid] = (i, count)
-                        self._publish(conv_topic(cid), QueuePositionView(cid, i, count, queue_id))
+                    if cid not in watchers:
+                        continue
+                    sent = last.get(cid)
+                    if sent == (i, count):
+                        continue
+                    if sent is not None and sent[0] == i and not counts_due:
+                        held = True
+                        continue
+                    last[cid] = (i, count)
+                    self._publish(conv_topic(cid), QueuePositionView(cid, i, count, queue_id))
+                if counts_due:
+                    self._counts_sent[queue_id] = now
+                if held:
+                    self._dirty.add(queue_id)  # the new count follows within count_interval
 
     async def stop(self) -> None:
         if self._task is not None:
