@@ -60,8 +60,9 @@ MAX_QUEUE_IDS = 1000
 
 _OUTCOMES = ("accepted", "rejected", "timed_out")
 
+# Live sessions with what decides their state (also read by observability/metrics.py).
 # Five columns: more than sqlmodel's select is typed for, so SQLAlchemy's (the same statement).
-_LIVE_SESSIONS = (
+LIVE_SESSIONS = (
     core_select(
         col(AgentSession.agent_id),
         col(AgentSession.profile_id),
@@ -93,7 +94,7 @@ def compute(s: Session, now: datetime, target: float, window: float = WINDOW) ->
     ready: dict[str, int] = {}
     busy: dict[str, int] = {}
     not_ready: dict[str, int] = {}
-    sessions = c.execute(_LIVE_SESSIONS).all()
+    sessions = c.execute(LIVE_SESSIONS).all()
     if sessions:
         loads = agent_loads(s, {a for a, *_ in sessions})
         pq = profile_queues(s)

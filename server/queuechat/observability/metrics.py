@@ -42,7 +42,8 @@ from sqlalchemy import func, select
 from sqlmodel import Session, col
 
 from ..domain.read import agent_loads, connection, profile_queues
-from ..store.models import Agent, AgentSession, Conversation, Queue
+from ..domain.stats import LIVE_SESSIONS
+from ..store.models import Conversation, Queue
 
 if TYPE_CHECKING:
     from ..domain.core import Core
@@ -99,17 +100,7 @@ def read_state(s: Session) -> State:
             waiting[queue_id] = (n, oldest)
     agents: dict[tuple[str, str], int] = {}
     sessions: dict[str, int] = {}
-    live = c.execute(
-        select(
-            col(AgentSession.agent_id),
-            col(AgentSession.profile_id),
-            col(AgentSession.ready),
-            col(AgentSession.stream_count),
-            col(Agent.max_chats),
-        )
-        .join(Agent, col(Agent.id) == AgentSession.agent_id)
-        .where(col(AgentSession.ended_at).is_(None))
-    ).all()
+    live = c.execute(LIVE_SESSIONS).all()
     if live:
         loads = agent_loads(s, {row[0] for row in live})
         pq = profile_queues(s)
