@@ -117,6 +117,11 @@ class ServerObserver(grpc.aio.ServerInterceptor):
         path = handler_call_details.method
         if isinstance(path, bytes):
             path = path.decode()
+        return self.wrap(path, handler)
+
+    def wrap(self, path: str, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
+        """The method's handler, observed. The server calls this once per method when it registers
+        it (api/server.py), which costs a call nothing; intercept_service does the same per call."""
         service, _, method = path.lstrip("/").partition("/")
         streaming = (bool(handler.request_streaming), bool(handler.response_streaming))
         m: RpcMetrics | _NoMetrics = (
