@@ -9,7 +9,7 @@ from chat.v1 import agent_service_pb2_grpc
 from chat.v1 import resources_pb2 as rpb
 
 from ..domain.core import Core
-from ..domain.views import AgentPrincipal, EventView, FeedEventView, Heartbeat
+from ..domain.views import AgentPrincipal, EventView, FeedEventView, Heartbeat, TypingView
 from ..errors import invalid
 from . import convert, files
 from .errors import authenticated, bearer, rpc
@@ -79,6 +79,12 @@ class AgentService(agent_service_pb2_grpc.AgentServiceServicer):
     async def StreamConversation(self, request: pb.StreamConversationRequest, context, who: AgentPrincipal):
         async for item in self.core.conversation_stream(who, request.conversation_id, request.after_seq):
             yield stream_item(pb.StreamConversationResponse, item)
+
+    @agent_call
+    async def SetTyping(self, request: pb.SetTypingRequest, context, who: AgentPrincipal) -> pb.SetTypingResponse:
+        private = request.visibility == rpb.VISIBILITY_AGENTS_ONLY
+        await self.core.set_typing(who, request.conversation_id, request.typing, private)
+        return pb.SetTypingResponse()
 
     @agent_call
     async def SendMessage(self, request: pb.SendMessageRequest, context, who: AgentPrincipal) -> pb.SendMessageResponse:
@@ -179,4 +185,6 @@ def stream_item(response_type, item):
         return response_type(event=convert.event(item))
     if isinstance(item, Heartbeat):
         return response_type(heartbeat=convert.heartbeat(item))
+    if isinstance(item, TypingView):
+        return response_type(typing=convert.typing(item))
     return response_type(queue_position=convert.queue_position(item))

@@ -10,7 +10,15 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from chat.v1 import agent_service_pb2 as agent_pb
 from chat.v1 import resources_pb2 as pb
 
-from ..domain.views import ConversationView, EventView, FeedEventView, Heartbeat, QueuePositionView, SessionView
+from ..domain.views import (
+    ConversationView,
+    EventView,
+    FeedEventView,
+    Heartbeat,
+    QueuePositionView,
+    SessionView,
+    TypingView,
+)
 
 _VISIBILITY = {"all": pb.VISIBILITY_ALL, "agents": pb.VISIBILITY_AGENTS_ONLY}
 _STATE = {
@@ -104,6 +112,16 @@ def offer_event(v: FeedEventView) -> agent_pb.OfferEvent:
 
 def heartbeat(v: Heartbeat) -> pb.Heartbeat:
     return pb.Heartbeat(latest_seq=v.latest_seq, server_time=now_timestamp())
+
+
+def typing(v: TypingView) -> pb.TypingIndicator:
+    p = v.participant
+    kind = pb.PARTICIPANT_KIND_AGENT if p.kind == "agent" else pb.PARTICIPANT_KIND_CUSTOMER
+    return pb.TypingIndicator(
+        participant=pb.Participant(kind=kind, agent_id=p.agent_id, display_name=p.display_name),
+        typing=v.typing,
+        expire_time=timestamp(v.expires_at),
+    )
 
 
 def queue_position(v: QueuePositionView) -> pb.QueuePosition:

@@ -56,6 +56,11 @@ class CustomerService(customer_service_pb2_grpc.CustomerServiceServicer):
             yield stream_item(pb.CustomerServiceStreamConversationResponse, item)
 
     @customer_call
+    async def SetTyping(self, request, context, who: CustomerPrincipal):
+        await self.core.set_typing(who, request.conversation_id, request.typing)
+        return pb.CustomerServiceSetTypingResponse()
+
+    @customer_call
     async def SendMessage(self, request, context, who: CustomerPrincipal):
         ev = await self.core.send_message(
             who, request.conversation_id, request.request_id, request.text, attachment_ids=list(request.attachment_ids)

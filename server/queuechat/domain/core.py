@@ -22,7 +22,7 @@ from sqlmodel import Session
 from ..bus import Bus
 from ..config import Config, Settings
 from ..effects import LocalEffects
-from ..errors import ChatError, Kind, denied, invalid, unauthenticated
+from ..errors import ChatError, Kind, denied, invalid, precondition, unauthenticated
 from ..store import Database
 from ..store.blobs import BlobStore
 from ..store.models import Admin, Agent, Conversation
@@ -38,9 +38,10 @@ from .auth import (
     new_token,
     verify_identity_token,
 )
+from .log import agent_participant, conv_topic, customer_participant
 from .positions import QueuePositions
 from .ratelimit import Limiter
-from .read import conversation_view
+from .read import conversation_view, is_participant, must_get
 from .runner import Background, Writer
 from .stats import QueueStats
 from .streams import Streams
@@ -54,6 +55,7 @@ from .views import (
     EventView,
     FeedEventView,
     Heartbeat,
+    ParticipantView,
     PredefinedView,
     ProfileView,
     QueuePositionView,
@@ -61,12 +63,15 @@ from .views import (
     SessionView,
     StartedChat,
     Transcript,
+    TypingView,
 )
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 _TOKEN_CACHE_SECONDS = 5.0
+TYPING_EVERY = 1.0  # seconds between one sender's typing signals in a conversation (clients send every 2 s)
+TYPING_SHOWN = 5.0  # seconds a typing indicator lasts unless renewed
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # as api/validate.py refuses in request fields
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 _VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
@@ -112,6 +117,7 @@ class Core:
         self.streams = Streams(db.read, self.write, self._spawn, self.bus, self.positions, self.limits)
         self.stats = QueueStats(db.read, self.limits.heartbeat_interval, self.limits.service_level_target)
         self._sweeper: asyncio.Task[None] | None = None
+        self._typing_sent: dict[tuple[str, str], float] = {}  # (conversation, agent or "") -> last signal
 
     def _context(self) -> Context:
         return Context(self.settings, self.limits, self.check_event)
@@ -265,7 +271,7 @@ class Core:
 
     def conversation_stream(
         self, who: Who, conversation_id: str, after_seq: int
-    ) -> AsyncIterator[EventView | Heartbeat | QueuePositionView]:
+    ) -> AsyncIterator[EventView | Heartbeat | QueuePositionView | TypingView]:
         return self.streams.conversation(who, conversation_id, after_seq)
 
     async def send_message(
@@ -426,6 +432,21 @@ class Core:
         lim.check("upload_bytes_per_address", client, "TOO_MANY_UPLOAD_BYTES", much.format("from here"), cost)
         return await self.attachments.create(who, conversation_id, request_id, name, size, ctype)
 
+    async def set_typing(self, who: Who, conversation_id: str, typing: bool, private: bool = False) -> None:
+        """An ephemeral signal to the other side's streams, straight to the bus (nothing is stored).
+        At most one per sender and conversation every TYPING_EVERY seconds: the rest are dropped."""
+        now = time.monotonic()
+        key = (conversation_id, who.agent_id if isinstance(who, AgentPrincipal) else "")
+        if typing and now - self._typing_sent.get(key, -TYPING_EVERY) < TYPING_EVERY:
+            return  # over the rate: dropped, never queued
+        participant = await self.db.read(_typing_participant, who, conversation_id)
+        if len(self._typing_sent) > 10_000:
+            self._typing_sent.clear()
+        self._typing_sent[key] = now if typing else -TYPING_EVERY
+        expires = utcnow() + timedelta(seconds=TYPING_SHOWN)
+        view = TypingView(conversation_id, participant, typing, private and participant.kind == "agent", expires)
+        self.effects.publish(conv_topic(conversation_id), view)
+
     async def hash_password(self, password: str) -> str:
         """Off the writer and the event loop: argon2 is slow on purpose."""
         return await self.password_pool.hash(password)
@@ -493,6 +514,20 @@ class Core:
         """Supervisor figures per queue: QueueStatsSnapshot, and Heartbeat when idle (domain/stats.py). One
         refresher per process, `self.stats`; it runs only while a stream watches."""
         return self.stats.stream(queue_ids)
+
+
+def _typing_participant(s: Session, who: Who, conversation_id: str) -> ParticipantView:
+    """Who is typing, as the other side sees them; refused like a message would be."""
+    conv = readable_conversation(s, who, conversation_id)
+    if conv.status == "closed":
+        raise precondition("CONVERSATION_CLOSED", "The conversation is closed.", conversation_id=conv.id)
+    if isinstance(who, CustomerPrincipal):
+        if not conv.customer_connected:
+            raise precondition("CHAT_ENDED", "You have ended this chat.")
+        return customer_participant(conv)
+    if not is_participant(s, conversation_id, who.agent_id):
+        raise denied("NOT_A_PARTICIPANT", "You are not in this conversation.", conversation_id=conversation_id)
+    return agent_participant(must_get(s, Agent, who.agent_id))
 
 
 def _password_hash(s: Session, model: type[Agent] | type[Admin], username: str) -> str | None:

@@ -31,6 +31,7 @@ from .views import (
     Heartbeat,
     QueuePositionView,
     SessionEnded,
+    TypingView,
 )
 
 Who = AgentPrincipal | CustomerPrincipal
@@ -87,7 +88,7 @@ class Streams:
 
     async def conversation(
         self, who: Who, conversation_id: str, after_seq: int
-    ) -> AsyncIterator[EventView | Heartbeat | QueuePositionView]:
+    ) -> AsyncIterator[EventView | Heartbeat | QueuePositionView | TypingView]:
         """Backlog after the cursor, then live. Customers never get private events; an agent's
         stream ends with their session, when they leave, or when the invite that let them look ends."""
         customer = isinstance(who, CustomerPrincipal)
@@ -125,6 +126,9 @@ class Streams:
                     yield Heartbeat(sent if customer else seen)
                 elif isinstance(item, SessionEnded):
                     raise unauthenticated("SESSION_ENDED", "This session has ended; log in again.")
+                elif isinstance(item, TypingView):
+                    if _shows_typing(item, who):
+                        yield item
                 elif isinstance(item, QueuePositionView):
                     # The topic's updates are for every stream of the chat: show changes, and only while it waits.
                     if watching is not None and (item.position, item.waiting_count) != shown:
@@ -170,6 +174,13 @@ def _invite_over(ev: EventView, invite_id: str) -> bool:
     if invite.get("invite_id") != invite_id:
         return False
     return invite.get("state") not in ("INVITE_STATE_PENDING", "INVITE_STATE_ACCEPTED")
+
+
+def _shows_typing(item: TypingView, who: Who) -> bool:
+    """Others' typing only; a customer never learns of an agent composing a private message."""
+    if isinstance(who, CustomerPrincipal):
+        return item.participant.kind == "agent" and not item.private
+    return item.participant.agent_id != who.agent_id
 
 
 def _final(ev: EventView, who: Who) -> bool:

@@ -187,3 +187,14 @@ class QueueStatsSnapshot:
     queues: tuple[QueueStatsView, ...]
     computed_at: datetime
     window: float
+
+
+@dataclass(frozen=True, slots=True)
+class TypingView:
+    """Someone is composing: an ephemeral signal (not stored, no seq, not replayed)."""
+
+    conversation_id: str
+    participant: ParticipantView
+    typing: bool
+    private: bool  # an agent composing a private message: never shown to the customer
+    expires_at: datetime
