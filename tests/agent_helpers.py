@@ -58,8 +58,15 @@ def lines(pane: Widget) -> list[str]:
 
 
 def offer_pane(app: AgentApp, conversation_id: str) -> OfferPane | None:
-    """The offer tab for a conversation, once it is on screen."""
-    return next((p for p in app.offers.values() if p.offer.conversation_id == conversation_id and p.is_mounted), None)
+    """The offer tab for a conversation, once it is on screen with its parts (mounted, then composed)."""
+    return next(
+        (
+            p
+            for p in app.offers.values()
+            if p.offer.conversation_id == conversation_id and p.is_mounted and p.query(".waiting")
+        ),
+        None,
+    )
 
 
 async def customer_sends_file(cust, data: bytes, name: str, text: str = ""):

@@ -379,8 +379,12 @@ async def test_login_errors_and_an_ended_session_go_back_to_the_login_screen(ser
         await cust.send("still there?")
 
         await server.agent("agent1")  # the same agent logs in elsewhere
-        screen = await until(pilot, lambda: isinstance(app.screen, LoginScreen) and app.screen, "the login screen")
-        assert "session has ended" in plain(screen.query_one(".error"))
+        # The screen is pushed, then composed: wait for its error line, not only for the screen.
+        screen = await until(
+            pilot, lambda: isinstance(app.screen, LoginScreen) and app.screen.query(".error") and app.screen,
+            "the login screen",
+        )
+        await until(pilot, lambda: "session has ended" in plain(screen.query_one(".error")), "the ended-session note")
         assert not app.chats and not chat.is_attached
 
         # Logging in again brings the agent's open chats back as tabs, with their history.
