@@ -97,7 +97,7 @@ async def test_inviter_cancels_and_invitee_can_no_longer_accept(server):
     )
 
 
-@pytest.mark.configure(settings={"offer_timeout": 0.4})
+@pytest.mark.configure(settings={"offer_timeout": 1.0})  # the chat offer before it must survive a loaded machine
 async def test_unanswered_invite_times_out(server):
     a1, cust = await server.chat()
     a2 = await server.agent("agent2")
