@@ -11,20 +11,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import random
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TypeVar
 
 import grpc
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from chat.v1 import customer_service_pb2 as pb
 from chat.v1 import customer_service_pb2_grpc
 from chat.v1 import resources_pb2 as rpb
+
+# Shared with the agent client (no Textual there): the refusal type and the reconnect delays.
+from queuechat_agent.client import Backoff as Backoff
+from queuechat_agent.client import Refused as Refused
 
 MIB = 1024 * 1024
 
@@ -41,41 +42,6 @@ _CHANNEL_OPTIONS = [
 
 ResponseT = TypeVar("ResponseT")
 Progress = Callable[[int, int], None]
-
-
-class Refused(Exception):
-    """The server refused a call (or could not be reached): status code, ErrorInfo reason, message."""
-
-    def __init__(self, code: grpc.StatusCode, reason: str, message: str):
-        super().__init__(f"{code.name} {reason}: {message}" if reason else f"{code.name}: {message}")
-        self.code, self.reason, self.message = code, reason, message
-
-    @staticmethod
-    def from_error(err: grpc.aio.AioRpcError) -> Refused:
-        reason = ""
-        # from_call reads code(), details() and trailing_metadata(), which an AioRpcError has as plain
-        # methods; the grpcio-status stubs ask for a grpc.Call only.
-        status = rpc_status.from_call(err)  # type: ignore[arg-type]
-        for detail in status.details if status else ():
-            info = error_details_pb2.ErrorInfo()
-            if detail.Unpack(info):
-                reason = info.reason
-                break
-        return Refused(err.code(), reason, err.details() or "")
-
-
-@dataclass
-class Backoff:
-    """Exponential delays with jitter between reconnect attempts."""
-
-    initial: float = 0.1
-    maximum: float = 3.0
-
-    def delays(self) -> Iterator[float]:
-        delay = self.initial
-        while True:
-            yield delay * random.uniform(0.5, 1.0)
-            delay = min(delay * 2, self.maximum)
 
 
 @dataclass(frozen=True)
