@@ -40,7 +40,7 @@ from .auth import (
 )
 from .log import agent_participant, conv_topic, customer_participant
 from .positions import QueuePositions
-from .ratelimit import Limiter
+from .ratelimit import Bucket, Limiter
 from .read import conversation_view, is_participant, must_get
 from .runner import Background, Writer
 from .stats import QueueStats
@@ -117,7 +117,7 @@ class Core:
         self.streams = Streams(db.read, self.write, self._spawn, self.bus, self.positions, self.limits)
         self.stats = QueueStats(db.read, self.limits.heartbeat_interval, self.limits.service_level_target)
         self._sweeper: asyncio.Task[None] | None = None
-        self._typing_sent: dict[tuple[str, str], float] = {}  # (conversation, agent or "") -> last signal
+        self._typing = Bucket(1, TYPING_EVERY)  # per sender and conversation
 
     def _context(self) -> Context:
         return Context(self.settings, self.limits, self.check_event)
@@ -435,14 +435,10 @@ class Core:
     async def set_typing(self, who: Who, conversation_id: str, typing: bool, private: bool = False) -> None:
         """An ephemeral signal to the other side's streams, straight to the bus (nothing is stored).
         At most one per sender and conversation every TYPING_EVERY seconds: the rest are dropped."""
-        now = time.monotonic()
-        key = (conversation_id, who.agent_id if isinstance(who, AgentPrincipal) else "")
-        if typing and now - self._typing_sent.get(key, -TYPING_EVERY) < TYPING_EVERY:
-            return  # over the rate: dropped, never queued
+        key = f"{conversation_id}\0{who.agent_id if isinstance(who, AgentPrincipal) else ''}"
+        if typing and self._typing.take(key) > 0:
+            return  # over the rate: dropped, never queued (a stop always goes through)
         participant = await self.db.read(_typing_participant, who, conversation_id)
-        if len(self._typing_sent) > 10_000:
-            self._typing_sent.clear()
-        self._typing_sent[key] = now if typing else -TYPING_EVERY
         expires = utcnow() + timedelta(seconds=TYPING_SHOWN)
         view = TypingView(conversation_id, participant, typing, private and participant.kind == "agent", expires)
         self.effects.publish(conv_topic(conversation_id), view)
