@@ -8,7 +8,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Column, Index, Table, Text, UniqueConstraint, text
+from sqlalchemy import BigInteger, Column, Index, LargeBinary, Table, Text, UniqueConstraint, text
 from sqlmodel import Field, SQLModel
 
 
@@ -280,3 +280,25 @@ class Attachment(SQLModel, table=True):
         UniqueConstraint("conversation_id", "uploader", "request_id"),
         Index("ix_attachment_expiry", "status", "expires_at"),
     )
+
+
+class StreamLease(SQLModel, table=True):
+    """An open offer stream, held by the node that serves it. The node renews its leases; a dead node's
+    expire, so presence never outlives the process that had it (agent_session.stream_count counts these)."""
+
+    __tablename__ = "stream_lease"
+    id: str = Field(primary_key=True)
+    session_id: str = Field(foreign_key="agent_session.id", index=True, ondelete="CASCADE")
+    node_id: str = Field(index=True)
+    created_at: datetime
+    expires_at: datetime = Field(index=True)
+
+
+class BlobChunk(SQLModel, table=True):
+    """Attachment bytes in the database (PostgreSQL, a cluster): any node serves any file and a node's
+    death loses none. key is "part:<upload id>" while uploading, "sha:<sha256>" once complete."""
+
+    __tablename__ = "blob_chunk"
+    key: str = Field(primary_key=True)
+    offset: int = Field(sa_column=Column(BigInteger, primary_key=True, autoincrement=False))
+    data: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
