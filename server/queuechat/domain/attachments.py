@@ -29,7 +29,7 @@ from sqlmodel import Session, col, func, select
 
 from ..config import Limits
 from ..errors import ChatError, exhausted, invalid, not_found, precondition, short
-from ..store.blobs import BlobStore, Scanner
+from ..store.blobs import Blobs, Scanner
 from ..store.models import Attachment, Conversation
 from . import filetypes
 from .access import can_read, readable_conversation, require_member
@@ -274,7 +274,7 @@ class _Live:
 
 
 class Attachments:
-    def __init__(self, read: Reader, write: Writes, limits: Limits, blobs: BlobStore):
+    def __init__(self, read: Reader, write: Writes, limits: Limits, blobs: Blobs):
         self.read = read
         self.write = write
         self.limits = limits

@@ -1,7 +1,12 @@
-"""File bytes on disk: partial uploads by upload id, finished files by SHA-256.
+"""Attachment bytes: partial uploads by upload id, finished files by SHA-256.
 
-No user-supplied name ever reaches a path. Every call is blocking I/O on at
-most one chunk at a time; callers run it on a thread.
+Two stores with one interface (`Blobs`): `BlobStore` keeps files on disk (the
+default, with SQLite); `DbBlobStore` keeps chunk rows in PostgreSQL's
+blob_chunk table, so that any node of a cluster serves any file and a node's
+death loses none. `blob_store_for` picks one for a database.
+
+No user-supplied name ever reaches a path or a key. Every call is blocking
+I/O on at most one chunk at a time; callers run it on a thread.
 
 The scan that hashes an upload also looks for active content in PDFs
 (`PdfCheck`), in the same single pass and in bounded memory.
@@ -16,6 +21,10 @@ import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
+
+from sqlalchemy import URL, Engine, create_engine, make_url
+from sqlalchemy import text as sql
 
 READ_BLOCK = 1024 * 1024
 
@@ -408,6 +417,31 @@ class PdfCheck:
             self._done = True  # the verdict is in: no need to read further
 
 
+class Blobs(Protocol):
+    """What the attachments domain needs of a store. A chunk is written at the end of what is there
+    (or over it: what lies beyond is cut), parts are checked by `scan`, then `commit` gives them
+    their content address; `read` serves ranges of committed blobs."""
+
+    def write_chunk(self, upload_id: str, offset: int, data: bytes) -> None: ...
+    def part_size(self, upload_id: str) -> int: ...
+    def scan(self, upload_id: str) -> Scan: ...
+    def commit(self, upload_id: str, sha256: str) -> None: ...
+    def read(self, sha256: str, offset: int, size: int) -> bytes: ...
+    def remove_part(self, upload_id: str) -> None: ...
+    def remove_blob(self, sha256: str) -> None: ...
+    def close(self) -> None: ...
+
+
+def blob_store_for(database: str | URL | Engine, files_dir: str | os.PathLike) -> Blobs:
+    """The store for a database: chunk rows in PostgreSQL itself (a cluster's nodes share no disk),
+    files under files_dir otherwise (SQLite: one process). An engine's URL is used for a pool of the
+    store's own, so that file bytes never hold up the writer's connection."""
+    url = database.url if isinstance(database, Engine) else make_url(database)
+    if url.get_backend_name() == "postgresql":
+        return DbBlobStore(url)
+    return BlobStore(files_dir)
+
+
 class BlobStore:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
@@ -463,3 +497,146 @@ class BlobStore:
 
     def remove_blob(self, sha256: str) -> None:
         self.blob_path(sha256).unlink(missing_ok=True)
+
+    def close(self) -> None:
+        pass
+
+
+# --- bytes in PostgreSQL -------------------------------------------------------------------
+#
+# One row per chunk as it arrived: blob_chunk(key, offset, data), key "part:<upload id>" while
+# uploading, "sha:<sha256>" once committed. Committing renames the part's rows in place (an UPDATE of
+# the key: PostgreSQL keeps the TOASTed bytes where they are), or drops them when the blob is there
+# already. Rows of one key never overlap: a chunk write cuts what lies beyond its offset first.
+#
+# Across nodes, commit and remove_blob of one SHA-256 take the same transaction-scoped advisory lock,
+# and both consult the attachment table inside that transaction: commit marks the upload's row with
+# the SHA-256 it is about to name (`attachment.sha256`, which the completing write then keeps), and
+# remove_blob deletes the bytes only if no row names them. So a node sweeping the last attachment of a
+# file never removes the bytes another node's upload of the same file has just been deduplicated onto.
+
+_LOCK_SPACE = 0x51430B  # the first key of pg_advisory_xact_lock(int, int): "QC" blobs
+
+_WRITE_CUT = sql('DELETE FROM blob_chunk WHERE key = :k AND "offset" >= :off')
+# Only the row just below the offset can reach past it (rows never overlap).
+_WRITE_TRIM = sql(
+    'UPDATE blob_chunk SET data = substring(data FROM 1 FOR CAST(:off - "offset" AS integer)) '
+    'WHERE key = :k AND "offset" = (SELECT max("offset") FROM blob_chunk WHERE key = :k AND "offset" < :off) '
+    'AND "offset" + octet_length(data) > :off'
+)
+_WRITE_PUT = sql(
+    'INSERT INTO blob_chunk (key, "offset", data) VALUES (:k, :off, :data) '
+    'ON CONFLICT (key, "offset") DO UPDATE SET data = excluded.data'
+)
+# The contiguous length from 0: where the first row starts other than where the ones before it end.
+# octet_length of a TOASTed value reads its header only.
+_PART_SIZE = sql(
+    'SELECT coalesce(min(start) FILTER (WHERE start <> "offset"), max(start + len), 0) FROM ('
+    'SELECT "offset", octet_length(data) AS len, coalesce(sum(octet_length(data)) OVER (ORDER BY "offset" '
+    "ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS start FROM blob_chunk WHERE key = :k) AS r"
+)
+_SCAN = sql('SELECT "offset", data FROM blob_chunk WHERE key = :k ORDER BY "offset"')
+# The rows overlapping [off, end), each cut to its part of the range, by the primary key's index.
+_READ = sql(
+    'SELECT "offset", substring(data FROM CAST(greatest(:off - "offset", 0) + 1 AS integer) '
+    'FOR CAST(:end - greatest("offset", :off) AS integer)) FROM blob_chunk '
+    'WHERE key = :k AND "offset" < :end AND "offset" >= coalesce('
+    '(SELECT max("offset") FROM blob_chunk WHERE key = :k AND "offset" <= :off), 0) ORDER BY "offset"'
+)
+_EXISTS = sql("SELECT 1 FROM blob_chunk WHERE key = :k LIMIT 1")
+_REMOVE = sql("DELETE FROM blob_chunk WHERE key = :k")
+_LOCK = sql("SELECT pg_advisory_xact_lock(:space, :lock)")
+_RENAME = sql("UPDATE blob_chunk SET key = :new WHERE key = :old")
+_CLAIM = sql("UPDATE attachment SET sha256 = :sha WHERE id = :id AND sha256 IS NULL")
+_REMOVE_UNNAMED = sql(
+    "DELETE FROM blob_chunk WHERE key = :k AND NOT EXISTS (SELECT 1 FROM attachment WHERE sha256 = :sha)"
+)
+
+
+def _part_key(upload_id: str) -> str:
+    return "part:" + upload_id
+
+
+def _blob_key(sha256: str) -> str:
+    return "sha:" + sha256
+
+
+def _lock_params(sha256: str) -> dict[str, int]:
+    digest = hashlib.blake2b(sha256.encode(), digest_size=4).digest()
+    return {"space": _LOCK_SPACE, "lock": int.from_bytes(digest, "big", signed=True)}
+
+
+class DbBlobStore:
+    """Chunk rows in PostgreSQL (see above), on a connection pool of its own."""
+
+    def __init__(self, database: str | URL | Engine, *, pool_size: int = 8):
+        url = database.url if isinstance(database, Engine) else make_url(database)
+        self.engine = create_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=pool_size)
+
+    def write_chunk(self, upload_id: str, offset: int, data: bytes) -> None:
+        """Write at offset and cut what lies beyond, in one transaction: a chunk sent again (a retry,
+        or a resume on another node) replaces itself."""
+        params = {"k": _part_key(upload_id), "off": offset}
+        with self.engine.begin() as conn:
+            conn.execute(_WRITE_CUT, params)
+            if offset > 0:
+                conn.execute(_WRITE_TRIM, params)
+            conn.execute(_WRITE_PUT, {**params, "data": data})
+
+    def part_size(self, upload_id: str) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(_PART_SIZE, {"k": _part_key(upload_id)}).scalar_one())
+
+    def scan(self, upload_id: str) -> Scan:
+        """Hash and check the part's rows in one streaming pass (a few rows in memory at a time).
+        Stops at a gap: what follows one is not the file the client sent."""
+        scanner = Scanner()
+        with self.engine.connect() as conn:
+            rows = conn.execution_options(stream_results=True, max_row_buffer=4).execute(
+                _SCAN, {"k": _part_key(upload_id)}
+            )
+            for offset, data in rows:
+                if offset != scanner.size:
+                    break
+                scanner.update(bytes(data))
+        return scanner.result()
+
+    def commit(self, upload_id: str, sha256: str) -> None:
+        """Give a checked upload's rows their content address (a blob already there is the same bytes:
+        then the part's rows go), and mark the upload's row as naming it; all in one transaction."""
+        with self.engine.begin() as conn:
+            conn.execute(_LOCK, _lock_params(sha256))
+            if conn.execute(_EXISTS, {"k": _blob_key(sha256)}).first() is not None:
+                conn.execute(_REMOVE, {"k": _part_key(upload_id)})
+            else:
+                conn.execute(_RENAME, {"new": _blob_key(sha256), "old": _part_key(upload_id)})
+            conn.execute(_CLAIM, {"sha": sha256, "id": upload_id})
+
+    def read(self, sha256: str, offset: int, size: int) -> bytes:
+        if size <= 0:
+            return b""
+        key = _blob_key(sha256)
+        with self.engine.connect() as conn:
+            rows = conn.execute(_READ, {"k": key, "off": offset, "end": offset + size}).all()
+            if not rows and conn.execute(_EXISTS, {"k": key}).first() is None:
+                raise FileNotFoundError(f"no blob {sha256}")
+        out = bytearray()
+        for row_offset, piece in rows:
+            if max(row_offset, offset) != offset + len(out):
+                break  # a gap (never written so): the blob ends here
+            out += piece
+        return bytes(out)
+
+    def remove_part(self, upload_id: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(_REMOVE, {"k": _part_key(upload_id)})
+
+    def remove_blob(self, sha256: str) -> None:
+        """Remove the blob unless an attachment row names it (decided under the blob's lock, across
+        nodes: see above)."""
+        with self.engine.begin() as conn:
+            conn.execute(_LOCK, _lock_params(sha256))
+            conn.execute(_REMOVE_UNNAMED, {"k": _blob_key(sha256), "sha": sha256})
+
+    def close(self) -> None:
+        self.engine.dispose()
