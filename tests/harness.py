@@ -310,7 +310,18 @@ class CustomerClient:
 
 
 class Harness:
-    def __init__(self, data_dir: Path, config: dict[str, Any], database_url: str | None = None):
+    def __init__(
+        self,
+        data_dir: Path,
+        config: dict[str, Any],
+        database_url: str | None = None,
+        *,
+        nats_url: str | None = None,
+        node_id: str | None = None,
+    ):
+        """With nats_url, a node of a cluster (its peers: other Harnesses on the same database)."""
+        self.nats_url = nats_url
+        self.node_id = node_id
         self.data_dir = data_dir
         self.config_doc = config
         self.database_url = database_url or sqlite_url(data_dir)
@@ -320,7 +331,13 @@ class Harness:
         self._clients: list[Any] = []
 
     async def start(self) -> Harness:
-        core = Core(Database(self.database_url), parse_config(self.config_doc), files_dir=self.data_dir / "files")
+        core = Core(
+            Database(self.database_url),
+            parse_config(self.config_doc),
+            files_dir=self.data_dir / "files",
+            node_id=self.node_id,
+            nats_url=self.nats_url,
+        )
         self.server = ChatServer(core, f"127.0.0.1:{self.port}")
         await self.server.start()
         self.port = self.server.port

@@ -410,12 +410,13 @@ class Bridge:
 
     # --- life cycle ---------------------------------------------------------------------------
 
-    async def start(self, host: str, port: int) -> None:
+    async def start(self, host: str, port: int, reuse_port: bool = False) -> None:
+        """reuse_port: several processes serve this port (a cluster's nodes on one machine, serve --workers)."""
         if not await asyncio.to_thread((BUILD_DIR / "app.js").exists):
             log.warning("the customer page is not built: run scripts/build-web")
         self.runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None)
         await self.runner.setup()
-        await web.TCPSite(self.runner, host or None, port).start()
+        await web.TCPSite(self.runner, host or None, port, reuse_port=reuse_port or None).start()
         self.port = self.runner.addresses[0][1]
 
     async def stop(self) -> None:
@@ -438,6 +439,7 @@ async def start_bridge(
     trusted_proxies: list[str] | None = None,
     max_streams: int = DEFAULT_MAX_STREAMS,
     max_buffered_bytes: int = DEFAULT_MAX_BUFFERED_BYTES,
+    reuse_port: bool = False,
 ) -> Bridge:
     """Serve the customer page and grpc-web on host:port (port 0: any free port, see .port),
     forwarding to the gRPC server at grpc_target. allowed_origins: other sites' pages that may call it.
@@ -452,5 +454,5 @@ async def start_bridge(
         max_streams=max_streams,
         max_buffered_bytes=max_buffered_bytes,
     )
-    await bridge.start(host, port)
+    await bridge.start(host, port, reuse_port)
     return bridge

@@ -44,6 +44,20 @@ def main(argv: list[str] | None = None) -> int:
         default=os.environ.get("QUEUECHAT_LOG_FORMAT", "text"),
         help="json: one object per line, for log shippers",
     )
+    serve.add_argument(
+        "--nats-url",
+        default=os.environ.get("QUEUECHAT_NATS_URL"),
+        help="run as one node of a cluster: NATS between the nodes (needs a PostgreSQL --database-url)",
+    )
+    serve.add_argument(
+        "--node-id", default=os.environ.get("QUEUECHAT_NODE_ID"), help="this node's name in leases, logs, health"
+    )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=int(os.environ.get("QUEUECHAT_WORKERS", "1")),
+        help="start N cluster nodes on this machine behind the same ports (PostgreSQL + NATS only)",
+    )
     serve.add_argument("--demo-help", action="store_true", help="print how to chat with the demo configuration")
     token = sub.add_parser("identity-token", help="sign a customer identity token (for testing a hosting site)")
     token.add_argument("--secret", required=True)
@@ -83,11 +97,29 @@ def main(argv: list[str] | None = None) -> int:
     url = _database_url(args)
     if url is None:
         return 2
+    problem = _cluster_problem(args, url)
+    if problem:
+        print(f"queuechat: {problem}", file=sys.stderr)
+        return 2
     problem = _schema_problem(args, url)
     if problem:
         print(f"queuechat: {problem}", file=sys.stderr)
         return 2
-    core = Core(Database(url), config, files_dir=os.path.join(args.data_dir, "files"))
+    if args.workers > 1:
+        from .workers import run_workers
+
+        if args.demo_help:
+            from .demo import print_demo_help
+
+            print_demo_help(config, args.listen, args.web_listen)
+        return run_workers(sys.argv[1:] if argv is None else argv, args.workers, args.node_id, args.metrics_listen)
+    core = Core(
+        Database(url),
+        config,
+        files_dir=os.path.join(args.data_dir, "files"),
+        node_id=args.node_id,
+        nats_url=args.nats_url,
+    )
     if args.demo_help:
         from .demo import print_demo_help
 
@@ -120,6 +152,27 @@ def _database_url(args: argparse.Namespace) -> str | None:
             print("queuechat: PostgreSQL needs the postgres extra: pip install 'queuechat[postgres]'", file=sys.stderr)
             return None
     return url
+
+
+def _cluster_problem(args: argparse.Namespace, url: str) -> str | None:
+    """A cluster is PostgreSQL + NATS; say plainly what is missing."""
+    if args.workers < 1:
+        return "--workers must be at least 1"
+    if args.workers > 1 and not url.startswith("postgresql"):
+        return (
+            f"--workers {args.workers} needs a cluster: the embedded SQLite database is for one process. "
+            "Give --database-url postgresql+psycopg://... and --nats-url nats://..."
+        )
+    if args.workers > 1 and not args.nats_url:
+        return f"--workers {args.workers} needs --nats-url (NATS carries events between the nodes)"
+    if args.nats_url and not url.startswith("postgresql"):
+        return "--nats-url runs a cluster node, which needs PostgreSQL: give --database-url postgresql+psycopg://..."
+    if args.nats_url:
+        try:
+            import nats  # noqa: F401
+        except ImportError:
+            return "a cluster node needs the cluster extra: pip install 'queuechat[cluster]'"
+    return None
 
 
 def _shown(url: str) -> str:

@@ -91,6 +91,10 @@ class Bus:
             for sub in tuple(subs):
                 sub._offer(item)
 
+    def topics(self) -> list[Hashable]:
+        """The topics someone here listens to."""
+        return list(self._subs)
+
     def subscriber_count(self, topic: Hashable) -> int:
         return len(self._subs.get(topic, ()))
 

@@ -104,6 +104,18 @@ class RateLimits:
 
 
 @dataclass(frozen=True, config=_MODEL)
+class Cluster:
+    """How the nodes of a cluster (PostgreSQL + NATS) keep in step; unused by the embedded single process."""
+
+    # An offer stream's lease: renewed every third of this; a dead node's streams stop counting after it.
+    lease_seconds: _Interval = 10.0
+    # The database sweep that fires due offer time-outs and grace periods whoever armed them.
+    sweep_interval: _Interval = 1.0
+    # How often each open stream's cursor is compared with the database (and on every NATS reconnect).
+    reconcile_interval: _Interval = 2.0
+
+
+@dataclass(frozen=True, config=_MODEL)
 class QueueConfig:
     id: _Id
     display_name: _Text
@@ -182,6 +194,7 @@ class _File:
     limits: Limits = dataclasses.field(default_factory=Limits)
     security: Security = dataclasses.field(default_factory=Security)
     rate_limits: RateLimits = dataclasses.field(default_factory=RateLimits)
+    cluster: Cluster = dataclasses.field(default_factory=Cluster)
     queues: Annotated[list[QueueConfig], Strict()] = dataclasses.field(default_factory=list)
     profiles: Annotated[list[ProfileConfig], Strict()] = dataclasses.field(default_factory=list)
     agents: Annotated[list[AgentConfig], Strict()] = dataclasses.field(default_factory=list)
@@ -205,6 +218,7 @@ class Config:
     argon2_memory_kib: int = 65536
     rate_limits: RateLimits = dataclasses.field(default_factory=RateLimits)
     security: Security = dataclasses.field(default_factory=lambda: Security())
+    cluster: Cluster = dataclasses.field(default_factory=Cluster)
 
     @property
     def identity_signers(self) -> list[IdentityTokenConfig]:
@@ -223,7 +237,13 @@ class ConfigError(ValueError):
 _FILE = TypeAdapter(_File)
 ENV_PREFIX = "QUEUECHAT_"
 # Only the flat sections: the lists of queues, agents... have no sensible one-variable form.
-ENV_SECTIONS = {"settings": _FileSettings, "limits": Limits, "security": Security, "rate_limits": RateLimits}
+ENV_SECTIONS = {
+    "settings": _FileSettings,
+    "limits": Limits,
+    "security": Security,
+    "rate_limits": RateLimits,
+    "cluster": Cluster,
+}
 _SECTIONS = {
     **ENV_SECTIONS,
     "queues": QueueConfig,
@@ -281,6 +301,7 @@ def _parse(doc: Any, environ: Mapping[str, str], file: str | None) -> Config:
         argon2_memory_kib=f.security.argon2_memory_kib,
         rate_limits=f.rate_limits,
         security=f.security,
+        cluster=f.cluster,
     )
 
 

@@ -129,12 +129,14 @@ class ChatServer:
         interceptors: list[grpc.aio.ServerInterceptor] = []
         if tracing is not None:
             interceptors.append(tracing.interceptor())
-        self.server = grpc.aio.server(options=_OPTIONS, interceptors=interceptors or None)
+        # A cluster's nodes on one machine share the port (serve --workers); an embedded server never does.
+        reuse = ("grpc.so_reuseport", 1 if core.link is not None else 0)
+        self.server = grpc.aio.server(options=[*_OPTIONS, reuse], interceptors=interceptors or None)
         services = _Registration(self.server, observer)
         agent_service_pb2_grpc.add_AgentServiceServicer_to_server(AgentService(core), services)
         customer_service_pb2_grpc.add_CustomerServiceServicer_to_server(CustomerService(core), services)
         admin_service_pb2_grpc.add_AdminServiceServicer_to_server(AdminService(core), services)
-        self.health = health.aio.HealthServicer()
+        self.health = _NodeHealth(core.node_id)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             SERVICE_NAMES + (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -176,6 +178,8 @@ class ChatServer:
             "version": __version__,
             "grpc_port": self.port,
             "metrics_ports": [m.port for m in self.metrics_servers] or None,
+            "node": self.core.node_id,
+            "cluster": self.core.link is not None,
             "database": self.core.db.engine.dialect.name,  # never the URL: it may hold a password
             "tracing": self.tracing is not None,
         }
@@ -195,15 +199,30 @@ class ChatServer:
         logs.event("node.stopped", {"grpc_port": self.port})
 
 
+class _NodeHealth(health.aio.HealthServicer):
+    """grpc health, answering which node it is in the `queuechat-node` trailer (behind one address, which
+    node answered is otherwise invisible)."""
+
+    def __init__(self, node_id: str):
+        super().__init__()
+        self._node = (("queuechat-node", node_id),)
+
+    async def Check(self, request: Any, context: Any) -> Any:  # noqa: N802 - the gRPC method name
+        context.set_trailing_metadata(self._node)
+        return await super().Check(request, context)
+
+
 async def _start_bridge(
-    target: str, web_listen: str, web_origins: list[str] | None, metrics: Metrics | None
+    target: str, web_listen: str, web_origins: list[str] | None, metrics: Metrics | None, reuse_port: bool
 ) -> Any:
     """The web bridge; with metrics, it also serves GET /metrics (--metrics-listen web)."""
     from queuechat_web import split_host_port, start_bridge
     from queuechat_web.bridge import DEFAULT_MAX_BODY_BYTES, Bridge
 
     if metrics is None:
-        return await start_bridge(target, *split_host_port(web_listen), allowed_origins=web_origins)
+        return await start_bridge(
+            target, *split_host_port(web_listen), allowed_origins=web_origins, reuse_port=reuse_port
+        )
 
     handle = metrics.handle
 
@@ -214,7 +233,7 @@ async def _start_bridge(
             return app
 
     bridge = WithMetrics(target, web_origins or [], DEFAULT_MAX_BODY_BYTES)
-    await bridge.start(*split_host_port(web_listen))
+    await bridge.start(*split_host_port(web_listen), reuse_port)
     return bridge
 
 
@@ -243,7 +262,9 @@ async def serve(
         grpc_host = address.rpartition(":")[0].strip("[]")
         grpc_host = "localhost" if grpc_host in ("", "0.0.0.0", "::", "*") else grpc_host
         target = f"[{grpc_host}]:{srv.port}" if ":" in grpc_host else f"{grpc_host}:{srv.port}"
-        bridge = await _start_bridge(target, web_listen, web_origins, srv.metrics if on_web else None)
+        bridge = await _start_bridge(
+            target, web_listen, web_origins, srv.metrics if on_web else None, core.link is not None
+        )
         log.info("queuechat web bridge and customer page listening on port %d", bridge.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

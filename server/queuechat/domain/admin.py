@@ -112,12 +112,20 @@ def apply_config(tx: Tx, cfg: Config, passwords: Passwords) -> None:
             s.merge(Setting(key=key, value=repr(float(getattr(cfg.settings, key)))))
     if s.get(Setting, "token_secret") is None:
         s.add(Setting(key="token_secret", value=secrets.token_hex(32)))
+    if s.get(Setting, "cluster_id") is None:
+        # Names this database's cluster on NATS: nodes of other databases (or test schemas) never cross-talk.
+        s.add(Setting(key="cluster_id", value=secrets.token_hex(8)))
 
 
 def load_settings(s: Session) -> tuple[Settings, bytes]:
     values = {row.key: row.value for row in s.exec(select(Setting)).all()}
     settings = Settings(**{k: float(values[k]) for k in SETTING_KEYS if k in values})
     return settings, bytes.fromhex(values["token_secret"])
+
+
+def cluster_id(s: Session) -> str:
+    row = s.get(Setting, "cluster_id")
+    return row.value if row is not None else "default"
 
 
 def create_admin_session(tx: Tx, admin_id: str, token: str) -> None:

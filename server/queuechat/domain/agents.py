@@ -4,6 +4,11 @@ An agent is offered chats only while logged in, ready and holding an open
 offer stream. When the last stream of a session drops, its pending offers
 stay for a grace period (a reconnect keeps them); after that they return to
 the queue.
+
+Each open offer stream is a lease row naming the node that serves it; the node
+renews its leases, so a dead node's streams stop counting once their leases
+expire (`sweep`), whichever node notices. `stream_count` counts a session's
+leases and is changed only together with them.
 """
 
 from __future__ import annotations
@@ -12,16 +17,16 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import update
+from sqlalchemy import exists, update
 from sqlmodel import Session, col, select
 
 from ..errors import denied, unauthenticated
-from ..store.models import Agent, AgentProfile, AgentSession, Profile, ProfileQueue
+from ..store.models import Agent, AgentProfile, AgentSession, Offer, Profile, ProfileQueue, StreamLease
 from . import routing
 from .auth import token_hash
 from .log import feed_topic
 from .read import must_get
-from .tx import Tx
+from .tx import Tx, routing_free
 from .views import AgentPrincipal, SessionEnded, SessionView
 
 
@@ -88,26 +93,74 @@ def set_ready(tx: Tx, who: AgentPrincipal, ready: bool) -> bool:
     return ready
 
 
-def stream_opened(tx: Tx, session_id: str) -> None:
+def stream_opened(
+    tx: Tx, session_id: str, lease_id: str | None = None, node_id: str = "local", lease_seconds: float = 10.0
+) -> bool:
+    """An offer stream opened on node_id: a lease, renewed by that node while the stream lives.
+    False if the session has ended."""
     sess = tx.session.get(AgentSession, session_id)
     if sess is None or sess.ended_at is not None:
-        return
+        return False
+    tx.session.add(
+        StreamLease(
+            id=lease_id or uuid.uuid4().hex,
+            session_id=session_id,
+            node_id=node_id,
+            created_at=tx.now,
+            expires_at=tx.now + timedelta(seconds=lease_seconds),
+        )
+    )
     sess.stream_count += 1
     sess.stream_lost_at = None
     tx.session.add(sess)
     tx.needs_dispatch()
+    return True
 
 
-def stream_closed(tx: Tx, session_id: str) -> None:
+def stream_closed(tx: Tx, session_id: str, lease_id: str | None = None) -> None:
+    """The stream holding lease_id ended (without one: any one of the session's streams)."""
+    if lease_id is not None:
+        lease = tx.session.get(StreamLease, lease_id)
+    else:
+        lease = tx.session.exec(select(StreamLease).where(StreamLease.session_id == session_id).limit(1)).first()
+    if lease is None:
+        return  # already gone: its node was taken for dead and the sweep removed it
+    tx.session.delete(lease)
+    _lease_gone(tx, session_id, tx.now)
+
+
+def _lease_gone(tx: Tx, session_id: str, lost_at: datetime) -> None:
     sess = tx.session.get(AgentSession, session_id)
     if sess is None:
         return
     sess.stream_count = max(0, sess.stream_count - 1)
     if sess.stream_count == 0 and sess.ended_at is None:
-        lost_at = tx.now
         sess.stream_lost_at = lost_at
+        # The fast path; if this node dies first, another node's sweep ends the grace period.
         tx.schedule(lost_at + timedelta(seconds=tx.settings.stream_grace), grace_expired, session_id, lost_at)
     tx.session.add(sess)
+
+
+@routing_free
+def renew_leases(tx: Tx, node_id: str, lease_seconds: float) -> int:
+    """The node is alive: its streams' leases run on. Changes no routing state (presence stays as it is)."""
+    result = tx.conn.execute(
+        update(StreamLease)
+        .where(col(StreamLease.node_id) == node_id)
+        .values(expires_at=tx.now + timedelta(seconds=lease_seconds))
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+def restore_leases(tx: Tx, node_id: str, held: dict[str, str], lease_seconds: float) -> int:
+    """This node stalled past its leases' expiry and another node swept them, yet its streams are open:
+    they count again. `held` maps lease id to session id. Returns how many came back."""
+    have = set(tx.session.exec(select(StreamLease.id).where(col(StreamLease.id).in_(list(held)))).all())
+    back = 0
+    for lease_id, session_id in held.items():
+        if lease_id not in have and stream_opened(tx, session_id, lease_id, node_id, lease_seconds):
+            back += 1
+    return back
 
 
 def grace_expired(tx: Tx, session_id: str, lost_at: datetime) -> None:
@@ -116,17 +169,81 @@ def grace_expired(tx: Tx, session_id: str, lost_at: datetime) -> None:
         routing.withdraw_session_offers(tx, session_id, tx.now)
 
 
-def recover(tx: Tx) -> None:
-    """After a restart no stream is open: every live session starts its grace period,
-    and pending offers and invites get their timers back."""
-    from ..store.models import Offer
-
+def sweep(tx: Tx) -> int:
+    """The database's timers, for every node (the in-memory ones are only the fast path): expired leases
+    (their node is dead) are removed, sessions past their grace period lose their pending offers, and
+    offers past their time-out go back. Rows are claimed with SKIP LOCKED, so nodes sweeping together
+    never wait on each other. Returns how much it did."""
+    s = tx.session
     now = tx.now
-    for sess in tx.session.exec(select(AgentSession).where(col(AgentSession.ended_at).is_(None))).all():
-        sess.stream_count = 0
-        sess.stream_lost_at = now
-        tx.session.add(sess)
-        tx.schedule(now + timedelta(seconds=tx.settings.stream_grace), grace_expired, sess.id, now)
+    done = 0
+    dead = s.exec(
+        select(StreamLease).where(col(StreamLease.expires_at) < now).with_for_update(skip_locked=True).limit(500)
+    ).all()
+    for lease in dead:
+        s.delete(lease)
+        _lease_gone(tx, lease.session_id, lease.expires_at)
+        done += 1
+    grace_over = now - timedelta(seconds=tx.settings.stream_grace)
+    for sess in s.exec(
+        select(AgentSession)
+        .where(
+            col(AgentSession.stream_count) == 0,
+            col(AgentSession.stream_lost_at) <= grace_over,
+            exists().where(col(Offer.session_id) == AgentSession.id, col(Offer.status) == "pending"),
+        )
+        .with_for_update(skip_locked=True)
+        .limit(500)
+    ).all():
+        routing.withdraw_session_offers(tx, sess.id, now)
+        done += 1
+    return done + routing.expire_due(tx)
+
+
+def sweep_due(s: Session, now: datetime, grace: float) -> bool:
+    """Whether sweep has anything to do: a cheap read first, so idle nodes take no lock."""
+    grace_over = now - timedelta(seconds=grace)
+    lease = s.exec(select(StreamLease.id).where(col(StreamLease.expires_at) < now).limit(1)).first()
+    if lease is not None:
+        return True
+    offer = s.exec(
+        select(Offer.id).where(col(Offer.status) == "pending", col(Offer.expires_at) <= now).limit(1)
+    ).first()
+    if offer is not None:
+        return True
+    late = s.exec(
+        select(AgentSession.id)
+        .where(
+            col(AgentSession.stream_count) == 0,
+            col(AgentSession.stream_lost_at) <= grace_over,
+            exists().where(col(Offer.session_id) == AgentSession.id, col(Offer.status) == "pending"),
+        )
+        .limit(1)
+    ).first()
+    return late is not None
+
+
+def recover(tx: Tx, node_id: str, exclusive: bool) -> None:
+    """A node starts. Its own leases from before (same node id) are gone with its old streams; `exclusive`
+    (the embedded single process: no other node can exist) means every lease is. Sessions left without a
+    stream start their grace period, and pending offers get their in-memory timers back."""
+    q = select(StreamLease)
+    if not exclusive:
+        q = q.where(col(StreamLease.node_id) == node_id)
+    now = tx.now
+    for lease in tx.session.exec(q).all():
+        tx.session.delete(lease)
+        _lease_gone(tx, lease.session_id, now)
+    if exclusive:
+        # Counts from before leases (or from a crash mid-write) cannot outlive the process either.
+        tx.session.flush()
+        for sess in tx.session.exec(
+            select(AgentSession).where(col(AgentSession.ended_at).is_(None), col(AgentSession.stream_count) != 0)
+        ).all():
+            sess.stream_count = 0
+            sess.stream_lost_at = now
+            tx.session.add(sess)
+            tx.schedule(now + timedelta(seconds=tx.settings.stream_grace), grace_expired, sess.id, now)
     for offer in tx.session.exec(select(Offer).where(Offer.status == "pending")).all():
         tx.schedule(offer.expires_at, routing.expire_offer, offer.id)
 
@@ -189,6 +306,7 @@ def _expired(sess: AgentSession, now: datetime, idle: float, lifetime: float) ->
     return sess.stream_count == 0 and now - seen > timedelta(seconds=idle)
 
 
+@routing_free
 def touch(tx: Tx, session_id: str) -> None:
     tx.conn.execute(update(AgentSession).where(col(AgentSession.id) == session_id).values(last_seen_at=tx.now))
 

@@ -87,9 +87,17 @@ class Core:
         files_dir: str | Path = "data/files",
         *,
         check_event: EventCheck | None = None,
+        node_id: str | None = None,
+        nats_url: str | None = None,
     ):
+        """With nats_url this is one node of a cluster (PostgreSQL + NATS, cluster.py); without, the
+        embedded single process. node_id names it in leases and logs (default: host-pid)."""
+        from ..cluster import default_node_id
+
         self.db = db
         self.config = config
+        self.node_id = node_id or default_node_id()
+        self.nats_url = nats_url
         self.settings = config.settings
         self.limits = config.limits
         self.check_event = check_event
@@ -103,21 +111,48 @@ class Core:
         # process evict at once; the short lifetime covers sessions ended by another process.
         self._agent_tokens: dict[str, tuple[AgentPrincipal, float]] = {}
         self.positions = QueuePositions(db.read, self.bus.publish)
-        self.effects = LocalEffects(
+        effects_type = LocalEffects if nats_url is None else _cluster().ClusterEffects
+        self.effects = effects_type(
             self.bus,
             self._spawn,
             on_queue_changed=self.positions.mark,
             on_session_ended=self._forget_session,
             on_settings_changed=self._set_settings,
         )
+        self.link: Any = None
+        self.reconciler: Any = None
+        if nats_url is not None:
+            cluster = _cluster()
+            self.reconciler = cluster.Reconciler(self.bus, self._stream_seqs, config.cluster.reconcile_interval)
+            receiver = cluster.Receiver(
+                self.bus,
+                self.reconciler,
+                on_queue_changed=self.positions.mark,
+                on_session_ended=self._forget_session,
+                on_settings_changed=self._reload_settings,
+            )
+            self.link = cluster.NatsLink(nats_url, self.node_id, receiver, self.reconciler.now)
+            wired: Any = self.effects
+            wired.link, wired.reconciler = self.link, self.reconciler
         self.write = Writer(db, self._context, self.effects)
         self.background = Background(self.write)
         self.read = db.read
         self.attachments = Attachments(db.read, self.write, self.limits, BlobStore(files_dir))
-        self.streams = Streams(db.read, self.write, self._spawn, self.bus, self.positions, self.limits)
+        self.streams = Streams(
+            db.read,
+            self.write,
+            self._spawn,
+            self.bus,
+            self.positions,
+            self.limits,
+            self.node_id,
+            config.cluster.lease_seconds,
+        )
         self.stats = QueueStats(db.read, self.limits.heartbeat_interval, self.limits.service_level_target)
         self._sweeper: asyncio.Task[None] | None = None
+        self._loops: list[asyncio.Task[None]] = []
         self._typing = Bucket(1, TYPING_EVERY)  # per sender and conversation
+        self._pending: set[asyncio.Task[Any]] = set()
 
     def _context(self) -> Context:
         return Context(self.settings, self.limits, self.check_event)
@@ -127,6 +162,25 @@ class Core:
 
     def _set_settings(self, settings: Settings) -> None:
         self.settings = settings
+
+    def _reload_settings(self) -> None:
+        """Another node changed the settings: read them (the database has them; the message does not)."""
+
+        async def reload() -> None:
+            try:
+                self.settings, _ = await self.db.read(admin.load_settings)
+            except Exception:
+                log.exception("cluster: reloading settings failed")
+
+        self.background_task(reload())
+
+    def background_task(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _stream_seqs(self, convs: list[str], feeds: list[str]) -> tuple[dict[str, int], dict[str, int]]:
+        return await self.db.read(_stream_seqs, convs, feeds)
 
     def _forget_session(self, session_id: str) -> None:
         for token in [t for t, (p, _) in self._agent_tokens.items() if p.session_id == session_id]:
@@ -139,8 +193,41 @@ class Core:
         await asyncio.get_running_loop().run_in_executor(None, self.db.ensure_schema)
         await self.write(admin.apply_config, self.config, self.passwords)
         self.settings, self.token_secret = await self.db.read(admin.load_settings)
-        await self.write(agents.recover)
-        self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        # Embedded, no other process can hold a stream; in a cluster only this node's old leases are gone.
+        await self.write(agents.recover, self.node_id, self.link is None)
+        loop = asyncio.get_running_loop()
+        self._sweeper = loop.create_task(self._sweep())
+        self._loops = [loop.create_task(self._renew_leases()), loop.create_task(self._sweep_timers())]
+        if self.link is not None:
+            cluster_id = await self.db.read(admin.cluster_id)
+            await self.link.start(cluster_id)
+            self.reconciler.start()
+            log.info("cluster: node %s joined cluster %s", self.node_id, cluster_id)
+
+    async def _renew_leases(self) -> None:
+        """Keeps this node's offer-stream leases alive; puts back any the others swept while it stalled."""
+        seconds = self.config.cluster.lease_seconds
+        while True:
+            await asyncio.sleep(seconds / 3)
+            try:
+                renewed = await self.write(agents.renew_leases, self.node_id, seconds)
+                held = self.streams.leases
+                if renewed < len(held):
+                    await self.write(agents.restore_leases, self.node_id, dict(held), seconds)
+            except Exception:
+                log.exception("renewing stream leases failed")
+
+    async def _sweep_timers(self) -> None:
+        """Offer time-outs, grace periods and dead nodes' leases from the database: they fire even when the
+        node that armed the in-memory timer is gone."""
+        interval = self.config.cluster.sweep_interval
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                if await self.db.read(agents.sweep_due, utcnow(), self.settings.stream_grace):
+                    await self.write(agents.sweep)
+            except Exception:
+                log.exception("sweeping timers failed")
 
     async def _sweep(self) -> None:
         """Now and then: abandoned uploads, expired sessions, identity-token uses past their token's life."""
@@ -164,13 +251,21 @@ class Core:
             await asyncio.sleep(self.limits.upload_sweep_interval)
 
     async def stop(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            await asyncio.gather(self._sweeper, return_exceptions=True)
+        for task in [self._sweeper, *self._loops]:
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._loops = []
+        if self.reconciler is not None:
+            await self.reconciler.stop()
         self.effects.cancel_timers()
         await self.positions.stop()
         await self.stats.stop()
         await self.background.drain()
+        if self.link is not None:
+            await self.link.stop()
+        if self._pending:
+            await asyncio.gather(*self._pending, return_exceptions=True)
         self.password_pool.close()
 
     # --- authentication ---------------------------------------------------
@@ -510,6 +605,30 @@ class Core:
         """Supervisor figures per queue: QueueStatsSnapshot, and Heartbeat when idle (domain/stats.py). One
         refresher per process, `self.stats`; it runs only while a stream watches."""
         return self.stats.stream(queue_ids)
+
+
+def _cluster() -> Any:
+    from .. import cluster  # only a cluster node needs it (and nats-py)
+
+    return cluster
+
+
+def _stream_seqs(s: Session, convs: list[str], feeds: list[str]) -> tuple[dict[str, int], dict[str, int]]:
+    """The database's last seq of each conversation and each session's feed (for the reconciler)."""
+    from sqlmodel import col, select
+
+    from ..cluster import chunks
+    from ..store.models import AgentSession
+
+    conv_seqs: dict[str, int] = {}
+    feed_seqs: dict[str, int] = {}
+    for ids in chunks(convs):
+        for cid, seq in s.exec(select(Conversation.id, Conversation.last_seq).where(col(Conversation.id).in_(ids))):
+            conv_seqs[cid] = seq
+    for ids in chunks(feeds):
+        for sid, seq in s.exec(select(AgentSession.id, AgentSession.feed_seq).where(col(AgentSession.id).in_(ids))):
+            feed_seqs[sid] = seq
+    return conv_seqs, feed_seqs
 
 
 def _typing_participant(s: Session, who: Who, conversation_id: str) -> ParticipantView:

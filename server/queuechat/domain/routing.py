@@ -267,6 +267,19 @@ def expire_offer(tx: Tx, offer_id: str) -> None:
         _give_back(tx, offer, "timed_out", tx.now)
 
 
+def expire_due(tx: Tx, limit: int = 500) -> int:
+    """The sweep's part (agents.sweep): offers past their time-out, whichever node armed the timer."""
+    due = tx.session.exec(
+        select(Offer)
+        .where(col(Offer.status) == "pending", col(Offer.expires_at) <= tx.now)
+        .with_for_update(skip_locked=True)
+        .limit(limit)
+    ).all()
+    for offer in due:
+        _give_back(tx, offer, "timed_out", tx.now)
+    return len(due)
+
+
 def withdraw_session_offers(tx: Tx, session_id: str, now: datetime) -> None:
     """The session went away: its pending offers go back (chats to the queue, invites to the inviter)."""
     for offer in tx.session.exec(select(Offer).where(Offer.session_id == session_id, Offer.status == "pending")).all():

@@ -40,13 +40,18 @@ class Writer:
         self.context = context
         self.effects = effects
         self.around = around
+        # Several nodes may write to PostgreSQL at once: routing decisions are serialized by a lock.
+        self._lock = db.routing_lock
 
     async def __call__(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         name = write_name(fn)
         context = self.context()
         effects = self.effects
+        lock = None if getattr(fn, "routing_free", False) else self._lock
 
         def job(session: Session) -> tuple[T, Callable[[], list[BaseException]]]:
+            if lock is not None:
+                lock(session)  # first: everything this write reads is then another node's committed state
             tx = Tx(session, context)  # a rerun starts afresh: nothing recorded
             result = fn(tx, *args, **kwargs)
             if tx.take_dispatch():

@@ -4,10 +4,19 @@ Each subscribes to the bus before reading the backlog, then skips what the
 backlog already sent, so nothing falls between the two. A stream resumes
 from any cursor; a disconnect raises CancelledError at an await and the
 `finally` clauses clean up.
+
+Live items arrive in seq order from this node's commits, but in a cluster
+another node's events come over NATS, late or (rarely) not at all. So a
+stream delivers by seq: an item it has already passed is dropped, and one
+past a gap first reads the missing rows from the database (a seq is
+assigned under the conversation's row lock, so every lower seq has
+committed). A `Behind` item from the reconciler does the same when nothing
+follows a lost notification.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -25,6 +34,7 @@ from .positions import QueuePositions, position_of
 from .tx import Reader, Writes
 from .views import (
     AgentPrincipal,
+    Behind,
     CustomerPrincipal,
     EventView,
     FeedEventView,
@@ -47,6 +57,8 @@ class Streams:
         bus: Bus,
         positions: QueuePositions,
         limits: Limits,
+        node_id: str = "local",
+        lease_seconds: float = 10.0,
     ):
         self._read = read
         self._write = write
@@ -54,14 +66,18 @@ class Streams:
         self._bus = bus
         self._positions = positions
         self._limits = limits
+        self.node_id = node_id
+        self.lease_seconds = lease_seconds
+        self.leases: dict[str, str] = {}  # lease id -> session id: the offer streams open on this node
 
     async def offer_feed(self, who: AgentPrincipal, after_seq: int) -> AsyncIterator[FeedEventView | Heartbeat]:
         """The session's offer feed: backlog after the cursor, then live. Offers are made while it is open."""
         sub = self._bus.subscribe([feed_topic(who.session_id)])
+        lease = uuid.uuid4().hex
         opened = False
         try:
-            await self._write(agents.stream_opened, who.session_id)
-            opened = True
+            self.leases[lease] = who.session_id
+            opened = await self._write(agents.stream_opened, who.session_id, lease, self.node_id, self.lease_seconds)
             last = max(0, after_seq)
             while True:
                 page = await self._read(_feed_after, who.session_id, last)
@@ -78,13 +94,23 @@ class Streams:
                     yield Heartbeat(last)
                 elif isinstance(item, SessionEnded):
                     raise unauthenticated("SESSION_ENDED", "This session has ended; log in again.")
-                elif isinstance(item, FeedEventView) and item.seq > last:
-                    last = item.seq
-                    yield item
+                elif isinstance(item, FeedEventView | Behind) and item.seq > last and not _about_conversation(item):
+                    upto = item.seq if isinstance(item, Behind) else item.seq - 1
+                    while last < upto:  # a gap: read what was missed, in order
+                        missed = await self._read(_feed_after, who.session_id, last, upto)
+                        if not missed:
+                            break
+                        for ev in missed:
+                            last = ev.seq
+                            yield ev
+                    if isinstance(item, FeedEventView) and item.seq > last:
+                        last = item.seq
+                        yield item
         finally:
             sub.close()
+            self.leases.pop(lease, None)
             if opened:
-                self._spawn(agents.stream_closed, who.session_id)
+                self._spawn(agents.stream_closed, who.session_id, lease)
 
     async def conversation(
         self, who: Who, conversation_id: str, after_seq: int
@@ -134,38 +160,61 @@ class Streams:
                     if watching is not None and (item.position, item.waiting_count) != shown:
                         shown = (item.position, item.waiting_count)
                         yield item
-                elif isinstance(item, EventView) and item.seq > seen:
-                    seen = item.seq
-                    if customer and not item.public:
-                        continue
-                    if watching_invite and _invite_over(item, watching_invite):
-                        raise denied("NOT_A_PARTICIPANT", "The invite that let you see this conversation has ended.")
-                    if watching is not None and item.kind in ("participant_joined", "chat_ended", "chat_closed"):
-                        self._positions.unwatch(watching.queue_id, conversation_id)  # out of the queue now
-                        watching = None
-                    sent = item.seq
-                    yield item
-                    if _final(item, who):
-                        return
+                elif isinstance(item, EventView | Behind) and item.seq > seen and _about_conversation(item):
+                    batch: list[EventView] = []
+                    upto = item.seq if isinstance(item, Behind) else item.seq - 1
+                    if seen < upto:  # a gap: read what was missed (a customer's reads skip private events)
+                        batch = await self._read(_events_between, conversation_id, seen, upto, customer)
+                        seen = upto
+                    if isinstance(item, EventView):
+                        batch.append(item)
+                    for ev in batch:
+                        seen = max(seen, ev.seq)
+                        if customer and not ev.public:
+                            continue
+                        if watching_invite and _invite_over(ev, watching_invite):
+                            raise denied(
+                                "NOT_A_PARTICIPANT", "The invite that let you see this conversation has ended."
+                            )
+                        if watching is not None and ev.kind in ("participant_joined", "chat_ended", "chat_closed"):
+                            self._positions.unwatch(watching.queue_id, conversation_id)  # out of the queue now
+                            watching = None
+                        sent = ev.seq
+                        yield ev
+                        if _final(ev, who):
+                            return
         finally:
             sub.close()
             if watching is not None:
                 self._positions.unwatch(watching.queue_id, conversation_id)
 
 
-def _feed_after(s: Session, session_id: str, after_seq: int) -> list[FeedEventView]:
-    rows = s.exec(
-        select(FeedEvent)
-        .where(FeedEvent.session_id == session_id, FeedEvent.seq > after_seq)
-        .order_by(col(FeedEvent.seq))
-        .limit(_PAGE)
-    ).all()
-    return [feed_view(r) for r in rows]
+def _feed_after(s: Session, session_id: str, after_seq: int, upto: int | None = None) -> list[FeedEventView]:
+    q = select(FeedEvent).where(FeedEvent.session_id == session_id, FeedEvent.seq > after_seq)
+    if upto is not None:
+        q = q.where(FeedEvent.seq <= upto)
+    return [feed_view(r) for r in s.exec(q.order_by(col(FeedEvent.seq)).limit(_PAGE)).all()]
+
+
+def _events_between(s: Session, conversation_id: str, after: int, upto: int, public_only: bool) -> list[EventView]:
+    """The events after `after` up to `upto`: what a stream missed (all of it: a gap is short)."""
+    out: list[EventView] = []
+    while True:
+        page = [e for e in events_after(s, conversation_id, after, public_only, _PAGE) if e.seq <= upto]
+        out += page
+        if len(page) < _PAGE:
+            return out
+        after = page[-1].seq
 
 
 def _position(s: Session, conversation_id: str) -> QueuePositionView | None:
     conv = s.get(Conversation, conversation_id)
     return position_of(s, conv) if conv is not None and conv.status == "queued" else None
+
+
+def _about_conversation(item: EventView | FeedEventView | Behind) -> bool:
+    """A conversation's item (an agent's conversation stream hears its session's feed topic too)."""
+    return isinstance(item, EventView) or (isinstance(item, Behind) and item.topic[0] == "conv")
 
 
 def _invite_over(ev: EventView, invite_id: str) -> bool:

@@ -31,6 +31,7 @@ from ..config import Limits, Settings
 T = TypeVar("T")
 Topic = tuple[str, str]
 WriteFn = Callable[..., Any]
+F = TypeVar("F", bound=Callable[..., Any])
 EventCheck = Callable[[str, str, dict[str, Any]], None]
 
 
@@ -75,6 +76,14 @@ class Effects(Protocol):
     def log(self, event: str, fields: dict[str, object]) -> None:
         """An event that matters (chat.started, offer.accepted, ...), for the log: ids as fields,
         never a secret or a message body."""
+
+
+def routing_free(fn: F) -> F:
+    """Marks a write that neither reads nor changes what routing decides on (offers, agents' presence,
+    readiness and load, waiting chats): on PostgreSQL it runs without the cluster-wide routing lock.
+    Every other write takes that lock first (runner.py), so routing is serialized across nodes."""
+    fn.routing_free = True  # type: ignore[attr-defined]
+    return fn
 
 
 class Writes(Protocol):

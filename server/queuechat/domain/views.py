@@ -133,6 +133,15 @@ class SessionEnded:
 
 
 @dataclass(frozen=True, slots=True)
+class Behind:
+    """On a topic's streams: the database holds its events up to `seq`; a stream short of it reads
+    what it missed (a cluster's reconciler sends it when a notification was lost)."""
+
+    topic: tuple[str, str]
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
 class QueueView:
     id: str
     display_name: str

@@ -80,10 +80,40 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True, pool_size=8)
 
 
+# SQLSTATEs a concurrent node can cause and a fresh attempt resolves: serialization failure, deadlock,
+# unique violation (two nodes inserted the same key; the rerun finds the other's row and answers from it).
+RETRYABLE = {"40001", "40P01", "23505"}
+ATTEMPTS = 5
+ROUTING_LOCK_CLASS = 0x51430001  # pg_advisory_xact_lock(class, schema): one routing lock per schema
+
+
+def retryable(e: BaseException) -> bool:
+    return getattr(getattr(e, "orig", None), "sqlstate", None) in RETRYABLE
+
+
+def _pg_routing_lock(session: Session) -> None:
+    """Take the cluster-wide routing lock for the rest of this transaction (once per transaction)."""
+    if session.info.get("routing_locked"):
+        return
+    # What earlier writes of a group commit loaded may predate the lock holder's commit: read it afresh.
+    session.flush()
+    session.expire_all()
+    session.connection().execute(
+        sql_text("SELECT pg_advisory_xact_lock(:cls, hashtext(coalesce(current_schema(), '')))"),
+        {"cls": ROUTING_LOCK_CLASS},
+    )
+    session.info["routing_locked"] = True
+
+
 class Database:
     def __init__(self, url: str, *, readers: int = 2, max_batch: int = 64):
         self.url = url
         self.engine = make_engine(url)
+        # SQLite has one process and one writer thread: routing is serialized already.
+        self.routing_lock: Callable[[Session], None] | None = (
+            _pg_routing_lock if self.engine.dialect.name == "postgresql" else None
+        )
+        self.retries = 0  # writes that hit a concurrent node's conflict and ran again
         self.max_batch = max_batch
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self.stats: dict[str, WriteStats] = {}
@@ -157,16 +187,22 @@ class Database:
 
     def _run_alone(self, item: tuple) -> None:
         name, job, loop, fut = item
-        try:
-            with Session(self.engine, expire_on_commit=False) as session:
-                result, after = self._timed(name, job, session)
-                session.commit()
-        except BaseException as e:
-            self.stats.setdefault(name, WriteStats()).failures += 1
-            _deliver([(name, loop, fut, e, _FAILED)])
-        else:
+        for attempt in range(1, ATTEMPTS + 1):
+            try:
+                with Session(self.engine, expire_on_commit=False) as session:
+                    result, after = self._timed(name, job, session)
+                    session.commit()
+            except BaseException as e:
+                if attempt < ATTEMPTS and retryable(e):
+                    self.retries += 1
+                    time.sleep(0.002 * attempt)  # the other node's transaction is committing
+                    continue
+                self.stats.setdefault(name, WriteStats()).failures += 1
+                _deliver([(name, loop, fut, e, _FAILED)])
+                return
             self.batches.append(1)
             _deliver([(name, loop, fut, result, after)])
+            return
 
     async def read(self, fn: Callable[..., T], *args: Any) -> T:
         """Run fn(session, *args) on a reader thread."""
