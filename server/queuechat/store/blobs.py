@@ -15,16 +15,17 @@ The scan that hashes an upload also looks for active content in PDFs
 from __future__ import annotations
 
 import codecs
+import contextlib
 import hashlib
 import os
 import re
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from sqlalchemy import URL, Engine, create_engine, make_url
-from sqlalchemy import text as sql
 
 READ_BLOCK = 1024 * 1024
 
@@ -514,43 +515,49 @@ class BlobStore:
 # the SHA-256 it is about to name (`attachment.sha256`, which the completing write then keeps), and
 # remove_blob deletes the bytes only if no row names them. So a node sweeping the last attachment of a
 # file never removes the bytes another node's upload of the same file has just been deduplicated onto.
+#
+# The statements run on psycopg itself (through the store's SQLAlchemy pool): bytes travel in binary
+# both ways, about twice as fast to write and eight times as fast to read as bytea's hex text.
 
 _LOCK_SPACE = 0x51430B  # the first key of pg_advisory_xact_lock(int, int): "QC" blobs
 
-_WRITE_CUT = sql('DELETE FROM blob_chunk WHERE key = :k AND "offset" >= :off')
+_WRITE_CUT = 'DELETE FROM blob_chunk WHERE key = %(k)s AND "offset" >= %(off)s'
 # Only the row just below the offset can reach past it (rows never overlap).
-_WRITE_TRIM = sql(
-    'UPDATE blob_chunk SET data = substring(data FROM 1 FOR CAST(:off - "offset" AS integer)) '
-    'WHERE key = :k AND "offset" = (SELECT max("offset") FROM blob_chunk WHERE key = :k AND "offset" < :off) '
-    'AND "offset" + octet_length(data) > :off'
+_WRITE_TRIM = (
+    'UPDATE blob_chunk SET data = substring(data FROM 1 FOR CAST(%(off)s - "offset" AS integer)) '
+    'WHERE key = %(k)s AND "offset" = (SELECT max("offset") FROM blob_chunk WHERE key = %(k)s AND "offset" < %(off)s) '
+    'AND "offset" + octet_length(data) > %(off)s'
 )
-_WRITE_PUT = sql(
-    'INSERT INTO blob_chunk (key, "offset", data) VALUES (:k, :off, :data) '
+_WRITE_PUT = (
+    'INSERT INTO blob_chunk (key, "offset", data) VALUES (%(k)s, %(off)s, %(data)b) '
     'ON CONFLICT (key, "offset") DO UPDATE SET data = excluded.data'
 )
 # The contiguous length from 0: where the first row starts other than where the ones before it end.
 # octet_length of a TOASTed value reads its header only.
-_PART_SIZE = sql(
+_PART_SIZE = (
     'SELECT coalesce(min(start) FILTER (WHERE start <> "offset"), max(start + len), 0) FROM ('
     'SELECT "offset", octet_length(data) AS len, coalesce(sum(octet_length(data)) OVER (ORDER BY "offset" '
-    "ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS start FROM blob_chunk WHERE key = :k) AS r"
+    "ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS start FROM blob_chunk WHERE key = %(k)s) AS r"
 )
-_SCAN = sql('SELECT "offset", data FROM blob_chunk WHERE key = :k ORDER BY "offset"')
-# The rows overlapping [off, end), each cut to its part of the range, by the primary key's index.
-_READ = sql(
-    'SELECT "offset", substring(data FROM CAST(greatest(:off - "offset", 0) + 1 AS integer) '
-    'FOR CAST(:end - greatest("offset", :off) AS integer)) FROM blob_chunk '
-    'WHERE key = :k AND "offset" < :end AND "offset" >= coalesce('
-    '(SELECT max("offset") FROM blob_chunk WHERE key = :k AND "offset" <= :off), 0) ORDER BY "offset"'
+_SCAN = 'SELECT "offset", data FROM blob_chunk WHERE key = %(k)s ORDER BY "offset"'
+# The rows overlapping [off, end), each cut to its part of the range (a row wholly inside is sent as it
+# is: no copy), found by the primary key's index.
+_READ = (
+    'SELECT "offset", CASE WHEN "offset" >= %(off)s AND "offset" + octet_length(data) <= %(end)s THEN data '
+    'ELSE substring(data FROM CAST(greatest(%(off)s - "offset", 0) + 1 AS integer) '
+    'FOR CAST(%(end)s - greatest("offset", %(off)s) AS integer)) END FROM blob_chunk '
+    'WHERE key = %(k)s AND "offset" < %(end)s AND "offset" >= coalesce('
+    '(SELECT max("offset") FROM blob_chunk WHERE key = %(k)s AND "offset" <= %(off)s), 0) ORDER BY "offset"'
 )
-_EXISTS = sql("SELECT 1 FROM blob_chunk WHERE key = :k LIMIT 1")
-_REMOVE = sql("DELETE FROM blob_chunk WHERE key = :k")
-_LOCK = sql("SELECT pg_advisory_xact_lock(:space, :lock)")
-_RENAME = sql("UPDATE blob_chunk SET key = :new WHERE key = :old")
-_CLAIM = sql("UPDATE attachment SET sha256 = :sha WHERE id = :id AND sha256 IS NULL")
-_REMOVE_UNNAMED = sql(
-    "DELETE FROM blob_chunk WHERE key = :k AND NOT EXISTS (SELECT 1 FROM attachment WHERE sha256 = :sha)"
+_EXISTS = "SELECT 1 FROM blob_chunk WHERE key = %(k)s LIMIT 1"
+_REMOVE = "DELETE FROM blob_chunk WHERE key = %(k)s"
+_LOCK = "SELECT pg_advisory_xact_lock(%(space)s, %(lock)s)"
+_RENAME = "UPDATE blob_chunk SET key = %(new)s WHERE key = %(old)s"
+_CLAIM = "UPDATE attachment SET sha256 = %(sha)s WHERE id = %(id)s AND sha256 IS NULL"
+_REMOVE_UNNAMED = (
+    "DELETE FROM blob_chunk WHERE key = %(k)s AND NOT EXISTS (SELECT 1 FROM attachment WHERE sha256 = %(sha)s)"
 )
+_SCAN_ROWS = 4  # rows (chunks, at most 1 MiB by default) fetched at a time
 
 
 def _part_key(upload_id: str) -> str:
@@ -571,55 +578,75 @@ class DbBlobStore:
 
     def __init__(self, database: str | URL | Engine, *, pool_size: int = 8):
         url = database.url if isinstance(database, Engine) else make_url(database)
+        # psycopg 3 whatever the URL named: the statements below are written for it.
+        url = url.set(drivername="postgresql+psycopg")
         self.engine = create_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=pool_size)
+
+    @contextlib.contextmanager
+    def _transaction(self, *, name: str | None = None) -> Iterator[Any]:
+        """A psycopg cursor (server-side if named) in a transaction, committed if the block succeeds."""
+        pooled = self.engine.raw_connection()
+        try:
+            conn = pooled.driver_connection
+            assert conn is not None
+            with conn.transaction(), conn.cursor(name, binary=True) if name else conn.cursor(binary=True) as cur:
+                yield cur
+        finally:
+            pooled.close()
 
     def write_chunk(self, upload_id: str, offset: int, data: bytes) -> None:
         """Write at offset and cut what lies beyond, in one transaction: a chunk sent again (a retry,
         or a resume on another node) replaces itself."""
         params = {"k": _part_key(upload_id), "off": offset}
-        with self.engine.begin() as conn:
-            conn.execute(_WRITE_CUT, params)
+        with self._transaction() as cur:
+            cur.execute(_WRITE_CUT, params)
             if offset > 0:
-                conn.execute(_WRITE_TRIM, params)
-            conn.execute(_WRITE_PUT, {**params, "data": data})
+                cur.execute(_WRITE_TRIM, params)
+            cur.execute(_WRITE_PUT, {**params, "data": data})
 
     def part_size(self, upload_id: str) -> int:
-        with self.engine.connect() as conn:
-            return int(conn.execute(_PART_SIZE, {"k": _part_key(upload_id)}).scalar_one())
+        with self._transaction() as cur:
+            cur.execute(_PART_SIZE, {"k": _part_key(upload_id)})
+            return int(cur.fetchone()[0])
 
     def scan(self, upload_id: str) -> Scan:
         """Hash and check the part's rows in one streaming pass (a few rows in memory at a time).
         Stops at a gap: what follows one is not the file the client sent."""
         scanner = Scanner()
-        with self.engine.connect() as conn:
-            rows = conn.execution_options(stream_results=True, max_row_buffer=4).execute(
-                _SCAN, {"k": _part_key(upload_id)}
-            )
-            for offset, data in rows:
+        with self._transaction(name="blob_scan") as cur:
+            cur.itersize = _SCAN_ROWS
+            cur.execute(_SCAN, {"k": _part_key(upload_id)})
+            for offset, data in cur:
                 if offset != scanner.size:
                     break
-                scanner.update(bytes(data))
+                scanner.update(data)
         return scanner.result()
 
     def commit(self, upload_id: str, sha256: str) -> None:
         """Give a checked upload's rows their content address (a blob already there is the same bytes:
         then the part's rows go), and mark the upload's row as naming it; all in one transaction."""
-        with self.engine.begin() as conn:
-            conn.execute(_LOCK, _lock_params(sha256))
-            if conn.execute(_EXISTS, {"k": _blob_key(sha256)}).first() is not None:
-                conn.execute(_REMOVE, {"k": _part_key(upload_id)})
+        with self._transaction() as cur:
+            cur.execute(_LOCK, _lock_params(sha256))
+            cur.execute(_EXISTS, {"k": _blob_key(sha256)})
+            if cur.fetchone() is not None:
+                cur.execute(_REMOVE, {"k": _part_key(upload_id)})
             else:
-                conn.execute(_RENAME, {"new": _blob_key(sha256), "old": _part_key(upload_id)})
-            conn.execute(_CLAIM, {"sha": sha256, "id": upload_id})
+                cur.execute(_RENAME, {"new": _blob_key(sha256), "old": _part_key(upload_id)})
+            cur.execute(_CLAIM, {"sha": sha256, "id": upload_id})
 
     def read(self, sha256: str, offset: int, size: int) -> bytes:
         if size <= 0:
             return b""
         key = _blob_key(sha256)
-        with self.engine.connect() as conn:
-            rows = conn.execute(_READ, {"k": key, "off": offset, "end": offset + size}).all()
-            if not rows and conn.execute(_EXISTS, {"k": key}).first() is None:
-                raise FileNotFoundError(f"no blob {sha256}")
+        with self._transaction() as cur:
+            cur.execute(_READ, {"k": key, "off": offset, "end": offset + size})
+            rows = cur.fetchall()
+            if not rows:
+                cur.execute(_EXISTS, {"k": key})
+                if cur.fetchone() is None:
+                    raise FileNotFoundError(f"no blob {sha256}")
+        if len(rows) == 1 and rows[0][0] <= offset:
+            return bytes(rows[0][1])  # the usual case: a read within one chunk
         out = bytearray()
         for row_offset, piece in rows:
             if max(row_offset, offset) != offset + len(out):
@@ -628,15 +655,15 @@ class DbBlobStore:
         return bytes(out)
 
     def remove_part(self, upload_id: str) -> None:
-        with self.engine.begin() as conn:
-            conn.execute(_REMOVE, {"k": _part_key(upload_id)})
+        with self._transaction() as cur:
+            cur.execute(_REMOVE, {"k": _part_key(upload_id)})
 
     def remove_blob(self, sha256: str) -> None:
         """Remove the blob unless an attachment row names it (decided under the blob's lock, across
         nodes: see above)."""
-        with self.engine.begin() as conn:
-            conn.execute(_LOCK, _lock_params(sha256))
-            conn.execute(_REMOVE_UNNAMED, {"k": _blob_key(sha256), "sha": sha256})
+        with self._transaction() as cur:
+            cur.execute(_LOCK, _lock_params(sha256))
+            cur.execute(_REMOVE_UNNAMED, {"k": _blob_key(sha256), "sha": sha256})
 
     def close(self) -> None:
         self.engine.dispose()
