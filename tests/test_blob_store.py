@@ -373,3 +373,21 @@ def test_part_rows_hash_like_the_file(db_url):
         assert store.scan("u").sha256 == hashlib.sha256(DATA).hexdigest()
     finally:
         store.close()
+
+
+def test_files_of_a_single_server_are_imported(tmp_path, db_url):
+    files = BlobStore(tmp_path / "files")
+    put(files, "done", DATA, MIB)
+    files.commit("done", sha(DATA))
+    put(files, "half", DATA[: MIB + 5], MIB)
+    store = DbBlobStore(db_url)
+    try:
+        assert store.import_files(tmp_path / "files") == 2
+        assert store.import_files(tmp_path / "files") == 0  # again: nothing to do
+        assert store.read(sha(DATA), 0, 2 * len(DATA)) == DATA
+        assert store.part_size("half") == MIB + 5
+        put(store, "half", DATA, MIB, start=MIB + 5)
+        assert store.scan("half").sha256 == sha(DATA)
+        assert store.import_files(tmp_path / "nothing") == 0
+    finally:
+        store.close()

@@ -665,5 +665,29 @@ class DbBlobStore:
             cur.execute(_LOCK, _lock_params(sha256))
             cur.execute(_REMOVE_UNNAMED, {"k": _blob_key(sha256), "sha": sha256})
 
+    def import_files(self, root: str | os.PathLike) -> int:
+        """Copy what a file store (`BlobStore(root)`) holds into the database: finished files and the
+        parts of uploads in progress, chunk by chunk. What the database has already is left as it is,
+        so running it again (or on several nodes) is harmless. Returns how many files it copied.
+        For a database that served attachments from files before it became a cluster's."""
+        files = BlobStore(root)
+        # (key, lock, file): a blob under the lock its commits and removals take.
+        found = [(_blob_key(p.name), p.name, p) for p in sorted(files._blobs.glob("*/*")) if p.is_file()]
+        found += [(_part_key(p.name), _part_key(p.name), p) for p in sorted(files._parts.glob("*")) if p.is_file()]
+        copied = 0
+        for key, lock, path in found:
+            with self._transaction() as cur:
+                cur.execute(_LOCK, _lock_params(lock))
+                cur.execute(_EXISTS, {"k": key})
+                if cur.fetchone() is not None:
+                    continue
+                with open(path, "rb") as f:
+                    offset = 0
+                    while block := f.read(READ_BLOCK):
+                        cur.execute(_WRITE_PUT, {"k": key, "off": offset, "data": block})
+                        offset += len(block)
+                copied += 1
+        return copied
+
     def close(self) -> None:
         self.engine.dispose()
