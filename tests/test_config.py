@@ -106,7 +106,7 @@ def test_a_secret_of_the_wrong_type_is_not_repeated():
 
 def test_an_unknown_key_at_the_top_level_is_refused():
     msg = one_problem({**base_config(), "setting": {"offer_timeout": 5}})
-    assert msg.startswith("setting: unknown key; expected one of settings, limits, security, rate_limits, queues,")
+    assert msg.startswith("setting: unknown key; expected one of settings, limits, security, rate_limits, cluster, queues,")
 
 
 def test_an_unknown_key_in_a_section_is_refused():
@@ -312,3 +312,11 @@ def test_load_config_reads_the_process_environment(monkeypatch):
 )
 def test_a_bad_environment_variable_is_refused_by_name(name, value, expected):
     assert one_problem(base_config(), {name: value}).startswith(expected)
+
+
+def test_the_cluster_section_has_defaults_and_takes_the_environment():
+    cfg = parse_config(base_config(), {"QUEUECHAT_CLUSTER__LEASE_SECONDS": "4"})
+    assert (cfg.cluster.lease_seconds, cfg.cluster.sweep_interval, cfg.cluster.reconcile_interval) == (4.0, 1.0, 2.0)
+    doc = base_config()
+    doc["cluster"] = {"reconcile_interval": 0}
+    assert one_problem(doc) == "[cluster] reconcile_interval: expected more than 0, got an integer 0"

@@ -136,7 +136,7 @@ class NatsLink:
         while self._nc is None:
             try:
                 nc = await nats.connect(
-                    self.url,
+                    [u.strip() for u in self.url.split(",") if u.strip()],  # a NATS cluster: any of its servers
                     name=f"queuechat {self.node_id}",
                     connect_timeout=2,
                     allow_reconnect=True,
