@@ -24,7 +24,7 @@ from ..config import Config, Settings
 from ..effects import LocalEffects
 from ..errors import ChatError, Kind, denied, invalid, precondition, unauthenticated
 from ..store import Database
-from ..store.blobs import BlobStore
+from ..store.blobs import blob_store_for
 from ..store.models import Admin, Agent, Conversation
 from . import admin, agents, conversations, invites, routing
 from .access import readable_conversation
@@ -137,7 +137,9 @@ class Core:
         self.write = Writer(db, self._context, self.effects)
         self.background = Background(self.write)
         self.read = db.read
-        self.attachments = Attachments(db.read, self.write, self.limits, BlobStore(files_dir))
+        # Files beside SQLite; chunk rows in PostgreSQL, where a cluster's nodes share no disk.
+        self.blobs = blob_store_for(db.engine, files_dir)
+        self.attachments = Attachments(db.read, self.write, self.limits, self.blobs)
         self.streams = Streams(
             db.read,
             self.write,
@@ -266,6 +268,7 @@ class Core:
             await self.link.stop()
         if self._pending:
             await asyncio.gather(*self._pending, return_exceptions=True)
+        self.blobs.close()
         self.password_pool.close()
 
     # --- authentication ---------------------------------------------------
