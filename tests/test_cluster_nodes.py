@@ -191,3 +191,17 @@ def _value(fn):
 
 def test_behind_names_its_topic():
     assert Behind(("conv", "x"), 3).topic == ("conv", "x")
+
+
+async def test_a_node_reports_its_cluster_link_in_metrics_and_its_id_in_health(nodes):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from queuechat.observability.metrics import Metrics
+
+    (a,) = await nodes(1)
+    text = Metrics(a.core).exposition()[0].decode()
+    assert 'queuechat_cluster_node{node="node0"} 1.0' in text
+    assert "queuechat_cluster_nats_connected 1.0" in text
+    call = health_pb2_grpc.HealthStub(a.channel).Check(health_pb2.HealthCheckRequest(service=""))
+    assert (await call).status == health_pb2.HealthCheckResponse.SERVING
+    assert ("queuechat-node", "node0") in tuple(await call.trailing_metadata())

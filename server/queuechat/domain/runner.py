@@ -58,6 +58,8 @@ class Writer:
                 routing.dispatch(tx)
             return result, tx.carry_out(effects)
 
+        job.routing = lock is not None  # type: ignore[attr-defined]  # group commit takes the lock first
+
         try:
             if self.around is None:
                 return await self.db.transact(name, job)

@@ -179,6 +179,39 @@ class _Collector(Collector):
         yield GaugeMetricFamily(
             "queuechat_timers_pending", "Timers armed (offer time-outs, grace periods).", m.core.effects.pending_timers
         )
+        yield CounterMetricFamily(
+            "queuechat_write_retries",
+            "Writes run again after another node's conflict (deadlock, serialization failure, unique violation).",
+            value=db.retries,
+        )
+        yield from _cluster_families(m.core)
+
+
+def _cluster_families(core: Core) -> Iterator[Metric]:
+    """A cluster node's link to the others (nothing for the embedded single process)."""
+    link, rec = core.link, core.reconciler
+    if link is None:
+        return
+    node = GaugeMetricFamily("queuechat_cluster_node", "This node (value 1), by node id.", labels=["node"])
+    node.add_metric([core.node_id], 1)
+    yield node
+    yield GaugeMetricFamily(
+        "queuechat_cluster_nats_connected", "1 while NATS is connected.", 1 if link.connected.is_set() else 0
+    )
+    items = CounterMetricFamily(
+        "queuechat_cluster_items",
+        "Items (events, typing, session ends, ...) on NATS, by direction: sent, received, dropped (not sent: "
+        "NATS was away; the reconciler covers them).",
+        labels=["direction"],
+    )
+    for direction, n in (("sent", link.sent), ("received", link.received), ("dropped", link.dropped)):
+        items.add_metric([direction], n)
+    yield items
+    yield CounterMetricFamily(
+        "queuechat_cluster_streams_behind",
+        "Topics the reconciler found behind the database and told their streams to catch up.",
+        value=rec.caught_up,
+    )
 
 
 def _state_families(st: State, now: datetime) -> Iterator[Metric]:
@@ -263,9 +296,7 @@ class Metrics:
         GCCollector(registry=r)
 
         # Per RPC: the grpc-ecosystem names (go-grpc-prometheus), fed by interceptor.ServerObserver.
-        self.rpc_started = Counter(
-            "grpc_server_started", "RPCs started on the server.", RPC_LABELS, registry=r
-        )
+        self.rpc_started = Counter("grpc_server_started", "RPCs started on the server.", RPC_LABELS, registry=r)
         self.rpc_handled = Counter(
             "grpc_server_handled",
             "RPCs completed on the server, whatever the outcome, by status code (Go's spelling: OK, "

@@ -175,6 +175,9 @@ class Database:
         done = []
         try:
             with Session(self.engine, expire_on_commit=False) as session:
+                if self.routing_lock is not None and any(getattr(item[1], "routing", False) for item in batch):
+                    # Before any row lock of the batch: a node never holds a row while it waits for the lock.
+                    self.routing_lock(session)
                 for name, job, loop, fut in batch:
                     result, after = self._timed(name, job, session)
                     done.append((name, loop, fut, result, after))
