@@ -205,3 +205,31 @@ async def test_a_node_reports_its_cluster_link_in_metrics_and_its_id_in_health(n
     call = health_pb2_grpc.HealthStub(a.channel).Check(health_pb2.HealthCheckRequest(service=""))
     assert (await call).status == health_pb2.HealthCheckResponse.SERVING
     assert ("queuechat-node", "node0") in tuple(await call.trailing_metadata())
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        (["--workers", "2"], "--workers 2 needs a cluster: the embedded SQLite database is for one process"),
+        (["--nats-url", "nats://127.0.0.1:4222"], "--nats-url runs a cluster node, which needs PostgreSQL"),
+        (["--workers", "0"], "--workers must be at least 1"),
+    ],
+)
+def test_serve_refuses_a_cluster_without_postgresql(tmp_path, capsys, extra, says):
+    from pathlib import Path
+
+    from queuechat.__main__ import main
+
+    demo = Path(__file__).resolve().parents[1] / "config" / "demo.toml"
+    assert main(["serve", "--config", str(demo), "--data-dir", str(tmp_path), *extra]) == 2
+    assert says in capsys.readouterr().err
+    assert not (tmp_path / "queuechat.db").exists()  # refused before touching anything
+
+
+def test_workers_get_their_own_node_ids_and_metrics_ports():
+    from queuechat.workers import child_args, metrics_for
+
+    argv = ["serve", "--config", "c.toml", "--workers", "3", "--node-id=x", "--metrics-listen", "0.0.0.0:9464,web"]
+    assert child_args(argv) == ["serve", "--config", "c.toml"]
+    assert metrics_for("0.0.0.0:9464,web", 2) == "0.0.0.0:9466"
+    assert metrics_for("", 1) == ""
