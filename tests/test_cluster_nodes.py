@@ -233,3 +233,26 @@ def test_workers_get_their_own_node_ids_and_metrics_ports():
     assert child_args(argv) == ["serve", "--config", "c.toml"]
     assert metrics_for("0.0.0.0:9464,web", 2) == "0.0.0.0:9466"
     assert metrics_for("", 1) == ""
+
+
+async def test_a_stopping_node_ends_its_streams_with_unavailable_at_once(nodes):
+    """SIGTERM's drain: streams end at once (not after the grace) with UNAVAILABLE, so clients reconnect
+    elsewhere; the agent then resumes on another node with its offers."""
+    import grpc
+
+    a, b = await nodes(2)
+    agent = await b.agent("agent1")
+    cust = await a.customer("sales")
+    offer = await agent.wait_offer(cust.id)
+    server, b.server = b.server, None
+    stopping = asyncio.get_running_loop().create_task(server.stop(grace=30))
+    await asyncio.wait_for(agent.offers.wait_done(), 5)  # long before the 30 s grace
+    assert agent.offers.error is not None and agent.offers.error.code() == grpc.StatusCode.UNAVAILABLE
+    await stopping
+    from harness import AgentClient
+
+    moved = AgentClient(a, a.agent_stub, agent.token, "agent1")  # the same session, on a (the next node)
+    a._clients.append(moved)
+    moved.open_offers(after_seq=0)
+    again = await moved.wait_offer(cust.id)
+    assert again.offer_id == offer.offer_id  # still pending, kept through the move

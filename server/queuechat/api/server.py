@@ -190,7 +190,12 @@ class ChatServer:
         logs.event("node.stopping", {"grpc_port": self.port})
         for name in SERVICE_NAMES + ("",):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        await self.server.stop(grace)
+        # New calls are refused from the first moment of stop(); then open streams end with UNAVAILABLE at once,
+        # so their clients reconnect (through the balancer, to another node) rather than wait for the grace.
+        stopping = asyncio.get_running_loop().create_task(self.server.stop(grace))
+        await asyncio.sleep(0)
+        self.core.drain()
+        await stopping
         await self.core.stop()
         self.core.db.close()
         for server in self.metrics_servers:

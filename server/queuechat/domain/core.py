@@ -252,6 +252,16 @@ class Core:
                     log.exception("sweep of %s failed", what)
             await asyncio.sleep(self.limits.upload_sweep_interval)
 
+    def drain(self) -> int:
+        """Shutting down: end every stream here with UNAVAILABLE (clients reconnect elsewhere and resume).
+        Returns how many topics were told."""
+        from .views import Draining
+
+        topics = self.bus.topics()
+        for topic in topics:
+            self.bus.publish(topic, Draining())
+        return len(topics)
+
     async def stop(self) -> None:
         for task in [self._sweeper, *self._loops]:
             if task is not None:

@@ -24,7 +24,7 @@ from sqlmodel import Session, col, select
 
 from ..bus import Bus
 from ..config import Limits
-from ..errors import denied, unauthenticated
+from ..errors import ChatError, Kind, denied, unauthenticated
 from ..store.models import Conversation, FeedEvent
 from . import agents
 from .access import stream_access
@@ -36,6 +36,7 @@ from .views import (
     AgentPrincipal,
     Behind,
     CustomerPrincipal,
+    Draining,
     EventView,
     FeedEventView,
     Heartbeat,
@@ -46,6 +47,9 @@ from .views import (
 
 Who = AgentPrincipal | CustomerPrincipal
 _PAGE = 500
+_DRAINING = ChatError(
+    Kind.UNAVAILABLE, "NODE_DRAINING", "This server is shutting down; reconnect and resume from the last seq you saw."
+)
 
 
 class Streams:
@@ -94,6 +98,8 @@ class Streams:
                     yield Heartbeat(last)
                 elif isinstance(item, SessionEnded):
                     raise unauthenticated("SESSION_ENDED", "This session has ended; log in again.")
+                elif isinstance(item, Draining):
+                    raise _DRAINING
                 elif isinstance(item, FeedEventView | Behind) and item.seq > last and not _about_conversation(item):
                     upto = item.seq if isinstance(item, Behind) else item.seq - 1
                     while last < upto:  # a gap: read what was missed, in order
@@ -152,6 +158,8 @@ class Streams:
                     yield Heartbeat(sent if customer else seen)
                 elif isinstance(item, SessionEnded):
                     raise unauthenticated("SESSION_ENDED", "This session has ended; log in again.")
+                elif isinstance(item, Draining):
+                    raise _DRAINING
                 elif isinstance(item, TypingView):
                     if _shows_typing(item, who):
                         yield item

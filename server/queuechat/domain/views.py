@@ -142,6 +142,12 @@ class Behind:
 
 
 @dataclass(frozen=True, slots=True)
+class Draining:
+    """Published on every topic when this node shuts down: its streams end with UNAVAILABLE, so clients
+    reconnect (to another node) and resume from their cursors."""
+
+
+@dataclass(frozen=True, slots=True)
 class QueueView:
     id: str
     display_name: str
