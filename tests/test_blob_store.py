@@ -12,6 +12,7 @@ import threading
 from collections.abc import Iterator
 from datetime import timedelta
 
+import grpc
 import pytest
 from files import MIB, Uploader, pdf_doc, sha
 from harness import Harness, base_config
@@ -391,3 +392,37 @@ def test_files_of_a_single_server_are_imported(tmp_path, db_url):
         assert store.import_files(tmp_path / "nothing") == 0
     finally:
         store.close()
+
+
+async def test_an_upload_another_server_expires_while_it_completes_leaves_no_bytes(two_servers):
+    """Node 2's sweep removes the upload between node 1 moving its bytes in and marking it complete:
+    node 1 is told the upload is gone, and no bytes are left behind."""
+    h1, h2 = two_servers
+    _, cust = await h1.chat(variables={"name": "Ada"})
+    up1 = Uploader(h1.customer_stub, cust.md, cust.id, customer=True)
+    data = b"late\n" * 100
+    up = await up1.create("late.txt", len(data))
+    await up1.send_chunks(up.upload_id, data)
+    with Session(h1.core.db.engine) as s:
+        row = s.get(Attachment, up.upload_id)
+        assert row is not None and row.expires_at is not None
+        row.expires_at = row.expires_at - timedelta(days=1)
+        s.add(row)
+        s.commit()
+    blobs = h1.core.attachments.blobs
+    loop = asyncio.get_running_loop()
+    real_commit = blobs.commit
+
+    def commit_then_sweep_elsewhere(upload_id: str, sha256: str) -> None:
+        real_commit(upload_id, sha256)
+        asyncio.run_coroutine_threadsafe(h2.core.attachments.sweep(), loop).result(10)
+
+    blobs.commit = commit_then_sweep_elsewhere  # type: ignore[method-assign]
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await up1.complete(up.upload_id, sha(data))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        blobs.commit = real_commit  # type: ignore[method-assign]
+    with h1.core.db.engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM blob_chunk")).scalar_one() == 0
