@@ -303,6 +303,36 @@ async def test_kill_9_of_the_offering_node_the_offer_still_times_out_on_schedule
     await other.accept(again.offer_id, prefer=cc)
 
 
+async def test_kill_9_of_the_node_holding_an_agents_only_stream_frees_its_offer_for_another_agent(make_cluster):
+    """The agent's offer stream dies with its node and the agent does not come back: the dead node's lease
+    runs out, the grace period (armed by nobody alive) is swept, the pending offer is withdrawn and the
+    chat goes to another agent, long before the offer would have timed out."""
+    lease, grace, sweep = 2.0, 1.0, 0.3
+    config = base_config(settings={"offer_timeout": 60.0, "stream_grace": grace})
+    c = await make_cluster("a", "b", config=config, env=cluster_env(lease=lease, sweep=sweep))
+    a, b = c.nodes
+    ag1 = await login(c.nodes, "agent1", via=b)
+    ag1.follow_offers(prefer=a)
+    await ag1.offers.wait_live()
+    cust = await start_chat(c.nodes, via=b)
+    cid = cust.conversation_id
+    offer = await ag1.wait_offer(cid, timeout=5)
+    ag2 = await login(c.nodes, "agent2", via=b)
+    ag2.follow_offers(prefer=b)
+    await ag2.offers.wait_live()
+    await ag1.offers.stop()  # agent1's client is gone with its node
+    await a.kill()
+    killed_at = time.monotonic()
+
+    again = await ag2.wait_offer(cid, timeout=lease + grace + 8)
+    took = time.monotonic() - killed_at
+    print(f"re-offered {took:.2f} s after the kill (lease {lease} s, grace {grace} s)")
+    assert took < lease + grace + 5, "the dead node's presence lasted too long"
+    rows = await c.sql("SELECT status, withdraw_reason FROM offer WHERE id = %s", offer.offer_id)
+    assert rows == [("withdrawn", "agent_unavailable")], rows
+    await ag2.accept(again.offer_id, prefer=b)
+
+
 # --- 4. the routing race -------------------------------------------------------------------------------------
 
 VIOLATIONS = """
@@ -563,7 +593,8 @@ async def test_sigterm_drains_and_its_clients_move_with_nothing_lost(make_cluste
     drained = time.monotonic() - t0
     await talk.wait_sent(10)
     await talk.stop()
-    print(f"A drained in {drained:.2f} s (exit {rc}); {len(talk.failed)} sends failed over")
+    moved = {f.name: f"{f.connects[-1].at - t0:+.2f} s ({f.breaks})" for f in (conv, stream, agent.offers)}
+    print(f"A drained in {drained:.2f} s (exit {rc}); streams moved after SIGTERM: {moved}")
     assert rc == 0, f"A exited with {rc} on SIGTERM:\n{a.log[-3000:]}"
 
     want = talk.all_texts()
