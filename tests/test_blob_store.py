@@ -267,14 +267,11 @@ async def two_servers(tmp_path, pg_url):  # noqa: F811
         for name in ("node1", "node2"):
             h = await Harness(tmp_path / name, base_config(), database_url=pg_url).start()
             servers.append(h)
-            attachments = h.core.attachments
-            if not isinstance(attachments.blobs, DbBlobStore):  # until Core picks its store by database
-                attachments.blobs = blob_store_for(h.core.db.engine, tmp_path / name / "files")
+            assert isinstance(h.core.attachments.blobs, DbBlobStore)  # Core picks the store by database
         yield servers
     finally:
         for h in servers:
             await h.stop()
-            h.core.attachments.blobs.close()
 
 
 def nothing_on_disk(h: Harness) -> bool:
