@@ -42,10 +42,10 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import grpc
+from loadgen import AgentDesk, Pool, md, percentile
 
 from chat.v1 import agent_service_pb2 as apb
 from chat.v1 import customer_service_pb2 as cpb
-from loadgen import AgentDesk, Pool, md, percentile
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_HOST = os.environ.get("QC_PG_HOST", "127.0.0.1")
@@ -85,8 +85,16 @@ def pg_connect(user: str | None = None, schema: str | None = None):
     import psycopg
 
     kw = {"options": f"-csearch_path={schema}"} if schema else {}
-    return psycopg.connect(host=PG_HOST, port=PG_PORT, dbname=PG_DB, user=user or pg_user(), connect_timeout=5,
-                           autocommit=True, application_name="queuechat-bench", **kw)
+    return psycopg.connect(
+        host=PG_HOST,
+        port=PG_PORT,
+        dbname=PG_DB,
+        user=user or pg_user(),
+        connect_timeout=5,
+        autocommit=True,
+        application_name="queuechat-bench",
+        **kw,
+    )
 
 
 def pg_user() -> str:
@@ -94,7 +102,9 @@ def pg_user() -> str:
     global _pg_user
     if _pg_user is None:
         errors = []
-        for user in dict.fromkeys(u for u in (os.environ.get("QC_PG_USER"), os.environ.get("PGUSER"), "postgres", "root") if u):
+        for user in dict.fromkeys(
+            u for u in (os.environ.get("QC_PG_USER"), os.environ.get("PGUSER"), "postgres", "root") if u
+        ):
             try:
                 with pg_connect(user) as c:
                     c.execute("select 1")
@@ -227,8 +237,16 @@ class Node:
         env.pop("QUEUECHAT_NATS_URL", None)
         self.dead = False
         self.starts += 1
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     text=True, cwd=c.tmp, env=env, start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=c.tmp,
+            env=env,
+            start_new_session=True,
+        )
         ready = threading.Event()
         log = (c.tmp / f"{self.name}.log").open("a")
         proc = self.proc
@@ -260,21 +278,11 @@ class Node:
     def kill(self) -> None:
         """kill -9 (its process group: nothing else)."""
         self.dead = True
+        if self.proc.poll() is not None:
+            return
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.dead = True
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(8)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
 
 
 class Cluster:
@@ -290,8 +298,14 @@ class Cluster:
         opts = f"-csearch_path={self.schema} -capplication_name={self.schema}"
         from sqlalchemy.engine import URL
 
-        self.url = URL.create("postgresql+psycopg", username=pg_user(), host=PG_HOST, port=PG_PORT, database=PG_DB,
-                              query={"options": opts}).render_as_string(hide_password=False)
+        self.url = URL.create(
+            "postgresql+psycopg",
+            username=pg_user(),
+            host=PG_HOST,
+            port=PG_PORT,
+            database=PG_DB,
+            query={"options": opts},
+        ).render_as_string(hide_password=False)
         self.env = env or {}
         self.nodes = [Node(self, i) for i in range(n)]
         self.violations: dict[str, set[str]] = {"over_capacity": set(), "double_offers": set()}
@@ -315,7 +329,8 @@ class Cluster:
             if n.pool is not None:
                 with contextlib.suppress(Exception):
                     await n.pool.close()
-        await asyncio.to_thread(lambda: [n.stop() for n in self.nodes])
+        # kill -9: the run's data is dropped with the schema, and a drain would take seconds per node.
+        await asyncio.to_thread(lambda: [n.kill() for n in self.nodes if n.proc is not None])
         if self._db is not None:
             self._db.close()
         with pg_connect() as c:
@@ -361,8 +376,11 @@ class Cluster:
             await self.check()
 
     def invariants(self) -> dict:
-        return {"over_capacity": len(self.violations["over_capacity"]),
-                "double_offers": len(self.violations["double_offers"]), "invariant_samples": self.samples}
+        return {
+            "over_capacity": len(self.violations["over_capacity"]),
+            "double_offers": len(self.violations["double_offers"]),
+            "invariant_samples": self.samples,
+        }
 
 
 class Spread:
@@ -392,6 +410,8 @@ class Follower:
         self.arrivals: list[tuple[float, Node]] = []  # of every event
         self.live = asyncio.Event()
         self.breaks = 0
+        self.broken_at: list[float] = []  # when each break was seen
+        self.live_at: list[float] = []  # the first heartbeat of each connection (caught up)
         self.error: str | None = None
         self.task = asyncio.create_task(self._run())
 
@@ -410,6 +430,8 @@ class Follower:
                 async for item in call:
                     if item.HasField("heartbeat"):
                         self.cursor = max(self.cursor, item.heartbeat.latest_seq)
+                        if not self.live.is_set():
+                            self.live_at.append(time.monotonic())
                         self.live.set()
                         backoff = 0.02
                     elif item.HasField("event"):
@@ -425,6 +447,7 @@ class Follower:
                     self.error = f"{e.code().name}: {e.details()}"
                     return
                 self.breaks += 1
+                self.broken_at.append(time.monotonic())
                 self.live.clear()
                 # Another live node (kill -9 was seen as a reset; a drained node says UNAVAILABLE).
                 others = [n for n in self.cluster.alive() if n is not node] or self.cluster.alive()
@@ -505,8 +528,11 @@ async def open_chats(cluster: Cluster, desk: AgentDesk, count: int, node_of, rat
     async def one(k: int):
         await asyncio.sleep(k / rate)
         node = node_of(k)
-        resp = await send_any(cluster, node, lambda n: n.pool.customers().StartChat(
-            cpb.StartChatRequest(queue_id="q", request_id=uuid.uuid4().hex)))
+        resp = await send_any(
+            cluster,
+            node,
+            lambda n: n.pool.customers().StartChat(cpb.StartChatRequest(queue_id="q", request_id=uuid.uuid4().hex)),
+        )
         out.append((resp.conversation.conversation_id, resp.customer_token, node))
 
     await asyncio.gather(*(one(k) for k in range(count)))
@@ -539,7 +565,8 @@ async def phase_saturation(args) -> dict:
                 stub = node.pool.customers()
                 while time.monotonic() < stop_at:
                     resp = await stub.SendMessage(
-                        cpb.CustomerServiceSendMessageRequest(conversation_id=cid, text="x" * 40), metadata=md(token))
+                        cpb.CustomerServiceSendMessageRequest(conversation_id=cid, text="x" * 40), metadata=md(token)
+                    )
                     ledger.ok(cid, resp.event.seq)
 
             meter = CpuMeter(cl)
@@ -555,9 +582,16 @@ async def phase_saturation(args) -> dict:
                 f.stop()
         acked = settled["sent_ok"]
         per = {f"{g}_cpu_s_per_1000_msgs": v / acked * 1000 for g, v in cpu.items()}
-        return {"nodes": n, "conversations": len(chats), "msgs_per_s": acked / elapsed, **settled, **per,
-                "cluster_cpu_s_per_1000_msgs": (cpu["nodes"] + cpu["postgres"] + cpu["nats"]) / acked * 1000,
-                **cl.invariants(), "server_errors": cl.errors()[:20]}
+        return {
+            "nodes": n,
+            "conversations": len(chats),
+            "msgs_per_s": acked / elapsed,
+            **settled,
+            **per,
+            "cluster_cpu_s_per_1000_msgs": (cpu["nodes"] + cpu["postgres"] + cpu["nats"]) / acked * 1000,
+            **cl.invariants(),
+            "server_errors": cl.errors()[:20],
+        }
 
 
 async def phase_cross(args) -> dict:
@@ -577,7 +611,8 @@ async def phase_cross(args) -> dict:
             def timer(sink, prefix):
                 def on_message(m):
                     if m.text.startswith(prefix):
-                        sink.append((time.monotonic_ns() - int(m.text[len(prefix):])) / 1e6)
+                        sink.append((time.monotonic_ns() - int(m.text[len(prefix) :])) / 1e6)
+
                 return on_message
 
             ledger = Ledger()
@@ -587,7 +622,9 @@ async def phase_cross(args) -> dict:
                     Follower(cl, a, customer_stream(cid, ctoken), timer(a2c, "a=")),
                     Follower(cl, b, agent_stream(cid, atoken), timer(c2a, "c=")),
                 ]
-            await asyncio.wait_for(asyncio.gather(*(f.live.wait() for fs in ledger.followers.values() for f in fs)), 120)
+            await asyncio.wait_for(
+                asyncio.gather(*(f.live.wait() for fs in ledger.followers.values() for f in fs)), 120
+            )
             stop_at = time.monotonic() + args.duration
 
             async def talk(cid, ctoken, _node):
@@ -597,13 +634,19 @@ async def phase_cross(args) -> dict:
                 turn = 0
                 while time.monotonic() < stop_at:
                     if turn % 2 == 0:
-                        resp = await cstub.SendMessage(cpb.CustomerServiceSendMessageRequest(
-                            conversation_id=cid, text=f"c={time.monotonic_ns()}", request_id=uuid.uuid4().hex),
-                            metadata=md(ctoken))
+                        resp = await cstub.SendMessage(
+                            cpb.CustomerServiceSendMessageRequest(
+                                conversation_id=cid, text=f"c={time.monotonic_ns()}", request_id=uuid.uuid4().hex
+                            ),
+                            metadata=md(ctoken),
+                        )
                     else:
-                        resp = await astub.SendMessage(apb.SendMessageRequest(
-                            conversation_id=cid, text=f"a={time.monotonic_ns()}", request_id=uuid.uuid4().hex),
-                            metadata=md(atoken))
+                        resp = await astub.SendMessage(
+                            apb.SendMessageRequest(
+                                conversation_id=cid, text=f"a={time.monotonic_ns()}", request_id=uuid.uuid4().hex
+                            ),
+                            metadata=md(atoken),
+                        )
                     ledger.ok(cid, resp.event.seq)
                     turn += 1
                     await asyncio.sleep(args.interval)
@@ -615,10 +658,18 @@ async def phase_cross(args) -> dict:
             for f in fs:
                 f.stop()
         both = c2a + a2c
-        return {"conversations": len(chats), "interval_s": args.interval, "messages": len(both),
-                "cross_node_message_p50_ms": percentile(both, 0.5), "cross_node_message_p99_ms": percentile(both, 0.99),
-                "customer_to_agent_p99_ms": percentile(c2a, 0.99), "agent_to_customer_p99_ms": percentile(a2c, 0.99),
-                **settled, **cl.invariants(), "server_errors": cl.errors()[:20]}
+        return {
+            "conversations": len(chats),
+            "interval_s": args.interval,
+            "messages": len(both),
+            "cross_node_message_p50_ms": percentile(both, 0.5),
+            "cross_node_message_p99_ms": percentile(both, 0.99),
+            "customer_to_agent_p99_ms": percentile(c2a, 0.99),
+            "agent_to_customer_p99_ms": percentile(a2c, 0.99),
+            **settled,
+            **cl.invariants(),
+            "server_errors": cl.errors()[:20],
+        }
 
 
 async def phase_failover(args) -> dict:
@@ -629,8 +680,11 @@ async def phase_failover(args) -> dict:
     n = args.nodes
     agents = max(1, min(args.agents, args.conversations))
     max_chats = -(-args.conversations // agents) + 1
-    env = {"QUEUECHAT_CLUSTER__LEASE_SECONDS": "3", "QUEUECHAT_CLUSTER__SWEEP_INTERVAL": "0.5",
-           "QUEUECHAT_CLUSTER__RECONCILE_INTERVAL": "1"}
+    env = {
+        "QUEUECHAT_CLUSTER__LEASE_SECONDS": "3",
+        "QUEUECHAT_CLUSTER__SWEEP_INTERVAL": "0.5",
+        "QUEUECHAT_CLUSTER__RECONCILE_INTERVAL": "1",
+    }
     async with Cluster(n, agents, max_chats, env) as cl:
         desk = AgentDesk(Spread(cl.nodes), agents)
         await desk.start()
@@ -641,8 +695,10 @@ async def phase_failover(args) -> dict:
             followers: list[Follower] = []
             for k, (cid, ctoken, node) in enumerate(chats):
                 _, atoken = desk.accepted[cid]
-                fs = [Follower(cl, node, customer_stream(cid, ctoken)),
-                      Follower(cl, cl.nodes[(node.i + 1) % n], agent_stream(cid, atoken))]
+                fs = [
+                    Follower(cl, node, customer_stream(cid, ctoken)),
+                    Follower(cl, cl.nodes[(node.i + 1) % n], agent_stream(cid, atoken)),
+                ]
                 ledger.followers[cid] = fs
                 followers += fs
             await asyncio.wait_for(asyncio.gather(*(f.live.wait() for f in followers)), 60)
@@ -658,12 +714,14 @@ async def phase_failover(args) -> dict:
                     try:
                         if turn % 2 == 0:
                             req = cpb.CustomerServiceSendMessageRequest(conversation_id=cid, text="c", request_id=rid)
-                            resp = await send_any(cl, prefer, lambda nd: nd.pool.customers().SendMessage(
-                                req, metadata=md(ctoken)))
+                            resp = await send_any(
+                                cl, prefer, lambda nd: nd.pool.customers().SendMessage(req, metadata=md(ctoken))
+                            )
                         else:
                             req = apb.SendMessageRequest(conversation_id=cid, text="a", request_id=rid)
-                            resp = await send_any(cl, prefer, lambda nd: nd.pool.agents().SendMessage(
-                                req, metadata=md(atoken)))
+                            resp = await send_any(
+                                cl, prefer, lambda nd: nd.pool.agents().SendMessage(req, metadata=md(atoken))
+                            )
                         ledger.ok(cid, resp.event.seq)
                     except grpc.aio.AioRpcError as e:
                         ledger.failed.append(f"{e.code().name}: {e.details()}")
@@ -672,8 +730,11 @@ async def phase_failover(args) -> dict:
 
             talkers = [asyncio.create_task(talk(cid, ctoken)) for cid, ctoken, _ in chats]
             samples: list[float] = []
+            detect: list[float] = []  # kill -> the client sees its stream broken
+            resumed: list[float] = []  # kill -> live again on another node (first heartbeat)
             per_kill: list[dict] = []
             unrecovered = 0
+            restarts: list[float] = []
             for _ in range(args.kills):
                 await asyncio.sleep(args.pause)
                 held: dict[Node, list[Follower]] = {}
@@ -692,22 +753,47 @@ async def phase_failover(args) -> dict:
                 deadline = t0 + 20
                 while time.monotonic() < deadline and any(recovered(f, m) is None for f, m in zip(affected, marks)):
                     await asyncio.sleep(0.01)
+                for f in affected:
+                    seen = next((t - t0 for t in f.broken_at if t > t0), None)
+                    back = next((t - t0 for t in f.live_at if t > t0), None)
+                    if seen is not None:
+                        detect.append(seen)
+                    if back is not None:
+                        resumed.append(back)
                 got = [recovered(f, m) for f, m in zip(affected, marks)]
                 unrecovered += sum(g is None for g in got)
-                got = [g for g in got if g is not None]
+                # A stream that never came back counts as the deadline: a lower bound, and a target missed.
+                got = [g if g is not None else deadline - t0 for g in got]
                 samples += got
                 per_kill.append({"node": victim.name, "streams": len(affected), "max_s": max(got, default=None)})
-                await victim.wait_ready(victim.start())
+                if len(per_kill) < args.kills:  # after the last kill the cluster goes anyway
+                    t1 = time.monotonic()
+                    await victim.wait_ready(victim.start())
+                    restarts.append(round(time.monotonic() - t1, 2))
             done.set()
             await asyncio.gather(*talkers)
             settled = await ledger.settle()
         for f in followers:
             f.stop()
-        return {"nodes": n, "conversations": len(chats), "kills": len(per_kill), "samples": len(samples),
-                "unrecovered": unrecovered, "failover_p50_s": percentile(samples, 0.5),
-                "failover_p99_s": percentile(samples, 0.99), "failover_max_s": max(samples, default=float("nan")),
-                "per_kill": per_kill, "failed_sends": ledger.failed[:10], **settled,
-                **cl.invariants(), "server_errors": cl.errors()[:20]}
+        return {
+            "nodes": n,
+            "conversations": len(chats),
+            "kills": len(per_kill),
+            "samples": len(samples),
+            "unrecovered": unrecovered,
+            "failover_p50_s": percentile(samples, 0.5),
+            "failover_p99_s": percentile(samples, 0.99),
+            "failover_max_s": max(samples, default=float("nan")),
+            "broken_seen_p99_s": percentile(detect, 0.99),
+            "resumed_p50_s": percentile(resumed, 0.5),
+            "resumed_p99_s": percentile(resumed, 0.99),
+            "restart_s": restarts,
+            "per_kill": per_kill,
+            "failed_sends": ledger.failed[:10],
+            **settled,
+            **cl.invariants(),
+            "server_errors": cl.errors()[:20],
+        }
 
 
 def main() -> None:
@@ -719,10 +805,17 @@ def main() -> None:
     p.add_argument("--loops", type=int, default=4, help="concurrent senders per conversation (saturation)")
     p.add_argument("--duration", type=float, default=15.0)
     p.add_argument("--rate", type=float, default=100.0, help="chats started per second (cross)")
-    p.add_argument("--interval", type=float, default=5.0, help="seconds between a conversation's messages")
+    p.add_argument(
+        "--interval",
+        type=float,
+        default=5.0,
+        help="seconds between a conversation's messages (cross; failover: default 0.1)",
+    )
     p.add_argument("--kills", type=int, default=20)
     p.add_argument("--pause", type=float, default=1.0, help="seconds of traffic before each kill")
     args = p.parse_args()
+    if args.phase == "failover" and "--interval" not in sys.argv:
+        args.interval = 0.1  # the next event is at most this far behind the resumed stream
     phase = {"saturation": phase_saturation, "cross": phase_cross, "failover": phase_failover}[args.phase]
     print(json.dumps(asyncio.run(phase(args))), flush=True)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -29,15 +30,33 @@ TARGETS = {
     "kib_per_stream": ("<=", 30.0, "server memory per open stream"),
     "attachment_ratio": (">=", 0.5, "20 MiB transfer / raw gRPC bytes"),
 }
+# Only when the cluster phases ran (PostgreSQL and NATS reachable).
+CLUSTER_TARGETS = {
+    "cluster_cost_ratio": ("<=", 2.0, "CPU per message, 1-node cluster (node + PostgreSQL + NATS) / SQLite process"),
+    "cross_node_message_p99_ms": ("<=", 25.0, "customer on one node, agent on another, p99"),
+    "failover_p99_s": ("<=", 3.0, "kill -9 -> next event on a surviving node, p99"),
+    "lost": ("==", 0, "sent OK, never received"),
+    "duplicated": ("==", 0, "received twice"),
+    "over_capacity": ("==", 0, "agents over max_chats (chats + pending offers)"),
+    "double_offers": ("==", 0, "chats offered to two agents at once, or accepted twice"),
+}
 
 PROFILES = {
     "quick": dict(agents=20, chats=200, rate=40, interval=5.0, duration=8, sat_convs=20, sat_seconds=4,
-                  counts=[100, 1000], repeat=1),
+                  counts=[100, 1000], repeat=1,
+                  cluster_nodes=[1], cl_sat_convs=20, cl_sat_seconds=4,
+                  cross_convs=50, cross_agents=10, cross_interval=1.0, cross_duration=4,
+                  fo_nodes=2, fo_convs=4, fo_kills=2),
     # For the test suite: every phase, seconds in all; its figures mean nothing.
     "tiny": dict(agents=2, chats=6, rate=20, interval=0.5, duration=1, sat_convs=2, sat_seconds=1,
-                 counts=[5, 10], repeat=1),
+                 counts=[5, 10], repeat=1,
+                 cluster_nodes=[1], cl_sat_convs=2, cl_sat_seconds=1,
+                 cross_convs=0, fo_nodes=2, fo_convs=1, fo_kills=1),
     "full": dict(agents=100, chats=1000, rate=40, interval=5.0, duration=30, sat_convs=50, sat_seconds=15,
-                 counts=[100, 1000, 5000], repeat=3),
+                 counts=[100, 1000, 5000], repeat=3,
+                 cluster_nodes=[1, 2, 4], cl_sat_convs=50, cl_sat_seconds=15,
+                 cross_convs=1000, cross_agents=100, cross_interval=5.0, cross_duration=30,
+                 fo_nodes=3, fo_convs=10, fo_kills=20),
 }
 
 
@@ -106,7 +125,48 @@ def load(phase: str, pid: int, port: int, **kw) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run(profile: str) -> dict:
+def cluster_phase(phase: str, **kw) -> dict:
+    t0 = time.monotonic()
+    cmd = [sys.executable, str(ROOT / "bench" / "cluster.py"), phase]
+    for k, v in kw.items():
+        cmd += [f"--{k.replace('_', '-')}", str(v)]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if out.returncode != 0:
+        raise RuntimeError(f"cluster {phase} failed:\n{out.stderr[-3000:]}")
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    res["seconds"] = round(time.monotonic() - t0, 1)
+    print(f"  ({res['seconds']} s)", flush=True)
+    for e in res.get("server_errors", []):
+        print(f"  server error during cluster {phase}: {e}", flush=True)
+    return res
+
+
+def run_cluster(p: dict, res: dict) -> None:
+    """The cluster phases (bench/cluster.py), or why they were skipped: failed on CI, where they must run."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import cluster
+
+    why = cluster.problem()
+    if why:
+        if os.environ.get("CI"):
+            raise RuntimeError(f"cluster phases: {why}; CI must provide PostgreSQL and NATS")
+        print(f"bench: cluster phases skipped: {why}", flush=True)
+        res["cluster_skipped"] = why
+        return
+    for n in p["cluster_nodes"]:
+        print(f"bench: cluster saturation, {n} node(s) ...", flush=True)
+        res[f"cluster_{n}"] = cluster_phase("saturation", nodes=n, conversations=p["cl_sat_convs"],
+                                            duration=p["cl_sat_seconds"])
+    if p["cross_convs"]:
+        print("bench: cluster, customer and agent on different nodes ...", flush=True)
+        res["cross"] = cluster_phase("cross", conversations=p["cross_convs"], agents=p["cross_agents"],
+                                     interval=p["cross_interval"], duration=p["cross_duration"])
+    print(f"bench: cluster failover, {p['fo_kills']} x kill -9 ...", flush=True)
+    res["failover"] = cluster_phase("failover", nodes=p["fo_nodes"], conversations=p["fo_convs"],
+                                    kills=p["fo_kills"], interval=0.1)
+
+
+def run(profile: str, with_cluster: bool = True) -> dict:
     p = PROFILES[profile]
     t0 = time.monotonic()
     res: dict = {"profile": profile, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -128,6 +188,10 @@ def run(profile: str) -> dict:
         res["raw_bytes"] = load("attachments", pid, port, repeat=p["repeat"])
     with queuechat() as (pid, port):
         res["attachments"] = load("attachments", pid, port, repeat=p["repeat"])
+    if with_cluster:
+        run_cluster(p, res)
+    else:
+        res["cluster_skipped"] = "--no-cluster"
     res["seconds"] = round(time.monotonic() - t0, 1)
     return res
 
@@ -154,10 +218,40 @@ def summary(res: dict) -> dict:
         "raw_download_mb_per_s": raw["download_mb_per_s"],
         "attachment_ratio": ratio,
     }
+    targets = dict(TARGETS)
+    if "failover" in res:
+        out.update(cluster_summary(res))
+        targets.update(CLUSTER_TARGETS)
+    else:
+        out["cluster_skipped"] = res.get("cluster_skipped", "not run")
+    ops = {">=": lambda a, b: a >= b, "<=": lambda a, b: a <= b, "==": lambda a, b: a == b}
     out["targets"] = {
-        k: {"target": f"{op} {limit:g}", "value": round(out[k], 3), "met": out[k] >= limit if op == ">=" else out[k] <= limit}
-        for k, (op, limit, _) in TARGETS.items()
+        k: {"target": f"{op} {limit:g}", "value": round(out[k], 3), "met": ops[op](out[k], limit)}
+        for k, (op, limit, _) in targets.items() if k in out
     }
+    return out
+
+
+def cluster_summary(res: dict) -> dict:
+    sat = {int(k.split("_")[1]): v for k, v in res.items() if re.fullmatch(r"cluster_\d+", k)}
+    phases = [*sat.values(), res["failover"]] + ([res["cross"]] if "cross" in res else [])
+    out: dict = {f"cluster_msgs_per_s_{n}": r["msgs_per_s"] for n, r in sorted(sat.items())}
+    out["cluster_cpu_s_per_1000_msgs"] = {
+        str(n): {g: round(r[f"{g}_cpu_s_per_1000_msgs"], 3) for g in ("nodes", "postgres", "postgres_background", "nats")}
+        for n, r in sorted(sat.items())
+    }
+    if 1 in sat:
+        out["cluster_cost_ratio"] = sat[1]["cluster_cpu_s_per_1000_msgs"] / res["saturation"]["server_cpu_s_per_1000_msgs"]
+    if "cross" in res:
+        out["cross_node_message_p50_ms"] = res["cross"]["cross_node_message_p50_ms"]
+        out["cross_node_message_p99_ms"] = res["cross"]["cross_node_message_p99_ms"]
+    fo = res["failover"]
+    out.update(failover_p50_s=fo["failover_p50_s"], failover_p99_s=fo["failover_p99_s"],
+               failover_max_s=fo["failover_max_s"], failover_kills=fo["kills"], failover_unrecovered=fo["unrecovered"])
+    for k in ("lost", "duplicated", "over_capacity", "double_offers"):
+        out[k] = sum(r[k] for r in phases)
+    out["cluster_sent_ok"] = sum(r["sent_ok"] for r in phases)
+    out["cluster_server_errors"] = sum(len(r.get("server_errors", [])) for r in phases)
     return out
 
 
@@ -182,11 +276,37 @@ def markdown(res: dict, s: dict) -> str:
         ("20 MiB download / raw gRPC bytes, MB/s",
          f"{s['attachment_download_mb_per_s']:.0f} / {s['raw_download_mb_per_s']:.0f}"),
     ]
+    if "cluster_cpu_s_per_1000_msgs" in s:
+        rows += cluster_rows(res, s)
+    else:
+        rows.append(("Cluster phases", f"skipped: {s['cluster_skipped']}"))
     lines = [f"# queuechat benchmark ({res['profile']}, {res['started']}, {res['seconds']} s)", "",
              "| measure | value |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows]
     lines += ["", "| target | value | met |", "|---|---|---|"]
     lines += [f"| {k} {t['target']} | {t['value']} | {'yes' if t['met'] else '**no**'} |" for k, t in s["targets"].items()]
     return "\n".join(lines) + "\n"
+
+
+def cluster_rows(res: dict, s: dict) -> list[tuple[str, str]]:
+    rows = []
+    for n, cpu in s["cluster_cpu_s_per_1000_msgs"].items():
+        r = res[f"cluster_{n}"]
+        rows.append((f"Cluster, {n} node(s), saturation msgs/s ({r['conversations']} conversations)",
+                     f"{s[f'cluster_msgs_per_s_{n}']:.0f}"))
+        rows.append(("  CPU s per 1,000 messages: nodes / PostgreSQL backends / PostgreSQL background / NATS",
+                     f"{cpu['nodes']:.3f} / {cpu['postgres']:.3f} / {cpu['postgres_background']:.3f} / {cpu['nats']:.3f}"))
+    if "cluster_cost_ratio" in s:
+        rows.append(("cluster_cost_ratio (1-node cluster CPU per message / SQLite process)", f"{s['cluster_cost_ratio']:.2f}"))
+    if "cross" in res:
+        c = res["cross"]
+        rows.append((f"Cross-node message latency p50 / p99 ({c['conversations']} conversations, one message / "
+                     f"{c['interval_s']:g} s each), ms", f"{s['cross_node_message_p50_ms']:.1f} / {s['cross_node_message_p99_ms']:.1f}"))
+    fo = res["failover"]
+    rows.append((f"Failover p50 / p99 / max, s ({s['failover_kills']} x kill -9, {fo['samples']} streams moved, "
+                 f"{fo['nodes']} nodes)", f"{s['failover_p50_s']:.2f} / {s['failover_p99_s']:.2f} / {s['failover_max_s']:.2f}"))
+    rows.append(("Cluster: sent OK / lost / duplicated / over capacity / double offers",
+                 f"{s['cluster_sent_ok']} / {s['lost']} / {s['duplicated']} / {s['over_capacity']} / {s['double_offers']}"))
+    return rows
 
 
 def plot(s: dict, path: Path) -> None:
@@ -195,7 +315,8 @@ def plot(s: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    cl = s.get("cluster_cpu_s_per_1000_msgs")
+    fig, axes = plt.subplots(1, 4 if cl else 3, figsize=(16 if cl else 12, 3.6))
     axes[0].bar(["queuechat", "relay"], [s["saturation_msgs_per_s"], s["baseline_msgs_per_s"]], color=["#2a6", "#999"])
     axes[0].set_title(f"Saturation, msgs/s (ratio {s['relay_ratio']:.2f})")
     axes[1].bar(["offer p50", "offer p99", "msg p50", "msg p99"],
@@ -208,6 +329,17 @@ def plot(s: dict, path: Path) -> None:
     axes[2].axhline(30, color="#c33", ls="--", lw=1)
     axes[2].set_xscale("log")
     axes[2].set_title("KiB per open stream")
+    if cl:
+        ns = list(cl)
+        bottom = [0.0] * len(ns)
+        for g, color in (("nodes", "#2a6"), ("postgres", "#36c"), ("postgres_background", "#9bd"), ("nats", "#c93")):
+            vals = [cl[n][g] for n in ns]
+            axes[3].bar([f"{n} node(s)\n{s[f'cluster_msgs_per_s_{n}']:.0f}/s" for n in ns], vals, bottom=bottom,
+                        color=color, label=g)
+            bottom = [b + v for b, v in zip(bottom, vals)]
+        axes[3].axhline(s["server_cpu_s_per_1000_msgs"], color="#c33", ls="--", lw=1, label="SQLite process")
+        axes[3].legend(fontsize=7)
+        axes[3].set_title("Cluster CPU s per 1,000 msgs")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -217,9 +349,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="a run of under a minute")
     ap.add_argument("--profile", choices=sorted(PROFILES), help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=OUT, help="where results go (default bench-results/)")
+    ap.add_argument("--no-cluster", action="store_true", help="skip the cluster phases (PostgreSQL + NATS)")
     args = ap.parse_args(argv)
     profile = args.profile or ("quick" if args.quick else "full")
-    res = run(profile)
+    res = run(profile, with_cluster=not args.no_cluster)
     s = summary(res)
     out = args.out
     (out / "raw").mkdir(parents=True, exist_ok=True)
