@@ -177,6 +177,11 @@ class Node:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **c.env}
         env.pop("QUEUECHAT_DATABASE_URL", None)
         env.pop("QUEUECHAT_NATS_URL", None)
+        if self.channel is not None:  # a restart
+            await self.channel.close()
+            self.channel = None
+        if self._log:
+            self._log.close()
         self.lines = []
         self.stopping = False
         self._log = (c.tmp / f"{self.name}.log").open("a")

@@ -255,6 +255,14 @@ async def test_kill_9_of_the_node_holding_both_streams_loses_nothing(make_cluste
     cust2 = await start_chat(c.nodes, via=cc)
     await agent.wait_offer(cust2.conversation_id, timeout=5)
 
+    # A restarts under the same node id: it clears its own (dead) leases, never the live ones of the others.
+    others = await c.sql("SELECT id, node_id FROM stream_lease WHERE node_id <> 'a' ORDER BY id")
+    assert others, "the agent's stream holds no lease on a survivor"
+    await a.start()
+    assert await c.sql("SELECT id, node_id FROM stream_lease WHERE node_id <> 'a' ORDER BY id") == others
+    cust3 = await start_chat(c.nodes, via=a)
+    await agent.wait_offer(cust3.conversation_id, timeout=5)
+
 
 async def _not(coro):
     return not await coro
@@ -331,6 +339,49 @@ async def test_kill_9_of_the_node_holding_an_agents_only_stream_frees_its_offer_
     rows = await c.sql("SELECT status, withdraw_reason FROM offer WHERE id = %s", offer.offer_id)
     assert rows == [("withdrawn", "agent_unavailable")], rows
     await ag2.accept(again.offer_id, prefer=b)
+
+
+async def test_upload_begun_on_a_killed_node_resumes_on_another_and_any_node_serves_it(make_cluster):
+    """Attachment bytes live in PostgreSQL: the chunks a dead node acknowledged are there, the upload
+    resumes on another node, and a third serves the file."""
+    from files import MIB, Uploader, sha
+
+    c = await make_cluster("a", "b", "c", env=cluster_env(lease=2.0, sweep=0.3, reconcile=1.0))
+    a, b, cc = c.nodes
+    agent = await login(c.nodes, "agent1", via=b)
+    agent.follow_offers(prefer=b)
+    await agent.offers.wait_live()
+    cust = await start_chat(c.nodes, via=b)
+    cid = cust.conversation_id
+    offer = await agent.wait_offer(cid, timeout=5)
+    await agent.accept(offer.offer_id, prefer=b)
+    stream = cust.follow(prefer=cc)
+    await stream.wait_live()
+
+    data = b"".join(b"line %07d of a log the agent sends\n" % i for i in range(80_000))  # ~2.9 MiB of text
+    on_a = Uploader(a.agent, agent.md, cid, customer=False)
+    up = await on_a.create("server.log", len(data), "text/plain")
+    acked = await on_a.chunk(up.upload_id, 0, data[:MIB])
+    acked = await on_a.chunk(up.upload_id, acked, data[acked : acked + MIB])
+    assert acked == 2 * MIB
+    await a.kill()
+
+    on_b = Uploader(b.agent, agent.md, cid, customer=False)
+    state = await on_b.get(up.upload_id)
+    assert state.received_bytes == acked, "bytes a dead node acknowledged were lost"
+    await on_b.send_chunks(up.upload_id, data, start=state.received_bytes)
+    att = (await on_b.complete(up.upload_id, sha(data))).attachment
+    req = agent_pb.SendMessageRequest(
+        conversation_id=cid, request_id="with-the-log", text="the log", attachment_ids=[att.attachment_id]
+    )
+    await b.agent.SendMessage(req, metadata=agent.md)
+    ev = await stream.wait_event(lambda e: e.WhichOneof("kind") == "message", "the message with the file", 10)
+    assert [x.attachment_id for x in ev.message.attachments] == [att.attachment_id]
+
+    meta, got = await Uploader(cc.customer, cust.md, cid, customer=True).download(att.attachment_id)
+    assert meta.sha256 == sha(data) and got == data
+    meta, got = await Uploader(cc.agent, agent.md, cid, customer=False).download(att.attachment_id, offset=MIB + 7)
+    assert got == data[MIB + 7 :]
 
 
 # --- 4. the routing race -------------------------------------------------------------------------------------
