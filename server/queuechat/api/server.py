@@ -218,7 +218,7 @@ class _NodeHealth(health.aio.HealthServicer):
 
 
 async def _start_bridge(
-    target: str, web_listen: str, web_origins: list[str] | None, metrics: Metrics | None, reuse_port: bool
+    target: str, web_listen: str, web_origins: list[str] | None, metrics: Metrics | None, reuse_port: bool = False
 ) -> Any:
     """The web bridge; with metrics, it also serves GET /metrics (--metrics-listen web)."""
     from queuechat_web import split_host_port, start_bridge
