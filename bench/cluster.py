@@ -53,6 +53,12 @@ PG_PORT = int(os.environ.get("QC_PG_PORT", "5432"))
 PG_DB = os.environ.get("QC_PG_DATABASE", "test")
 NATS_URL = os.environ.get("QC_NATS_URL", "nats://127.0.0.1:4222")
 START_TIMEOUT = 60.0
+T0 = time.monotonic()
+STEPS: dict[str, float] = {}  # seconds since start at each step of the phase (where the time goes)
+
+
+def step(name: str) -> None:
+    STEPS[name] = round(time.monotonic() - T0, 2)
 
 # The routing invariants, as tests/test_cluster.py checks them.
 VIOLATIONS = """
@@ -550,9 +556,12 @@ async def phase_saturation(args) -> dict:
     agents = max(1, args.conversations // 50)
     async with Cluster(n, agents, 60) as cl:
         desk = AgentDesk(Spread(cl.nodes), agents)
+        step("nodes up")
         await desk.start()
+        step("agents in")
         async with cl.watching():
             chats = await open_chats(cl, desk, args.conversations, lambda k: cl.nodes[k % n], 200)
+            step("chats accepted")
             ledger = Ledger()
             for cid, _, node in chats:
                 _, atoken = desk.accepted[cid]
@@ -575,7 +584,9 @@ async def phase_saturation(args) -> dict:
             await asyncio.gather(*(sender(*c) for c in chats for _ in range(args.loops)))
             elapsed = time.monotonic() - t0
             cpu = await asyncio.to_thread(meter.stop)
+            step("load done")
             settled = await ledger.settle()
+            step("settled")
         desk.stop()
         for fs in ledger.followers.values():
             for f in fs:
@@ -602,9 +613,12 @@ async def phase_cross(args) -> dict:
     async with Cluster(2, agents, max_chats) as cl:
         a, b = cl.nodes
         desk = AgentDesk(Spread([b]), agents)
+        step("nodes up")
         await desk.start()
+        step("agents in")
         async with cl.watching(1.0):
             chats = await open_chats(cl, desk, args.conversations, lambda k: a, args.rate)
+            step("chats accepted")
             c2a: list[float] = []
             a2c: list[float] = []
 
@@ -652,7 +666,9 @@ async def phase_cross(args) -> dict:
                     await asyncio.sleep(args.interval)
 
             await asyncio.gather(*(talk(*c) for c in chats))
+            step("load done")
             settled = await ledger.settle()
+            step("settled")
         desk.stop()
         for fs in ledger.followers.values():
             for f in fs:
@@ -687,9 +703,12 @@ async def phase_failover(args) -> dict:
     }
     async with Cluster(n, agents, max_chats, env) as cl:
         desk = AgentDesk(Spread(cl.nodes), agents)
+        step("nodes up")
         await desk.start()
+        step("agents in")
         async with cl.watching():
             chats = await open_chats(cl, desk, args.conversations, lambda k: cl.nodes[k % n], 100)
+            step("chats accepted")
             desk.stop()  # offers are done; agents keep their session (stream grace) and chats
             ledger = Ledger()
             followers: list[Follower] = []
@@ -772,7 +791,9 @@ async def phase_failover(args) -> dict:
                     restarts.append(round(time.monotonic() - t1, 2))
             done.set()
             await asyncio.gather(*talkers)
+            step("load done")
             settled = await ledger.settle()
+            step("settled")
         for f in followers:
             f.stop()
         return {
@@ -817,7 +838,9 @@ def main() -> None:
     if args.phase == "failover" and "--interval" not in sys.argv:
         args.interval = 0.1  # the next event is at most this far behind the resumed stream
     phase = {"saturation": phase_saturation, "cross": phase_cross, "failover": phase_failover}[args.phase]
-    print(json.dumps(asyncio.run(phase(args))), flush=True)
+    res = asyncio.run(phase(args))
+    step("torn down")
+    print(json.dumps({**res, "steps": STEPS}), flush=True)
 
 
 if __name__ == "__main__":
