@@ -12,8 +12,9 @@ Skipped where PostgreSQL or NATS is not reachable; on CI ($CI set) that is a fai
 - kill -9 of the node that made a pending offer: the offer times out on schedule anyway (the sweep of a
   surviving node) and the chat goes to the other agent.
 - A routing race on three nodes: 120 chats, six agents accepting, rejecting and ignoring offers on
-  different nodes while their offer streams drop and come back: the invariants (one pending offer per chat,
-  nobody above max_chats) are checked in the database all along, and every chat is accepted once.
+  different nodes while their offer streams drop and come back, and one node killed halfway: the
+  invariants (one pending offer per chat, nobody above max_chats) are checked in the database all along,
+  and every chat is accepted once.
 - NATS unreachable for ~5 s (a proxy between the nodes and NATS is cut): the sends still succeed, the
   streams catch up when it is back, nothing lost or repeated, and live fan-out works again.
 - SIGTERM: the node drains and exits 0; its clients move to other nodes with nothing lost, and a pending
@@ -510,6 +511,9 @@ async def test_routing_race_across_three_nodes_keeps_the_invariants(make_cluster
         for _ in range(N_CHATS):
             cust = await start_chat(nodes, rng.choice(["sales", "support"]), via=rng.choice(nodes))
             cids.append(cust.conversation_id)
+            if len(cids) == N_CHATS // 2:
+                # Halfway, kill -9 a node: its streams move, its offers' timers and grace periods are swept.
+                await c.nodes[2].kill()
             await asyncio.sleep(rng.uniform(0.0, 0.04))  # faster than they are served: a queue, agents at capacity
 
     watcher = asyncio.get_running_loop().create_task(watch())
