@@ -54,6 +54,7 @@ PG_DB = os.environ.get("QC_PG_DATABASE", "test")
 NATS_URL = os.environ.get("QC_NATS_URL", "nats://127.0.0.1:4222")
 START_TIMEOUT = 60.0
 T0 = time.monotonic()
+ARRIVALS: dict[str, float] = {}  # how the phase's chats arrived: StartChat and offer latency
 STEPS: dict[str, float] = {}  # seconds since start at each step of the phase (where the time goes)
 
 
@@ -177,6 +178,7 @@ class CpuMeter:
         self.cluster = cluster
 
     def _pids(self) -> dict[str, list[int]]:
+        nodes = {f"node_{n.name}": [n.proc.pid] for n in self.cluster.alive()}
         with pg_connect() as c:
             rows = c.execute(
                 "SELECT pid, application_name, backend_type FROM pg_stat_activity WHERE pid IS NOT NULL"
@@ -186,6 +188,8 @@ class CpuMeter:
             "postgres": [r[0] for r in rows if r[1] == self.cluster.schema],
             "postgres_background": [r[0] for r in rows if r[2] != "client backend"],
             "nats": nats_pids(),
+            "client": [os.getpid()],  # this process: the load itself
+            **nodes,
         }
 
     def _read(self) -> dict[str, dict[int, float]]:
@@ -218,6 +222,7 @@ class Node:
     def __init__(self, cluster: Cluster, i: int):
         self.cluster, self.i, self.name = cluster, i, f"n{i}"
         self.port = free_port()
+        self.metrics_port = free_port()
         self.proc: subprocess.Popen | None = None
         self.pool: Pool | None = None
         self.errors: list[str] = []
@@ -236,7 +241,7 @@ class Node:
         c = self.cluster
         cmd = [sys.executable, "-m", "queuechat", "serve", "--config", str(c.config_path),
                "--database-url", c.url, "--nats-url", NATS_URL, "--node-id", self.name,
-               "--listen", self.target, "--web-listen", "", "--metrics-listen", "",
+               "--listen", self.target, "--web-listen", "", "--metrics-listen", f"127.0.0.1:{self.metrics_port}",
                "--data-dir", str(c.tmp / f"data-{self.name}")]  # fmt: skip
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **c.env}
         env.pop("QUEUECHAT_DATABASE_URL", None)
@@ -281,6 +286,20 @@ class Node:
             await self.pool.close()
         self.pool = Pool(self.target)  # a fresh channel: the old one may be backing off from the dead port
 
+    def link_stats(self) -> dict[str, float]:
+        """This node's NATS items sent / received / dropped and streams the reconciler found behind (/metrics)."""
+        import urllib.request
+
+        out: dict[str, float] = {}
+        try:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
+        except OSError:
+            return out
+        for m in re.finditer(r'^queuechat_cluster_(items_total\{direction="(\w+)"\}|streams_behind_total) (\S+)$',
+                             text, re.M):
+            out[f"nats_{m.group(2)}" if m.group(2) else "streams_behind"] = float(m.group(3))
+        return out
+
     def kill(self) -> None:
         """kill -9 (its process group: nothing else)."""
         self.dead = True
@@ -316,6 +335,7 @@ class Cluster:
         self.nodes = [Node(self, i) for i in range(n)]
         self.violations: dict[str, set[str]] = {"over_capacity": set(), "double_offers": set()}
         self.samples = 0
+        self.killed_stats: dict[str, float] = {}
         self._db = None
 
     async def __aenter__(self) -> Cluster:
@@ -380,6 +400,15 @@ class Cluster:
             with contextlib.suppress(BaseException):
                 await task
             await self.check()
+
+    async def link_stats(self) -> dict[str, float]:
+        """NATS items sent / received / dropped and streams caught up by the reconciler, over the live nodes and
+        the ones killed so far."""
+        total = dict(self.killed_stats)
+        for n in self.alive():
+            for k, v in (await asyncio.to_thread(n.link_stats)).items():
+                total[k] = total.get(k, 0) + v
+        return total
 
     def invariants(self) -> dict:
         return {
@@ -484,15 +513,16 @@ def agent_stream(cid: str, token: str):
     return open_call
 
 
-async def send_any(cluster: Cluster, prefer: Node, fn, timeout: float = 20.0):
-    """fn(node) on prefer, or on another live node on UNAVAILABLE / no answer (same request: same request_id)."""
+async def send_any(cluster: Cluster, prefer: Node, fn, timeout: float = 20.0, attempt: float = 5.0):
+    """fn(node) on prefer, or on another live node on UNAVAILABLE / no answer in `attempt` s (the same request,
+    so the same request_id: a retry is idempotent)."""
     deadline = time.monotonic() + timeout
     node = prefer
     while True:
         if not node.alive:
             node = random.choice(cluster.alive() or [node])
         try:
-            return await asyncio.wait_for(fn(node), 5)
+            return await asyncio.wait_for(fn(node), attempt)
         except (grpc.aio.AioRpcError, TimeoutError) as e:
             if isinstance(e, grpc.aio.AioRpcError) and e.code() not in RESUMABLE:
                 raise
@@ -530,19 +560,26 @@ async def open_chats(cluster: Cluster, desk: AgentDesk, count: int, node_of, rat
     """count chats started (chat k through node_of(k)), every offer accepted: [(cid, customer token, node)]."""
     desk.expected = count
     out = []
+    sent: dict[str, float] = {}
+    answered: list[float] = []
 
     async def one(k: int):
         await asyncio.sleep(k / rate)
         node = node_of(k)
-        resp = await send_any(
-            cluster,
-            node,
-            lambda n: n.pool.customers().StartChat(cpb.StartChatRequest(queue_id="q", request_id=uuid.uuid4().hex)),
-        )
-        out.append((resp.conversation.conversation_id, resp.customer_token, node))
+        req = cpb.StartChatRequest(queue_id="q", request_id=uuid.uuid4().hex)
+        t0 = time.monotonic()
+        # A chat's arrival may queue behind others for a while: wait for it rather than start it twice.
+        resp = await send_any(cluster, node, lambda n: n.pool.customers().StartChat(req), timeout=120, attempt=60)
+        answered.append((time.monotonic() - t0) * 1000)
+        cid = resp.conversation.conversation_id
+        sent[cid] = t0
+        out.append((cid, resp.customer_token, node))
 
     await asyncio.gather(*(one(k) for k in range(count)))
     await asyncio.wait_for(desk.all_accepted.wait(), 120)
+    offer_ms = [(desk.offered[c] - sent[c]) * 1000 for c in sent if c in desk.offered]
+    ARRIVALS.update(start_chat_p99_ms=percentile(answered, 0.99), offer_p50_ms=percentile(offer_ms, 0.5),
+                    offer_p99_ms=percentile(offer_ms, 0.99), arrivals_per_s=rate)
     return out
 
 
@@ -587,6 +624,7 @@ async def phase_saturation(args) -> dict:
             step("load done")
             settled = await ledger.settle()
             step("settled")
+            settled["link"] = await cl.link_stats()
         desk.stop()
         for fs in ledger.followers.values():
             for f in fs:
@@ -610,8 +648,8 @@ async def phase_cross(args) -> dict:
     every `interval` s in turn: send-to-receive latency on the other side, which always crosses nodes."""
     agents = min(args.agents, args.conversations)
     max_chats = -(-args.conversations // agents) + 1
-    async with Cluster(2, agents, max_chats) as cl:
-        a, b = cl.nodes
+    async with Cluster(args.nodes, agents, max_chats) as cl:
+        a, b = cl.nodes[0], cl.nodes[-1]  # --nodes 1: both sides on one node, for comparison
         desk = AgentDesk(Spread([b]), agents)
         step("nodes up")
         await desk.start()
@@ -621,6 +659,7 @@ async def phase_cross(args) -> dict:
             step("chats accepted")
             c2a: list[float] = []
             a2c: list[float] = []
+            send_ms: list[float] = []  # SendMessage call to its answer (the commit), as the sender sees it
 
             def timer(sink, prefix):
                 def on_message(m):
@@ -647,6 +686,7 @@ async def phase_cross(args) -> dict:
                 await asyncio.sleep(random.uniform(0, args.interval))
                 turn = 0
                 while time.monotonic() < stop_at:
+                    t_send = time.monotonic()
                     if turn % 2 == 0:
                         resp = await cstub.SendMessage(
                             cpb.CustomerServiceSendMessageRequest(
@@ -661,14 +701,21 @@ async def phase_cross(args) -> dict:
                             ),
                             metadata=md(atoken),
                         )
+                    send_ms.append((time.monotonic() - t_send) * 1000)
                     ledger.ok(cid, resp.event.seq)
                     turn += 1
                     await asyncio.sleep(args.interval)
 
+            meter = CpuMeter(cl)
+            await asyncio.to_thread(meter.start)
+            t_talk = time.monotonic()
             await asyncio.gather(*(talk(*c) for c in chats))
+            cpu = await asyncio.to_thread(meter.stop)
+            cores = {g: round(v / (time.monotonic() - t_talk), 3) for g, v in cpu.items()}
             step("load done")
             settled = await ledger.settle()
             step("settled")
+            settled["link"] = await cl.link_stats()
         desk.stop()
         for fs in ledger.followers.values():
             for f in fs:
@@ -682,6 +729,9 @@ async def phase_cross(args) -> dict:
             "cross_node_message_p99_ms": percentile(both, 0.99),
             "customer_to_agent_p99_ms": percentile(c2a, 0.99),
             "agent_to_customer_p99_ms": percentile(a2c, 0.99),
+            "send_p50_ms": percentile(send_ms, 0.5),
+            "send_p99_ms": percentile(send_ms, 0.99),
+            "cores_busy": cores,
             **settled,
             **cl.invariants(),
             "server_errors": cl.errors()[:20],
@@ -762,6 +812,8 @@ async def phase_failover(args) -> dict:
                         held.setdefault(f.node, []).append(f)
                 victim = max(held, key=lambda nd: len(held[nd]))
                 affected = held[victim]
+                for k, v in (await asyncio.to_thread(victim.link_stats)).items():
+                    cl.killed_stats[k] = cl.killed_stats.get(k, 0) + v
                 marks = [len(f.arrivals) for f in affected]
                 t0 = time.monotonic()
                 victim.kill()
@@ -794,6 +846,7 @@ async def phase_failover(args) -> dict:
             step("load done")
             settled = await ledger.settle()
             step("settled")
+            settled["link"] = await cl.link_stats()
         for f in followers:
             f.stop()
         return {
@@ -840,7 +893,7 @@ def main() -> None:
     phase = {"saturation": phase_saturation, "cross": phase_cross, "failover": phase_failover}[args.phase]
     res = asyncio.run(phase(args))
     step("torn down")
-    print(json.dumps({**res, "steps": STEPS}), flush=True)
+    print(json.dumps({**res, "arrivals": ARRIVALS, "steps": STEPS}), flush=True)
 
 
 if __name__ == "__main__":

@@ -159,7 +159,7 @@ def run_cluster(p: dict, res: dict) -> None:
                                             duration=p["cl_sat_seconds"])
     if p["cross_convs"]:
         print("bench: cluster, customer and agent on different nodes ...", flush=True)
-        res["cross"] = cluster_phase("cross", conversations=p["cross_convs"], agents=p["cross_agents"],
+        res["cross"] = cluster_phase("cross", conversations=p["cross_convs"], agents=p["cross_agents"], rate=p["rate"],
                                      interval=p["cross_interval"], duration=p["cross_duration"])
     if p["fo_kills"]:
         print(f"bench: cluster failover, {p['fo_kills']} x kill -9 ...", flush=True)
@@ -307,6 +307,16 @@ def cluster_rows(res: dict, s: dict) -> list[tuple[str, str]]:
         c = res["cross"]
         rows.append((f"Cross-node message latency p50 / p99 ({c['conversations']} conversations, one message / "
                      f"{c['interval_s']:g} s each), ms", f"{s['cross_node_message_p50_ms']:.1f} / {s['cross_node_message_p99_ms']:.1f}"))
+        rows.append(("  of which SendMessage until answered (the commit) p50 / p99, ms",
+                     f"{c['send_p50_ms']:.1f} / {c['send_p99_ms']:.1f}"))
+        arr = c.get("arrivals", {})
+        if arr:
+            rows.append((f"  its {c['conversations']} chats arriving at {arr['arrivals_per_s']:g}/s: offer p50 / p99, ms",
+                         f"{arr['offer_p50_ms']:.0f} / {arr['offer_p99_ms']:.0f}"))
+        busy = c["cores_busy"]
+        rows.append(("  cores busy while talking: nodes / PostgreSQL / NATS / load generator",
+                     f"{busy['nodes']:.2f} / {busy['postgres'] + busy['postgres_background']:.2f} / "
+                     f"{busy['nats']:.2f} / {busy['client']:.2f}"))
     fo = res.get("failover")
     if fo:
         rows.append((f"Failover p50 / p99 / max, s ({s['failover_kills']} x kill -9, {fo['samples']} streams moved, "
@@ -314,6 +324,10 @@ def cluster_rows(res: dict, s: dict) -> list[tuple[str, str]]:
                      f"{s['failover_p50_s']:.2f} / {s['failover_p99_s']:.2f} / {s['failover_max_s']:.2f}"))
         rows.append(("  kill -9 -> stream live again on another node (first heartbeat), p99, s",
                      f"{s['failover_resumed_p99_s']:.2f}"))
+    links = [res[k].get("link", {}) for k in res if k in CLUSTER_PHASES or re.fullmatch(r"cluster_\d+", k)]
+    link = {k: int(sum(x.get(k, 0) for x in links)) for k in ("nats_sent", "nats_received", "nats_dropped", "streams_behind")}
+    rows.append(("Cluster: NATS items sent / received / dropped; streams the reconciler found behind",
+                 f"{link['nats_sent']} / {link['nats_received']} / {link['nats_dropped']}; {link['streams_behind']}"))
     rows.append(("Cluster: sent OK / lost / duplicated / over capacity / double offers",
                  f"{s['cluster_sent_ok']} / {s['lost']} / {s['duplicated']} / {s['over_capacity']} / {s['double_offers']}"))
     return rows
