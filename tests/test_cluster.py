@@ -49,9 +49,11 @@ from cluster import (
     start_chat,
     until,
 )
+from google.protobuf.duration_pb2 import Duration
 from harness import base_config
 from natsproxy import NatsProxy
 
+from chat.v1 import admin_service_pb2 as admin_pb
 from chat.v1 import agent_service_pb2 as agent_pb
 
 pytestmark = pytest.mark.timeout(150)
@@ -632,6 +634,94 @@ async def test_nats_unreachable_for_seconds_then_back_streams_catch_up(make_clus
         rows = await c.sql("SELECT seq FROM conversation_event WHERE conversation_id = %s ORDER BY seq", cid)
         assert conv.seqs() == [s for (s,) in rows]
         print(f"stream connects: agent {conv.connects}, customer {stream.connects}")
+    finally:
+        await proxy.stop()
+
+
+async def test_notifications_nats_loses_are_made_good_from_the_database(make_cluster):
+    """NATS is at-most-once: what a node publishes can be lost without anyone noticing (the proxy drops the
+    nodes' publishes for a while; no connection breaks, no reconnect). Stream events are caught up by the
+    periodic reconcile; what else rides on NATS must be made good too: a settings change (every node takes
+    it "within a second") and the end of a session (its streams on other nodes end)."""
+    nats_url()
+    proxy = await NatsProxy(*nats_address()).start()
+    try:
+        c = await make_cluster("a", "b", "c", nats=proxy.url, env=cluster_env(reconcile=1.0))
+        a, b, cc = c.nodes
+        adm = await a.admin.Login(admin_pb.AdminServiceLoginRequest(username="admin", password="adminpw"))
+        admin_md = (("authorization", f"Bearer {adm.admin_token}"),)
+
+        def settings(offer_timeout: int) -> admin_pb.UpdateSettingsRequest:
+            return admin_pb.UpdateSettingsRequest(
+                settings=admin_pb.Settings(
+                    offer_timeout=Duration(seconds=offer_timeout),
+                    reject_cooldown=Duration(seconds=30),
+                    stream_grace=Duration(seconds=1),
+                )
+            )
+
+        async def offer_timeout_on(node: Node) -> float:
+            resp = await node.admin.GetSettings(admin_pb.GetSettingsRequest(), metadata=admin_md)
+            return resp.settings.offer_timeout.ToTimedelta().total_seconds()
+
+        async def everywhere(seconds: float) -> bool:
+            return all([await offer_timeout_on(n) == seconds for n in (b, cc)])
+
+        # With every publish arriving: on every node within about a second.
+        await a.admin.UpdateSettings(settings(20), metadata=admin_md)
+        await until(lambda: everywhere(20.0), "a settings change to reach the other nodes", 2)
+
+        agent = await login(c.nodes, "agent1", via=cc)
+        agent.follow_offers(prefer=b)
+        leaving = await login(c.nodes, "agent2", via=a, ready=False)
+        leaving.follow_offers(prefer=b)
+        await agent.offers.wait_live()
+        await leaving.offers.wait_live()
+        await leaving.conversations(prefer=b)  # b knows agent2's token now
+        cust = await start_chat(c.nodes, via=cc)
+        cid = cust.conversation_id
+        stream = cust.follow(prefer=a)
+        offer = await agent.wait_offer(cid, timeout=5)
+        await agent.accept(offer.offer_id, prefer=cc)
+        conv = agent.follow(cid, prefer=b)
+        await conv.wait_live()
+        await stream.wait_live()
+        connections = proxy.connections
+
+        proxy.blackhole(True)
+        sent = []
+        for i in range(3):
+            for side, send in (("customer", cust.send), ("agent", lambda t, **kw: agent.send(cid, t, **kw))):
+                await send(f"{side} lost {i}", prefer=cc)
+                sent.append(f"{side} lost {i}")
+        await a.admin.UpdateSettings(settings(7), metadata=admin_md)
+        await a.agent.Logout(agent_pb.LogoutRequest(), metadata=leaving.md)
+        # Stream events: the periodic reconcile (1 s) finds them in the database, NATS or not.
+        await conv.wait_until(lambda: set(sent) <= set(conv.texts()), "the agent's stream to catch up", 5)
+        await stream.wait_until(lambda: set(sent) <= set(stream.texts()), "the customer's to catch up", 5)
+        proxy.blackhole(False)
+        assert proxy.dropped > 0 and proxy.connections == connections, "the proxy lost nothing, or broke links"
+        print(f"{proxy.dropped} publishes lost")
+
+        problems = []
+        try:
+            await until(lambda: everywhere(7.0), "the lost settings change to reach b and c", 5)
+        except AssertionError:
+            problems.append(
+                f"5 s after a lost settings broadcast b and c still use offer_timeout {await offer_timeout_on(b)} s "
+                f"and {await offer_timeout_on(cc)} s; a changed it to 7 s"
+            )
+        try:
+            await leaving.offers.wait_until(
+                lambda: leaving.offers.error is not None or leaving.offers.ended, "the ended session's stream", 5
+            )
+            assert leaving.offers.error is not None
+            assert leaving.offers.error.code() == grpc.StatusCode.UNAUTHENTICATED, leaving.offers.error
+        except AssertionError as e:
+            problems.append(f"agent2 logged out on a, its offer stream on b still open: {e}")
+        assert_once_in_order(conv, gap_free=True)
+        assert_once_in_order(stream)
+        assert not problems, "; ".join(problems)
     finally:
         await proxy.stop()
 
