@@ -471,6 +471,7 @@ class Follower:
         self.connects: list[Connect] = []
         self.breaks: list[tuple[str, str]] = []  # (node, status code) of each broken stream
         self.heartbeats = 0
+        self.positions: list[Any] = []  # QueuePosition items of a customer's stream, as they came
         self.error: grpc.aio.AioRpcError | None = None
         self.ended = False
         self.node: Node | None = None
@@ -514,6 +515,8 @@ class Follower:
                             if not self.live.is_set():
                                 self.live.set()
                                 avoid, backoff = [], 0.05
+                        elif kind == "queue_position":
+                            self.positions.append(item.queue_position)
                         elif kind == "event":
                             self.events.append(item.event)
                             self.cursor = max(self.cursor, item.event.seq)

@@ -55,6 +55,7 @@ from natsproxy import NatsProxy
 
 from chat.v1 import admin_service_pb2 as admin_pb
 from chat.v1 import agent_service_pb2 as agent_pb
+from chat.v1 import customer_service_pb2 as cust_pb
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -722,6 +723,36 @@ async def test_notifications_nats_loses_are_made_good_from_the_database(make_clu
         assert_once_in_order(conv, gap_free=True)
         assert_once_in_order(stream)
         assert not problems, "; ".join(problems)
+    finally:
+        await proxy.stop()
+
+
+async def test_queue_positions_reach_a_customer_on_another_node_even_when_nats_loses_one(make_cluster):
+    """Chats ahead of a waiting customer end on node A; the customer streams from B. Each change of the
+    queue reaches it, and one whose notification NATS lost is made good within seconds, not at the next
+    change of the queue."""
+    nats_url()
+    proxy = await NatsProxy(*nats_address()).start()
+    try:
+        c = await make_cluster("a", "b", nats=proxy.url, env=cluster_env(reconcile=1.0))
+        a, b = c.nodes
+        ahead = [await start_chat(c.nodes, "support", via=a) for _ in range(2)]
+        cust = await start_chat(c.nodes, "support", via=b)
+        stream = cust.follow(prefer=b)
+
+        def at(position: int, waiting: int):
+            return lambda: any(p.position == position and p.waiting_count == waiting for p in stream.positions)
+
+        await stream.wait_until(at(3, 3), "position 3 of 3", 5)
+        await a.customer.EndChat(cust_pb.EndChatRequest(conversation_id=ahead[0].conversation_id), metadata=ahead[0].md)
+        await stream.wait_until(at(2, 2), "position 2 of 2 after a chat ahead ended on A", 5)
+        proxy.blackhole(True)
+        await a.customer.EndChat(cust_pb.EndChatRequest(conversation_id=ahead[1].conversation_id), metadata=ahead[1].md)
+        try:
+            await stream.wait_until(at(1, 1), "position 1 of 1 though NATS lost the news", 5)
+        finally:
+            proxy.blackhole(False)
+            print(f"positions seen: {[(p.position, p.waiting_count) for p in stream.positions]}")
     finally:
         await proxy.stop()
 
