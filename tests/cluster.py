@@ -713,6 +713,11 @@ class Agent:
         resp = await call_any(self.nodes, lambda n: n.agent.SendMessage(req, metadata=self.md), prefer=prefer)
         return resp.event
 
+    async def set_ready(self, ready: bool, prefer: Node | None = None) -> None:
+        state = agent_pb.AGENT_STATE_READY if ready else agent_pb.AGENT_STATE_NOT_READY
+        req = agent_pb.SetAgentStateRequest(state=state)
+        await call_any(self.nodes, lambda n: n.agent.SetAgentState(req, metadata=self.md), prefer=prefer)
+
     async def close_chat(self, conversation_id: str, prefer: Node | None = None) -> None:
         req = agent_pb.CloseConversationRequest(conversation_id=conversation_id, confirm=True)
         await call_any(self.nodes, lambda n: n.agent.CloseConversation(req, metadata=self.md), prefer=prefer)

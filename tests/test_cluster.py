@@ -388,6 +388,40 @@ async def test_upload_begun_on_a_killed_node_resumes_on_another_and_any_node_ser
     assert got == data[MIB + 7 :]
 
 
+async def test_a_node_frozen_past_its_lease_loses_its_agents_offers_and_gets_them_back_when_it_thaws(make_cluster):
+    """SIGSTOP of the node holding an agent's offer stream: its lease runs out, the grace period passes and
+    the agent's pending offer goes to another agent. SIGCONT: the stream was never broken, so the node puts
+    its lease back and the agent is offered chats again; the withdrawal reaches its feed once."""
+    lease, grace = 2.0, 1.0
+    config = base_config(settings={"offer_timeout": 60.0, "stream_grace": grace, "reject_cooldown": 60.0})
+    c = await make_cluster("a", "b", config=config, env=cluster_env(lease=lease, sweep=0.3, reconcile=1.0))
+    a, b = c.nodes
+    ag1 = await login(c.nodes, "agent1", via=b)
+    ag1.follow_offers(prefer=a)
+    await ag1.offers.wait_live()
+    cust = await start_chat(c.nodes, via=b)
+    offer = await ag1.wait_offer(cust.conversation_id, timeout=5)
+    ag2 = await login(c.nodes, "agent2", via=b)
+    ag2.follow_offers(prefer=b)
+    await ag2.offers.wait_live()
+
+    a.proc.send_signal(signal.SIGSTOP)
+    try:
+        again = await ag2.wait_offer(cust.conversation_id, timeout=lease + grace + 8)
+    finally:
+        a.proc.send_signal(signal.SIGCONT)
+    await ag2.accept(again.offer_id, prefer=b)
+    upd = await ag1.wait_update(offer.offer_id, timeout=10)
+    assert upd.state == agent_pb.OFFER_STATE_WITHDRAWN
+    assert upd.withdraw_reason == agent_pb.WITHDRAW_REASON_AGENT_UNAVAILABLE
+    # Back: agent1 (the idle one) is offered the next chat on the stream it never lost.
+    await ag2.set_ready(False, prefer=b)
+    cust2 = await start_chat(c.nodes, via=b)
+    await ag1.wait_offer(cust2.conversation_id, timeout=lease + 5)
+    assert [x.node for x in ag1.offers.connects] == ["a"]
+    assert_once_in_order(ag1.offers, gap_free=True)
+
+
 # --- 4. the routing race -------------------------------------------------------------------------------------
 
 VIOLATIONS = """
