@@ -370,6 +370,12 @@ class Cluster:
         cur = await db.execute(query, params or None)
         return await cur.fetchall()
 
+    def errors(self) -> list[str]:
+        """Lines the nodes logged at ERROR or worse, and tracebacks: a server that hid a failure from its
+        clients (a retried deadlock is fine, an unexpected exception is not)."""
+        rx = re.compile(r" (ERROR|CRITICAL) |Traceback")
+        return [f"{n.name}: {line.rstrip()}" for n in self.nodes for line in n.lines if rx.search(line)]
+
     def logs(self) -> str:
         return "\n".join(f"===== node {n.name} =====\n{n.log[-8000:]}" for n in self.nodes)
 

@@ -266,6 +266,7 @@ async def test_kill_9_of_the_node_holding_both_streams_loses_nothing(make_cluste
     assert await c.sql("SELECT id, node_id FROM stream_lease WHERE node_id <> 'a' ORDER BY id") == others
     cust3 = await start_chat(c.nodes, via=a)
     await agent.wait_offer(cust3.conversation_id, timeout=5)
+    assert not c.errors(), "the nodes logged errors:\n" + "\n".join(c.errors()[:20])
 
 
 async def _not(coro):
@@ -307,7 +308,7 @@ async def test_kill_9_of_the_offering_node_the_offer_still_times_out_on_schedule
     late = timed_out_at - expire
     print(f"timed out {late:+.2f} s from its expire_time")
     assert late > -0.3, f"timed out {-late:.2f} s early"
-    assert late < sweep + 2.0, f"timed out {late:.2f} s late: nobody swept A's timer"
+    assert late < sweep + 3.0, f"timed out {late:.2f} s late: nobody swept A's timer"
     again = await other.wait_offer(cid, timeout=3)
     assert again.offer_id != offer.offer_id
     # Offered to the other agent only: the cool-down keeps it from the one who let it time out.
@@ -587,6 +588,7 @@ async def test_routing_race_across_three_nodes_keeps_the_invariants(make_cluster
     assert polls >= 50, "the invariants were hardly checked"
     assert full_polls >= polls // 5 // 4, "agents were seldom at capacity: the race was hardly run"
     assert not bad_codes, f"calls failed with server errors: {bad_codes[:5]}"
+    assert not c.errors(), "the nodes logged errors:\n" + "\n".join(c.errors()[:20])
     assert answered["accept"] >= N_CHATS and answered["reject"] > 0 and answered["ignore"] > 0
     assert drops["short"] + drops["long"] >= 5
     accepted = await c.sql(
@@ -847,6 +849,7 @@ async def test_sigterm_drains_and_its_clients_move_with_nothing_lost(make_cluste
     # Still present: a third chat is offered at once (A's lease must not be what keeps or blocks it).
     cust3 = await start_chat(c.nodes, via=b)
     await agent.wait_offer(cust3.conversation_id, timeout=5)
+    assert not c.errors(), "the nodes logged errors:\n" + "\n".join(c.errors()[:20])
 
 
 # --- 7. the sample agent client on a cluster address ------------------------------------------------------------
