@@ -297,16 +297,21 @@ class Receiver:
 
 class Reconciler:
     """Every few seconds (and on a NATS reconnect): for each topic this node's streams watch, compare the
-    highest seq seen here with the database's, and send `Behind` to the streams of a topic that is behind."""
+    highest seq seen here with the database's, and send `Behind` to the streams of a topic that is behind.
+    What NATS carries besides events is made good in the same round: a session that ended ends its streams
+    here, and `also` (the node's settings reload and queue-position refresh) runs."""
 
     def __init__(
         self,
         bus: Bus,
         read_seqs: Callable[[list[str], list[str]], Any],
         interval: float,
+        also: Callable[[], Any] | None = None,
     ):
         self._bus = bus
-        self._read_seqs = read_seqs  # async (conversation ids, session ids) -> ({id: last_seq}, {id: feed_seq})
+        # async (conversation ids, session ids) -> ({id: last_seq}, {id: feed_seq}, {ended session ids})
+        self._read_seqs = read_seqs
+        self._also = also
         self.interval = interval
         self._highest: dict[Hashable, int] = {}
         self._wake = asyncio.Event()
@@ -341,6 +346,8 @@ class Reconciler:
                 log.exception("cluster: reconciling streams failed; trying again")
 
     async def reconcile(self) -> int:
+        if self._also is not None:
+            await self._also()
         topics = [t for t in self._bus.topics() if isinstance(t, tuple) and t[0] in ("conv", "feed")]
         for gone in set(self._highest) - set(topics):
             del self._highest[gone]
@@ -348,7 +355,9 @@ class Reconciler:
             return 0
         convs = [t[1] for t in topics if t[0] == "conv"]
         feeds = [t[1] for t in topics if t[0] == "feed"]
-        conv_seqs, feed_seqs = await self._read_seqs(convs, feeds)
+        conv_seqs, feed_seqs, ended = await self._read_seqs(convs, feeds)
+        for session_id in ended:  # its end's notification was lost: its streams here end now
+            self._bus.publish(("feed", session_id), SessionEnded(session_id))
         behind = 0
         for kind, seqs in (("conv", conv_seqs), ("feed", feed_seqs)):
             for key, seq in seqs.items():

@@ -123,7 +123,9 @@ class Core:
         self.reconciler: Any = None
         if nats_url is not None:
             cluster = _cluster()
-            self.reconciler = cluster.Reconciler(self.bus, self._stream_seqs, config.cluster.reconcile_interval)
+            self.reconciler = cluster.Reconciler(
+                self.bus, self._stream_seqs, config.cluster.reconcile_interval, self._make_good
+            )
             receiver = cluster.Receiver(
                 self.bus,
                 self.reconciler,
@@ -181,8 +183,17 @@ class Core:
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
-    async def _stream_seqs(self, convs: list[str], feeds: list[str]) -> tuple[dict[str, int], dict[str, int]]:
+    async def _stream_seqs(
+        self, convs: list[str], feeds: list[str]
+    ) -> tuple[dict[str, int], dict[str, int], set[str]]:
         return await self.db.read(_stream_seqs, convs, feeds)
+
+    async def _make_good(self) -> None:
+        """Each reconcile round: what a lost broadcast would have done. Settings are read again (a change made
+        on another node), and every watched queue's positions are refreshed (sent only where they moved)."""
+        self.settings, _ = await self.db.read(admin.load_settings)
+        for queue_id in self.positions.watched():
+            self.positions.mark(queue_id)
 
     def _forget_session(self, session_id: str) -> None:
         for token in [t for t, (p, _) in self._agent_tokens.items() if p.session_id == session_id]:
@@ -626,8 +637,11 @@ def _cluster() -> Any:
     return cluster
 
 
-def _stream_seqs(s: Session, convs: list[str], feeds: list[str]) -> tuple[dict[str, int], dict[str, int]]:
-    """The database's last seq of each conversation and each session's feed (for the reconciler)."""
+def _stream_seqs(
+    s: Session, convs: list[str], feeds: list[str]
+) -> tuple[dict[str, int], dict[str, int], set[str]]:
+    """The database's last seq of each conversation and each session's feed, and which of those sessions
+    have ended (for the reconciler)."""
     from sqlmodel import col, select
 
     from ..cluster import chunks
@@ -638,10 +652,16 @@ def _stream_seqs(s: Session, convs: list[str], feeds: list[str]) -> tuple[dict[s
     for ids in chunks(convs):
         for cid, seq in s.exec(select(Conversation.id, Conversation.last_seq).where(col(Conversation.id).in_(ids))):
             conv_seqs[cid] = seq
+    ended: set[str] = set()
     for ids in chunks(feeds):
-        for sid, seq in s.exec(select(AgentSession.id, AgentSession.feed_seq).where(col(AgentSession.id).in_(ids))):
+        rows = s.exec(
+            select(AgentSession.id, AgentSession.feed_seq, AgentSession.ended_at).where(col(AgentSession.id).in_(ids))
+        )
+        for sid, seq, ended_at in rows:
             feed_seqs[sid] = seq
-    return conv_seqs, feed_seqs
+            if ended_at is not None:
+                ended.add(sid)
+    return conv_seqs, feed_seqs, ended
 
 
 def _typing_participant(s: Session, who: Who, conversation_id: str) -> ParticipantView:

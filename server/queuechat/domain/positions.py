@@ -95,6 +95,10 @@ class QueuePositions:
             del self._watchers[queue_id]
             self._last.pop(queue_id, None)
 
+    def watched(self) -> list[str]:
+        """The queues someone here watches."""
+        return list(self._watchers)
+
     def mark(self, queue_id: str) -> None:
         """The queue's waiting list changed (an arrival or a departure)."""
         if queue_id not in self._watchers:
