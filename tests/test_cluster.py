@@ -19,8 +19,16 @@ Skipped where PostgreSQL or NATS is not reachable; on CI ($CI set) that is a fai
   streams catch up when it is back, nothing lost or repeated, and live fan-out works again.
 - SIGTERM: the node drains and exits 0; its clients move to other nodes with nothing lost, and a pending
   offer of its agent survives the move.
-- The sample agent client (clients/queuechat_agent/client.py) on a multi-address target reconnects by
-  itself after a node is killed and resumes from its cursor.
+- The sample agent client (clients/queuechat_agent/client.py) on a multi-address target, and on a
+  `--workers 2` port, reconnects by itself after a node (a worker) is killed and resumes from its cursor.
+Beyond the issue's list, what else a node's failure may not lose:
+- an agent whose only offer stream died with its node: the dead node's lease runs out, the grace period
+  nobody alive armed is swept, and the pending offer goes to another agent;
+- a node frozen (SIGSTOP) past its lease: its agents' offers move on, and when it thaws it puts its leases
+  back and its agents are offered chats again;
+- an upload begun on a node killed midway resumes on another, and a third serves the file;
+- broadcasts NATS loses without anyone noticing (the proxy drops publishes): stream events are caught up,
+  and a settings change, a session's end and a queue position must be made good too.
 """
 
 from __future__ import annotations
