@@ -264,12 +264,20 @@ class Node:
 
         def read():
             tail: list[str] = []
+            block: list[str] | None = None
             for line in proc.stderr:
                 log.write(line)
                 tail = (tail + [line])[-40:]
                 if "gRPC listening on port" in line:
                     ready.set()
-                if re.search(r"Traceback|\bERROR\b", line):
+                if block is not None:  # inside a traceback: up to its last line, the exception
+                    block.append(line)
+                    if not line.startswith((" ", "Traceback")):
+                        self.errors.append("".join(block)[-3000:])
+                        block = None
+                elif line.startswith("Traceback"):
+                    block = [line]
+                elif re.search(r"\bERROR\b", line):
                     self.errors.append(line.strip()[:300])
             log.close()
             if not ready.is_set():
