@@ -64,6 +64,7 @@ from natsproxy import NatsProxy
 from chat.v1 import admin_service_pb2 as admin_pb
 from chat.v1 import agent_service_pb2 as agent_pb
 from chat.v1 import customer_service_pb2 as cust_pb
+from chat.v1 import resources_pb2 as rpb
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -359,7 +360,9 @@ async def test_upload_begun_on_a_killed_node_resumes_on_another_and_any_node_ser
     resumes on another node, and a third serves the file."""
     from files import MIB, Uploader, sha
 
-    c = await make_cluster("a", "b", "c", env=cluster_env(lease=2.0, sweep=0.3, reconcile=1.0))
+    ttl = 4.0  # an upload without progress for this long is removed, by whichever node sweeps
+    config = base_config(limits={"upload_ttl": ttl, "upload_sweep_interval": 0.5})
+    c = await make_cluster("a", "b", "c", config=config, env=cluster_env(lease=2.0, sweep=0.3, reconcile=1.0))
     a, b, cc = c.nodes
     agent = await login(c.nodes, "agent1", via=b)
     agent.follow_offers(prefer=b)
@@ -370,6 +373,10 @@ async def test_upload_begun_on_a_killed_node_resumes_on_another_and_any_node_ser
     await agent.accept(offer.offer_id, prefer=b)
     stream = cust.follow(prefer=cc)
     await stream.wait_live()
+    # One the customer begins on A and abandons when A dies.
+    abandoned = Uploader(a.customer, cust.md, cid, customer=True)
+    dropped = await abandoned.create("half.txt", 2 * MIB, "text/plain")
+    await abandoned.chunk(dropped.upload_id, 0, b"x" * MIB)
 
     data = b"".join(b"line %07d of a log the agent sends\n" % i for i in range(80_000))  # ~2.9 MiB of text
     on_a = Uploader(a.agent, agent.md, cid, customer=False)
@@ -395,6 +402,21 @@ async def test_upload_begun_on_a_killed_node_resumes_on_another_and_any_node_ser
     assert meta.sha256 == sha(data) and got == data
     meta, got = await Uploader(cc.agent, agent.md, cid, customer=False).download(att.attachment_id, offset=MIB + 7)
     assert got == data[MIB + 7 :]
+
+    # The abandoned upload expires though the node it began on is dead, its bytes with it.
+    async def gone() -> bool:
+        try:
+            await Uploader(b.customer, cust.md, cid, customer=True).get(dropped.upload_id)
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.NOT_FOUND:
+                return True
+            raise
+        return False
+
+    await until(gone, "the abandoned upload to expire", ttl + 10, every=0.2)
+    left = await c.sql("SELECT count(*) FROM blob_chunk WHERE key LIKE %s", f"%{dropped.upload_id}%")
+    assert left == [(0,)], "the expired upload's bytes are still in blob_chunk"
+    assert await c.sql("SELECT count(*) FROM blob_chunk WHERE key LIKE %s", f"%{up.upload_id}%") == [(0,)]
 
 
 async def test_a_node_frozen_past_its_lease_loses_its_agents_offers_and_gets_them_back_when_it_thaws(make_cluster):
@@ -429,6 +451,51 @@ async def test_a_node_frozen_past_its_lease_loses_its_agents_offers_and_gets_the
     await ag1.wait_offer(cust2.conversation_id, timeout=lease + 5)
     assert [x.node for x in ag1.offers.connects] == ["a"]
     assert_once_in_order(ag1.offers, gap_free=True)
+
+
+async def test_kill_9_of_the_inviting_node_the_invite_still_times_out_on_schedule(make_cluster):
+    """An invite is an offer too: its time-out, armed by the node that made it, is swept by a survivor,
+    and what it means for the conversation (the invite TIMED_OUT on its stream) happens there."""
+    timeout, sweep = 3.0, 0.3
+    config = base_config(settings={"offer_timeout": timeout, "stream_grace": 5.0})
+    c = await make_cluster("a", "b", "c", config=config, env=cluster_env(lease=3.0, sweep=sweep))
+    a, b, cc = c.nodes
+    ag1 = await login(c.nodes, "agent1", via=b)
+    ag1.follow_offers(prefer=b)
+    await ag1.offers.wait_live()
+    cust = await start_chat(c.nodes, via=b)
+    cid = cust.conversation_id
+    offer = await ag1.wait_offer(cid, timeout=5)
+    await ag1.accept(offer.offer_id, prefer=b)
+    conv = ag1.follow(cid, prefer=b)
+    await conv.wait_live()
+    ag2 = await login(c.nodes, "agent2", via=cc)
+    ag2.follow_offers(prefer=cc)
+    await ag2.offers.wait_live()
+
+    req = agent_pb.InviteAgentRequest(conversation_id=cid, request_id="ask-agent2", agent_id="agent2")
+    invite = (await a.agent.InviteAgent(req, metadata=ag1.md)).invite  # A makes the invite's offer
+    inv_offer = await ag2.wait_offer(cid, timeout=5)
+    assert inv_offer.kind == agent_pb.OFFER_KIND_INVITE
+    await a.kill()
+    expire = inv_offer.expire_time.ToDatetime(tzinfo=UTC).timestamp()
+    assert expire - time.time() > 1.0, "A died too late for this to test anything"
+
+    upd = await ag2.wait_update(inv_offer.offer_id, timeout=timeout + 8)
+    late = time.time() - expire
+    print(f"invite offer timed out {late:+.2f} s from its expire_time")
+    assert upd.state == agent_pb.OFFER_STATE_TIMED_OUT
+    assert -0.3 < late < sweep + 3.0, f"timed out {late:+.2f} s from its expire_time"
+    ev = await conv.wait_event(
+        lambda e: (
+            e.WhichOneof("kind") == "invite_updated" and e.invite_updated.invite.state == rpb.INVITE_STATE_TIMED_OUT
+        ),
+        "the invite's time-out on the conversation",
+        5,
+    )
+    assert ev.invite_updated.invite.invite_id == invite.invite_id
+    assert_once_in_order(conv, gap_free=True)
+    assert_once_in_order(ag2.offers, gap_free=True)
 
 
 # --- 4. the routing race -------------------------------------------------------------------------------------
