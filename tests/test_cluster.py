@@ -10,7 +10,7 @@ Skipped where PostgreSQL or NATS is not reachable; on CI ($CI set) that is a fai
   cursors on the survivors, every message whose send returned OK arrives once on both sides, and the agent
   keeps its session (offers still come after the dead node's lease ran out) and its chat.
 - kill -9 of the node that made a pending offer: the offer times out on schedule anyway (the sweep of a
-  surviving node) and the chat goes to the other agent.
+  surviving node) and the chat goes to the other agent; an invite made by a node that dies times out too.
 - A routing race on three nodes: 120 chats, six agents accepting, rejecting and ignoring offers on
   different nodes while their offer streams drop and come back, and one node killed halfway: the
   invariants (one pending offer per chat, nobody above max_chats) are checked in the database all along,
@@ -26,7 +26,8 @@ Beyond the issue's list, what else a node's failure may not lose:
   nobody alive armed is swept, and the pending offer goes to another agent;
 - a node frozen (SIGSTOP) past its lease: its agents' offers move on, and when it thaws it puts its leases
   back and its agents are offered chats again;
-- an upload begun on a node killed midway resumes on another, and a third serves the file;
+- an upload begun on a node killed midway resumes on another, and a third serves the file; one abandoned
+  with its node expires anyway, bytes and all;
 - broadcasts NATS loses without anyone noticing (the proxy drops publishes): stream events are caught up,
   and a settings change, a session's end and a queue position must be made good too.
 """
