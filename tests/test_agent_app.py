@@ -1,7 +1,10 @@
 """The agent's terminal desktop, driven through Textual's pilot against a real server in the same event loop."""
 
+import re
+import unicodedata
+
 import pytest
-from agent_helpers import click, customer_sends_file, identity_token, lines, log_in, offer_pane, until
+from agent_helpers import click, customer_sends_file, identity_token, lines, log_in, offer_pane, screen_text, until
 from files import Uploader, pdf
 from harness import is_event
 from textual.widgets import Button, Input, Label, OptionList, Static
@@ -133,7 +136,7 @@ async def test_offer_accept_messages_predefined_menu_invite_private_files_close(
         menu = (await cust.stream.wait_for(is_event("offer_menu"))).event.offer_menu
         assert [o.label for o in menu.options] == ["Billing", "Delivery"]
         await cust.choose(menu.menu_id, menu.options[1].option_id)
-        await until(pilot, lambda: "Ada Lovelace: ☑ chose “Delivery” (What is it about?)" in lines(chat), "the choice")
+        await until(pilot, lambda: "Ada Lovelace: ✓ chose “Delivery” (What is it about?)" in lines(chat), "the choice")
 
         # Invite a named agent; the outcome shows; we stay.
         await pilot.press("f4")
@@ -152,7 +155,7 @@ async def test_offer_accept_messages_predefined_menu_invite_private_files_close(
 
         # Private mode: the eye marker and a colour; agents see it, the customer never does.
         await pilot.press("f5")
-        assert plain(chat.query_one(".mode", Label)) == "👁 Private" and field.has_class("private")
+        assert plain(chat.query_one(".mode", Label)) == "◉ Private" and field.has_class("private")
         await say(pilot, chat, "VIP customer")
         note = await s2.wait_for(message("VIP customer"))
         assert note.event.visibility == rpb.VISIBILITY_AGENTS_ONLY
@@ -160,9 +163,9 @@ async def test_offer_accept_messages_predefined_menu_invite_private_files_close(
         reply = await until(
             pilot, lambda: next((e for e in chat.query(Entry) if "Noted" in e.line.plain), None), "agent 2's note"
         )
-        assert reply.line.plain == "👁 Agent 2: Noted" and reply.has_class("private")
+        assert reply.line.plain == "◉ Agent 2: Noted" and reply.has_class("private")
         mine = next(e for e in chat.query(Entry) if "VIP customer" in e.line.plain)
-        assert mine.line.plain == "👁 Agent 1: VIP customer" and mine.has_class("private")
+        assert mine.line.plain == "◉ Agent 1: VIP customer" and mine.has_class("private")
         await pilot.press("f5")
         assert plain(chat.query_one(".mode", Label)) == "Message" and not field.has_class("private")
         field.value = "Back to you"
@@ -179,7 +182,7 @@ async def test_offer_accept_messages_predefined_menu_invite_private_files_close(
         attach.query(".path").first(Input).value = str(report)
         press_button(attach, "upload")
         await until(pilot, lambda: chat.staged, "the upload")
-        assert "📎 report.pdf" in plain(chat.query_one(".staged"))
+        assert "⎘ report.pdf" in plain(chat.query_one(".staged"))
         await say(pilot, chat, "Your invoice")
         sent = await cust.stream.wait_for(message("Your invoice"))
         [att] = sent.event.message.attachments
@@ -188,7 +191,7 @@ async def test_offer_accept_messages_predefined_menu_invite_private_files_close(
         assert data == pdf()
         await until(
             pilot,
-            lambda: f"Agent 1: Your invoice  📎 report.pdf ({len(pdf())} B)" in lines(chat),
+            lambda: f"Agent 1: Your invoice  ⎘ report.pdf ({len(pdf())} B)" in lines(chat),
             "our file in the log",
         )
 
@@ -196,7 +199,7 @@ async def test_offer_accept_messages_predefined_menu_invite_private_files_close(
         order = b"name;amount\nAda;12\n"
         await customer_sends_file(cust, order, "order.csv", "my order")
         await until(
-            pilot, lambda: "📎 order.csv (19 B)" in plain(chat.query_one(".info-chat")), "the file in the info pane"
+            pilot, lambda: "⎘ order.csv (19 B)" in plain(chat.query_one(".info-chat")), "the file in the info pane"
         )
         await pilot.press("f7")
         download = await dialog(pilot, DownloadDialog)
@@ -284,11 +287,16 @@ async def test_invites_both_ways_and_leaving_after_an_invite(server):
         offer = await until(pilot, lambda: offer_pane(app, cust.id), "the invite offer")
         assert tab_label(app, offer) == "Invite: Sales"
         assert plain(offer.query_one(".offer-title")) == "Agent 2 invites you into a chat in Sales"
+        # Who invited, and since when: the customer's time in the queue means nothing here.
+        assert re.fullmatch(
+            r"Invited by Agent 2 at \d\d:\d\d \(0:0\d ago\) · answer within 0:[0-3]\d",
+            plain(offer.query_one(".waiting")),
+        )
         await until(pilot, lambda: plain(offer.query_one(".variables")) == "   name: Ada", "the customer's details")
         await pilot.press("a")
         chat = await until(pilot, lambda: app.chats.get(cust.id), "the chat tab")
         # We see the history, the private note included.
-        await until(pilot, lambda: "👁 Agent 2: note: wants a refund" in lines(chat), "the history")
+        await until(pilot, lambda: "◉ Agent 2: note: wants a refund" in lines(chat), "the history")
 
         # We invite a random agent from the support queue, who accepts; then we leave, they stay.
         a3 = await server.agent("agent3", "support")
@@ -381,7 +389,8 @@ async def test_login_errors_and_an_ended_session_go_back_to_the_login_screen(ser
         await server.agent("agent1")  # the same agent logs in elsewhere
         # The screen is pushed, then composed: wait for its error line, not only for the screen.
         screen = await until(
-            pilot, lambda: isinstance(app.screen, LoginScreen) and app.screen.query(".error") and app.screen,
+            pilot,
+            lambda: isinstance(app.screen, LoginScreen) and app.screen.query(".error") and app.screen,
             "the login screen",
         )
         await until(pilot, lambda: "session has ended" in plain(screen.query_one(".error")), "the ended-session note")
@@ -391,3 +400,82 @@ async def test_login_errors_and_an_ended_session_go_back_to_the_login_screen(ser
         await log_in(pilot, server.address)
         again = await until(pilot, lambda: app.chats.get(cust.id), "the chat restored")
         await until(pilot, lambda: "Ada: still there?" in lines(again), "its history")
+
+
+SMALL = (80, 24)
+
+
+async def test_the_desktop_fits_80x24_and_anonymous_customers_are_told_apart(server):
+    app = desktop()
+    async with app.run_test(size=SMALL) as pilot:
+        await log_in(pilot, server.address)  # the login box fits: its button is clicked
+        cust, chat = await accept_chat(pilot, server, queue="support")
+        other, other_tab = await accept_chat(pilot, server, queue="support")
+        # Anonymous: the queue and a short number from the conversation id, different for each.
+        assert tab_label(app, chat) == f"Customer · support #{cust.id[:4]}"
+        assert tab_label(app, other_tab) == f"Customer · support #{other.id[:4]}" != tab_label(app, chat)
+        await show(pilot, chat)
+
+        # Lines with the desktop's symbols: a menu, a choice, private notes, a file.
+        await say(pilot, chat, "hello")
+        await pilot.press("f5")
+        await say(pilot, chat, "private note")
+        await pilot.press("f3")
+        composer = await dialog(pilot, MenuComposer)
+        composer.query_one(".prompt", Input).value = "Which?"
+        composer.query_one(".options").text = "A\nB\n"
+        press_button(composer, "send")
+        offered = (await cust.stream.wait_for(is_event("offer_menu"))).event.offer_menu
+        await cust.choose(offered.menu_id, offered.options[0].option_id)
+        await until(pilot, lambda: "Customer: ✓ chose “A” (Which?)" in lines(chat), "the choice")
+        await customer_sends_file(cust, b"a;b\n", "data.csv", "a file")
+        await until(pilot, lambda: "Customer: a file  ⎘ data.csv (4 B)" in lines(chat), "the file line")
+        await until(pilot, lambda: "◉ Agent 1: private note" in lines(chat), "the private line")
+
+        rows = screen_text(app)
+        shown = "\n".join(rows)
+        # Every tool, and the footer's keys, on screen.
+        for label in ("F2 Predefined", "F3 Menu", "F4 Invite", "F5 Private", "F6 Attach", "F7 Download",
+                      "F8 Leave", "^W Close", "^q Quit", "^r Ready"):  # fmt: skip
+            assert label in shown, f"{label} is cut off:\n{shown}"
+        # The info pane's right border in the last column on every row of the panes.
+        bordered = [r for r in rows if "│" in r]
+        assert bordered and all(r.rstrip()[-1] in "│╮╯" for r in bordered), shown
+        # The symbols are one cell everywhere: not emoji, not East Asian wide or ambiguous.
+        from queuechat_agent import text
+
+        for symbol in (text.EYE, text.CLIP, text.MENU, text.CHOSEN):
+            assert ord(symbol) < 0x1F000 and unicodedata.east_asian_width(symbol) == "N", symbol
+
+        # The close warning wraps its sentence instead of cutting it, however long the name.
+        await pilot.press("ctrl+w")
+        await dialog(pilot, ConfirmClose)
+        await pilot.pause()
+        box = [row.split("█")[1] for row in screen_text(app) if row.count("█") >= 2]  # inside the box's sides
+        warning = " ".join(" ".join(box).split())
+        assert f"Customer · support #{cust.id[:4]} is still connected. Closing ends the chat for them too." in warning
+
+
+@pytest.mark.configure(settings={"offer_timeout": 1.0, "reject_cooldown": 0.1})
+async def test_an_offer_that_times_out_and_comes_back_keeps_its_place_and_the_keys(server):
+    app = desktop()
+    async with app.run_test(size=SMALL) as pilot:
+        await log_in(pilot, server.address)
+        _, chat = await accept_chat(pilot, server, variables={"name": "Ada"}, queue="support")
+        field = chat.query_one(".message", Input)
+        cust = await server.customer("sales", {"name": "Bob"})
+        first = await until(pilot, lambda: offer_pane(app, cust.id), "the offer tab")
+        await show(pilot, first)
+        place = app._pane_ids().index(first.id)
+        # It times out while the agent looks at it: the desktop goes home, not to the chat and its input.
+        await until(pilot, lambda: not first.is_attached, "the offer timed out")
+        assert app.tabs.active == "home"
+        await pilot.press("a")
+        assert field.value == ""
+        # Offered again: in the old place, in front (the agent was looking at it), keys for it work.
+        again = await until(pilot, lambda: offer_pane(app, cust.id), "the offer back")
+        assert again is not first and app._pane_ids().index(again.id) == place
+        await until(pilot, lambda: app.tabs.active == again.id, "the offer in front")
+        await pilot.press("r")
+        await until(pilot, lambda: not again.is_attached, "the offer answered")
+        assert field.value == "" and app.tabs.active != chat.id  # home, or the offer once more

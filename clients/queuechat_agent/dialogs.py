@@ -34,7 +34,7 @@ class Dialog(ModalScreen[ResultT | None]):
     DEFAULT_CSS = """
     Dialog { align: center middle; }
     Dialog > Vertical {
-        width: 72; height: auto; max-height: 90%;
+        width: 72; max-width: 100%; height: auto; max-height: 100%;
         border: thick $accent; background: $surface; padding: 1 2;
     }
     Dialog .title { text-style: bold; margin-bottom: 1; }
@@ -112,7 +112,7 @@ class InviteDialog(Dialog[InviteChoice]):
         with Vertical():
             yield Label("Invite an agent", classes="title")
             if self.pending is not None:
-                yield Label(Content(f"The invite to {text.invite_target(self.pending)} is waiting for an answer."))
+                yield Static(Content(f"The invite to {text.invite_target(self.pending)} is waiting for an answer."))
                 with Horizontal(classes="buttons"):
                     yield Button("Keep waiting", name="close")
                     yield Button("Cancel invite", name="cancel-invite", variant="warning")
@@ -264,7 +264,9 @@ class ConfirmClose(ModalScreen[bool]):
     BINDINGS = [Binding("y", "dismiss(True)", "Close chat"), Binding("n,escape", "dismiss(False)", "Keep open")]
     DEFAULT_CSS = """
     ConfirmClose { align: center middle; }
-    ConfirmClose > Vertical { width: 60; height: auto; border: thick $error; background: $surface; padding: 1 2; }
+    ConfirmClose > Vertical {
+        width: 60; max-width: 100%; height: auto; border: thick $error; background: $surface; padding: 1 2;
+    }
     ConfirmClose .title { text-style: bold; color: $error; margin-bottom: 1; }
     ConfirmClose Horizontal { height: auto; margin-top: 1; align-horizontal: right; }
     ConfirmClose Button { margin-left: 1; }
@@ -277,7 +279,9 @@ class ConfirmClose(ModalScreen[bool]):
     def compose(self) -> ComposeResult:
         with Vertical():
             yield Label("Close this chat?", classes="title")
-            yield Label(Content(f"{self.customer} is still connected. Closing ends the chat for them too."))
+            # A Static wraps (a Label would cut the sentence at the box's edge, more so for a long name).
+            warning = f"{self.customer} is still connected. Closing ends the chat for them too."
+            yield Static(Content(warning), classes="message")
             with Horizontal():
                 yield Button("Keep open (n)", name="keep", classes="keep")
                 yield Button("Close chat (y)", name="close", variant="error")

@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Iterable
-from datetime import timedelta
+from datetime import UTC, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from textual import on, work
 from textual.app import ComposeResult
-from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.containers import Grid, Horizontal, Vertical, VerticalScroll
 from textual.content import Content
 from textual.reactive import reactive
 from textual.widgets import Button, Input, Label, Static, TabbedContent, TabPane
@@ -27,6 +27,18 @@ if TYPE_CHECKING:
     from .app import AgentApp
 
 UNREAD = "● "
+
+# (name, label) of a chat tab's tool buttons: name is the pane's action_<name> (close: request_close).
+TOOLS = (
+    ("predefined", "F2 Predefined"),
+    ("menu", "F3 Menu"),
+    ("invite", "F4 Invite"),
+    ("private", "F5 Private"),
+    ("attach", "F6 Attach"),
+    ("download", "F7 Download"),
+    ("leave", "F8 Leave"),
+    ("close", "^W Close"),
+)
 
 
 class Entry(Static):
@@ -141,11 +153,22 @@ class OfferPane(Pane):
 
     def _tick(self) -> None:
         o = self.offer
+        # Durations from the server's own times plus what passed here: the two clocks need not agree.
         elapsed = time.monotonic() - self.received
-        waiting = o.waiting_time.ToTimedelta().total_seconds() + elapsed
         left = (o.expire_time.ToDatetime() - o.create_time.ToDatetime()).total_seconds() - elapsed
-        waiting_text, left_text = text.duration(timedelta(seconds=waiting)), text.duration(timedelta(seconds=left))
-        self.query_one(".waiting", Static).update(Content(f"Waiting {waiting_text} · answer within {left_text}"))
+        left_text = text.duration(timedelta(seconds=left))
+        if self.invite:
+            # The customer's time in the queue says nothing about an invite: who asked, and since when.
+            inv = o.invite
+            since = (o.create_time.ToDatetime() - inv.create_time.ToDatetime()).total_seconds() + elapsed
+            at = inv.create_time.ToDatetime(tzinfo=UTC).astimezone().strftime("%H:%M")
+            who = inv.inviter.display_name or inv.inviter.agent_id
+            ago = text.duration(timedelta(seconds=since))
+            shown = f"Invited by {who} at {at} ({ago} ago) · answer within {left_text}"
+        else:
+            waiting = o.waiting_time.ToTimedelta().total_seconds() + elapsed
+            shown = f"Waiting {text.duration(timedelta(seconds=waiting))} · answer within {left_text}"
+        self.query_one(".waiting", Static).update(Content(shown))
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         self.answer(event.button.name == "accept")
@@ -164,7 +187,7 @@ class ChatPane(Pane):
 
     def __init__(self, client: AgentClient, conversation: rpb.Conversation, me: str, downloads: Path):
         self.conversation_id = conversation.conversation_id
-        self.customer = text.customer_name(conversation.variables)
+        self.customer = text.customer_name(conversation.variables, conversation.queue, conversation.conversation_id)
         self.customer_connected = conversation.customer_connected
         self.closed = conversation.state == rpb.CONVERSATION_STATE_CLOSED
         super().__init__(self._caption(), id=f"chat-{self.conversation_id}")
@@ -192,21 +215,14 @@ class ChatPane(Pane):
                     yield Label("Message", classes="mode")
                     yield Input(placeholder="Type a message · Enter sends", classes="message")
                     yield Button("Send", name="send", classes="send", variant="primary", compact=True)
-                with Horizontal(classes="tools"):
-                    for name, label in (
-                        ("predefined", "Predefined"),
-                        ("menu", "☰ Menu"),
-                        ("invite", "Invite"),
-                        ("private", f"{text.EYE} Private"),
-                        ("attach", f"{text.CLIP} Attach"),
-                        ("download", "Download"),
-                        ("leave", "Leave"),
-                        ("close", "✕ Close"),
-                    ):
-                        yield Button(label, name=name, compact=True)
             with VerticalScroll(classes="info"):
                 yield Static(classes="info-customer")
                 yield Static(classes="info-chat")
+        # The tools carry their keys (the footer leaves them out, to fit 80 columns): one row on a wide
+        # terminal, two on a narrow one.
+        with Grid(classes="tools"):
+            for name, label in TOOLS:
+                yield Button(label, name=name, compact=True)
 
     def on_mount(self) -> None:
         self.query_one(".log").anchor()
