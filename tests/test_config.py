@@ -111,7 +111,7 @@ def test_an_unknown_key_at_the_top_level_is_refused():
 
 def test_an_unknown_key_in_a_section_is_refused():
     msg = one_problem(base_config(settings={"offer_timout": 5}))
-    assert msg == "[settings] offer_timout: unknown key; expected one of offer_timeout, reject_cooldown, stream_grace"
+    assert msg == "[settings] offer_timout: unknown key; expected one of offer_timeout, reject_cooldown, stream_grace, rating_window"
     msg = one_problem(base_config(security={"identity_secret": "x"}))
     assert msg.startswith("[security] identity_secret: unknown key; expected one of identity_secrets,")
 
@@ -217,7 +217,7 @@ def test_load_config_names_the_file(tmp_path):
         load_config(path, environ={})
     assert e.value.problems == (
         f"{path}: [limits] max_message_chars: expected an integer, got a string '4000'",
-        f"{path}: queues[0].colour: unknown key; expected one of id, display_name",
+        f"{path}: queues[0].colour: unknown key; expected one of id, display_name, wrap_up_required",
     )
 
 

@@ -26,7 +26,7 @@ from ..errors import ChatError, Kind, denied, invalid, precondition, unauthentic
 from ..store import Database
 from ..store.blobs import BlobStore
 from ..store.models import Admin, Agent, Conversation
-from . import admin, agents, conversations, invites, routing
+from . import admin, agents, conversations, invites, ratings, receipts, routing, supervision
 from .access import readable_conversation
 from .attachments import Attachments
 from .auth import (
@@ -55,15 +55,19 @@ from .views import (
     EventView,
     FeedEventView,
     Heartbeat,
+    LiveConversationView,
     ParticipantView,
     PredefinedView,
     ProfileView,
     QueuePositionView,
     QueueView,
+    RatingView,
+    ReadCursorView,
     SessionView,
     StartedChat,
     Transcript,
     TypingView,
+    WrapUpCodeView,
 )
 
 T = TypeVar("T")
@@ -140,6 +144,7 @@ class Core:
         await self.write(admin.apply_config, self.config, self.passwords)
         self.settings, self.token_secret = await self.db.read(admin.load_settings)
         await self.write(agents.recover)
+        await self.write(supervision.recover)
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
 
     async def _sweep(self) -> None:
@@ -271,8 +276,60 @@ class Core:
 
     def conversation_stream(
         self, who: Who, conversation_id: str, after_seq: int
-    ) -> AsyncIterator[EventView | Heartbeat | QueuePositionView | TypingView]:
+    ) -> AsyncIterator[EventView | Heartbeat | QueuePositionView | TypingView | ReadCursorView]:
         return self.streams.conversation(who, conversation_id, after_seq)
+
+    async def mark_read(self, who: Who, conversation_id: str, up_to_seq: int) -> ReadCursorView:
+        """Limited per reader and conversation: each call that moves the cursor is a write."""
+        reader = f"agent:{who.agent_id}" if isinstance(who, AgentPrincipal) else "customer"
+        self.limiter.check(
+            "read_marks_per_conversation",
+            f"{conversation_id}\0{reader}",
+            "TOO_MANY_READ_MARKS",
+            "You are marking messages read too often; send the latest seq now and then.",
+        )
+        return await self.write(receipts.mark_read, who, conversation_id, up_to_seq)
+
+    async def rate(
+        self, who: CustomerPrincipal, conversation_id: str, request_id: str, score: int, comment: str
+    ) -> RatingView:
+        _check_request_id(request_id)
+        self.limiter.check(
+            "ratings_per_conversation", conversation_id, "TOO_MANY_RATINGS", "Too many rating attempts; wait a minute."
+        )
+        return await self.write(ratings.rate, who, conversation_id, request_id, score, comment)
+
+    # --- supervisors ---------------------------------------------------------------
+
+    async def live_conversations(self, who: AgentPrincipal, queue_id: str) -> list[LiveConversationView]:
+        return await self.db.read(supervision.live_conversations, who, queue_id, utcnow())
+
+    def monitor(
+        self, who: AgentPrincipal, conversation_id: str, after_seq: int
+    ) -> AsyncIterator[EventView | Heartbeat | TypingView | ReadCursorView]:
+        return self.streams.monitor(who, conversation_id, after_seq)
+
+    async def whisper(self, who: AgentPrincipal, conversation_id: str, request_id: str, text: str) -> EventView:
+        _check_request_id(request_id)
+        if len(text) > self.limits.max_message_chars:
+            conversations.check_text(self.limits, text)
+        self.limiter.check(
+            "messages_per_conversation",
+            f"{conversation_id}\0supervisor:{who.agent_id}",
+            "TOO_MANY_MESSAGES",
+            "You are sending messages too fast; slow down.",
+        )
+        return await self.write(supervision.whisper, who, conversation_id, request_id, text)
+
+    async def barge_in(self, who: AgentPrincipal, conversation_id: str) -> ConversationView:
+        return await self.write(supervision.barge_in, who, conversation_id)
+
+    async def agent_wrap_up_codes(self, who: AgentPrincipal, conversation_id: str) -> tuple[list[WrapUpCodeView], bool]:
+        def run(s: Session) -> tuple[list[WrapUpCodeView], bool]:
+            codes, required = conversations.list_wrap_up_codes(s, who, conversation_id)
+            return [admin.wrap_up_code_view(c) for c in codes], required
+
+        return await self.db.read(run)
 
     async def send_message(
         self,
@@ -326,8 +383,10 @@ class Core:
     async def leave(self, who: AgentPrincipal, conversation_id: str) -> None:
         await self.write(conversations.leave, who, conversation_id)
 
-    async def close(self, who: AgentPrincipal, conversation_id: str, confirm: bool) -> ConversationView:
-        return await self.write(conversations.close, who, conversation_id, confirm)
+    async def close(
+        self, who: AgentPrincipal, conversation_id: str, confirm: bool, wrap_up_code_id: str = "", note: str = ""
+    ) -> ConversationView:
+        return await self.write(conversations.close, who, conversation_id, confirm, wrap_up_code_id, note)
 
     # --- customers ---------------------------------------------------------------
 
@@ -456,23 +515,43 @@ class Core:
     async def list_all_predefined(self) -> list[PredefinedView]:
         return await self.db.read(admin.list_predefined)
 
-    async def list_all_conversations(self, page_size: int, page_token: str) -> tuple[list[ConversationView], str]:
-        return await self.db.read(admin.list_conversations, page_size, page_token)
+    async def list_all_conversations(
+        self, page_size: int, page_token: str, queue_id: str = "", wrap_up_code_id: str = "", rating_score: int = 0
+    ) -> tuple[list[ConversationView], str]:
+        return await self.db.read(
+            admin.list_conversations, page_size, page_token, queue_id, wrap_up_code_id, rating_score
+        )
 
-    async def create_queue(self, queue_id: str, display_name: str) -> QueueView:
-        return await self.write(admin.create_queue, queue_id, display_name)
+    async def create_queue(self, queue_id: str, display_name: str, wrap_up_required: bool = False) -> QueueView:
+        return await self.write(admin.create_queue, queue_id, display_name, wrap_up_required)
 
-    async def update_queue(self, queue_id: str, display_name: str) -> QueueView:
-        return await self.write(admin.update_queue, queue_id, display_name)
+    async def update_queue(self, queue_id: str, display_name: str, wrap_up_required: bool = False) -> QueueView:
+        return await self.write(admin.update_queue, queue_id, display_name, wrap_up_required)
+
+    async def list_wrap_up_codes(self) -> list[WrapUpCodeView]:
+        return await self.db.read(admin.list_wrap_up_codes)
+
+    async def create_wrap_up_code(self, code_id: str, display_name: str, queue_id: str) -> WrapUpCodeView:
+        return await self.write(admin.create_wrap_up_code, code_id, display_name, queue_id)
+
+    async def update_wrap_up_code(self, code_id: str, display_name: str, queue_id: str) -> WrapUpCodeView:
+        return await self.write(admin.update_wrap_up_code, code_id, display_name, queue_id)
+
+    async def delete_wrap_up_code(self, code_id: str) -> None:
+        await self.write(admin.delete_wrap_up_code, code_id)
 
     async def delete_queue(self, queue_id: str) -> None:
         await self.write(admin.delete_queue, queue_id)
 
-    async def create_profile(self, profile_id: str, display_name: str, queue_ids: list[str]) -> ProfileView:
-        return await self.write(admin.create_profile, profile_id, display_name, queue_ids)
+    async def create_profile(
+        self, profile_id: str, display_name: str, queue_ids: list[str], supervisor: bool = False
+    ) -> ProfileView:
+        return await self.write(admin.create_profile, profile_id, display_name, queue_ids, supervisor)
 
-    async def update_profile(self, profile_id: str, display_name: str, queue_ids: list[str]) -> ProfileView:
-        return await self.write(admin.update_profile, profile_id, display_name, queue_ids)
+    async def update_profile(
+        self, profile_id: str, display_name: str, queue_ids: list[str], supervisor: bool = False
+    ) -> ProfileView:
+        return await self.write(admin.update_profile, profile_id, display_name, queue_ids, supervisor)
 
     async def delete_profile(self, profile_id: str) -> None:
         await self.write(admin.delete_profile, profile_id)
