@@ -3,6 +3,7 @@ import type { CustomerServiceStreamConversationResponse } from "../build/gen/cha
 import { ParticipantKind, type Attachment, type ConversationEvent, type OfferMenu } from "../build/gen/chat/v1/resources_pb";
 import { backoff, client, describe, isFinal, loadSession, opts, retrying, saveSession, type Failure, type Session } from "./api";
 import { notice, size, transcriptText, visible, who } from "./transcript";
+import { timestampDate } from "@bufbuild/protobuf/wkt";
 import { refusal, upload } from "./uploads";
 
 // No message or heartbeat (the server sends one every 15 s) for this long: the connection is dead.
@@ -23,6 +24,7 @@ const ui = {
   log: $("log"),
   outbox: $("outbox"),
   ended: $("ended"),
+  typing: $("typing"),
   endedText: $("ended-text"),
   composer: $<HTMLFormElement>("composer"),
   files: $("files"),
@@ -45,6 +47,12 @@ const agents = new Map<string, string>(); // agents in the chat now: id -> name
 const menus = new Map<string, HTMLElement>(); // menu id -> its option buttons
 const sending = new Map<bigint, HTMLElement>(); // seq of a sent message -> its outbox entry, until the stream shows it
 let files: PendingFile[] = [];
+const typing = new Map<string, { name: string; timer: ReturnType<typeof setTimeout> }>(); // agents composing now
+let typingSaid = 0; // when the page last told the server the customer is typing (ms), 0 = not typing
+
+// The server's rule: a typing signal at most every 2 s while composing; it shows for 5 s unless renewed.
+const TYPING_EVERY_MS = 2_000;
+const TYPING_SHOWN_MS = 6_000; // the longest an indicator stays without a renewal, whatever the clocks say
 
 function el<K extends keyof HTMLElementTagNameMap>(
   tag: K,
@@ -118,6 +126,8 @@ function openChat(s: Session): void {
   ended = false;
   agents.clear();
   menus.clear();
+  for (const id of [...typing.keys()]) setTyping(id, "", 0);
+  typingSaid = 0;
   sending.clear();
   files = [];
   ui.log.replaceChildren();
@@ -169,6 +179,12 @@ function receive(res: CustomerServiceStreamConversationResponse): void {
   const k = res.kind;
   if (k.case === "heartbeat") {
     if (k.value.latestSeq > cursor) cursor = k.value.latestSeq;
+  } else if (k.case === "typing") {
+    const p = k.value.participant;
+    if (p?.kind !== ParticipantKind.AGENT) return;
+    // Until expire_time (measured on this machine's clock, within bounds), a newer indicator, or a stop.
+    const left = k.value.expireTime ? timestampDate(k.value.expireTime).getTime() - Date.now() : TYPING_SHOWN_MS;
+    setTyping(p.agentId, who(p), k.value.typing ? Math.min(Math.max(left, 1_000), TYPING_SHOWN_MS) : 0);
   } else if (k.case === "queuePosition") {
     if (!agents.size) ui.status.textContent = `You are number ${k.value.position} in the queue.`;
   } else if (k.case === "event" && k.value.seq > cursor) {
@@ -182,10 +198,12 @@ function show(ev: ConversationEvent): void {
   const k = ev.kind;
   switch (k.case) {
     case "message":
-      append(messageItem(k.value.sender?.kind === ParticipantKind.CUSTOMER, who(k.value.sender), k.value.text, k.value.attachments));
+      // An agent's message ends their typing.
+      if (k.value.sender?.kind === ParticipantKind.AGENT) setTyping(k.value.sender.agentId, "", 0);
+      append(messageItem(k.value.sender?.kind === ParticipantKind.CUSTOMER, who(k.value.sender), k.value.text, k.value.attachments, ev));
       break;
     case "offerMenu":
-      append(menuItem(k.value));
+      append(menuItem(k.value, ev));
       break;
     case "participantJoined":
     case "participantLeft": {
@@ -220,13 +238,57 @@ function show(ev: ConversationEvent): void {
   sending.delete(ev.seq);
 }
 
-function append(item: HTMLElement): void {
-  ui.log.append(item);
-  ui.scroller.scrollTop = ui.scroller.scrollHeight;
+/** Show that agentId is composing for ms (0: no longer). */
+function setTyping(agentId: string, name: string, ms: number): void {
+  clearTimeout(typing.get(agentId)?.timer);
+  typing.delete(agentId);
+  if (ms > 0) typing.set(agentId, { name, timer: setTimeout(() => setTyping(agentId, name, 0), ms) });
+  const names = [...typing.values()].map((t) => t.name);
+  ui.typing.textContent = !names.length ? "" : names.length === 1 ? `${names[0]} is typing…` : `${names.join(" and ")} are typing…`;
 }
 
-function messageItem(mine: boolean, sender: string, text: string, attachments: Attachment[] = []): HTMLLIElement {
-  const item = el("li", { class: mine ? "msg mine" : "msg" }, el("span", { class: "who", text: sender }));
+/** Tell the agents whether the customer is composing: at most every 2 s while typing, once when stopping. */
+function composing(): void {
+  const s = session;
+  if (!s || ended) return;
+  const now = Date.now();
+  const typingNow = ui.text.value.trim() !== "";
+  if (typingNow && now - typingSaid < TYPING_EVERY_MS) return;
+  if (!typingNow && !typingSaid) return;
+  typingSaid = typingNow ? now : 0;
+  // Best effort: a lost or refused signal (e.g. over the rate) only means a missing "typing…".
+  client.setTyping({ conversationId: s.conversationId, typing: typingNow }, opts(s, 5_000)).catch(() => undefined);
+}
+
+function append(item: HTMLElement): void {
+  ui.log.append(item);
+  // A refusal of a file is about the moment it was picked: once the conversation moves on, it goes.
+  ui.composerError.textContent = "";
+  toEnd();
+}
+
+// Whether the conversation is scrolled to its end: it then stays there when the area around it changes
+// (the ended panel, the file list or an error above the input take room from the bottom).
+let atEnd = true;
+
+function toEnd(): void {
+  ui.scroller.scrollTop = ui.scroller.scrollHeight;
+  atEnd = true;
+}
+
+/** The sender's line of a message: the name and, for a stored event, the time it was sent. */
+function whoLine(sender: string, ev?: ConversationEvent): HTMLElement {
+  const line = el("span", { class: "who", text: sender });
+  if (ev?.createTime) {
+    const at = timestampDate(ev.createTime);
+    const time = el("time", { class: "time", text: at.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" }), attrs: { datetime: at.toISOString(), title: at.toLocaleString() } });
+    line.append(" · ", time);
+  }
+  return line;
+}
+
+function messageItem(mine: boolean, sender: string, text: string, attachments: Attachment[] = [], ev?: ConversationEvent): HTMLLIElement {
+  const item = el("li", { class: mine ? "msg mine" : "msg" }, whoLine(sender, ev));
   if (text) item.append(el("p", { class: "text", text }));
   if (attachments.length) {
     item.append(
@@ -240,7 +302,7 @@ function messageItem(mine: boolean, sender: string, text: string, attachments: A
   return item;
 }
 
-function menuItem(menu: OfferMenu): HTMLLIElement {
+function menuItem(menu: OfferMenu, ev: ConversationEvent): HTMLLIElement {
   const options = el("div", { class: "options", attrs: { role: "group", "aria-label": menu.prompt } });
   for (const o of menu.options) {
     const b = el("button", { text: o.label, attrs: { type: "button" } });
@@ -249,7 +311,7 @@ function menuItem(menu: OfferMenu): HTMLLIElement {
     options.append(b);
   }
   menus.set(menu.menuId, options);
-  return el("li", { class: "msg menu" }, el("span", { class: "who", text: who(menu.sender) }), el("p", { class: "text", text: menu.prompt }), options);
+  return el("li", { class: "msg menu" }, whoLine(who(menu.sender), ev), el("p", { class: "text", text: menu.prompt }), options);
 }
 
 function finish(text: string): void {
@@ -259,8 +321,12 @@ function finish(text: string): void {
   ui.ended.hidden = false;
   ui.endedText.textContent = `${text} You can keep a copy of the conversation.`;
   ui.status.textContent = "";
+  ui.composerError.textContent = "";
+  for (const id of [...typing.keys()]) setTyping(id, "", 0);
   for (const b of ui.log.querySelectorAll<HTMLButtonElement>(".options button")) b.disabled = true;
-  $("ended-transcript").focus();
+  // The panel takes the composer's place and more: the last line and its file buttons stay in view.
+  $("ended-transcript").focus({ preventScroll: true });
+  toEnd();
 }
 
 // --- actions --------------------------------------------------------------------------------
@@ -290,6 +356,7 @@ async function sendMessage(event: SubmitEvent): Promise<void> {
   const ready = files.filter((f) => f.attachmentId);
   if (!text && !ready.length) return;
   ui.text.value = "";
+  composing(); // the input is empty: no longer typing
   ui.composerError.textContent = "";
   files = [];
   ui.files.replaceChildren();
@@ -299,7 +366,7 @@ async function sendMessage(event: SubmitEvent): Promise<void> {
   if (ready.length) item.append(el("p", { class: "text", text: ready.map((f) => f.file.name).join(", ") }));
   item.append(state);
   ui.outbox.append(item);
-  ui.scroller.scrollTop = ui.scroller.scrollHeight;
+  toEnd();
   const requestId = crypto.randomUUID(); // the same id on every retry: stored once
   const attachmentIds = ready.map((f) => f.attachmentId!);
   try {
@@ -422,9 +489,19 @@ function main(): void {
   });
   $("attach").addEventListener("click", () => ui.fileInput.click());
   ui.fileInput.addEventListener("change", addFiles);
+  ui.text.addEventListener("input", composing);
   ui.transcript.addEventListener("click", () => void downloadTranscript());
   $("ended-transcript").addEventListener("click", () => void downloadTranscript());
-  ui.end.addEventListener("click", () => ui.confirmEnd.showModal());
+  ui.end.addEventListener("click", () => {
+    ui.composerError.textContent = "";
+    ui.confirmEnd.showModal();
+  });
+  ui.scroller.addEventListener("scroll", () => {
+    atEnd = ui.scroller.scrollHeight - ui.scroller.scrollTop - ui.scroller.clientHeight < 4;
+  });
+  new ResizeObserver(() => {
+    if (atEnd) ui.scroller.scrollTop = ui.scroller.scrollHeight;
+  }).observe(ui.scroller);
   ui.confirmEnd.addEventListener("close", () => {
     if (ui.confirmEnd.returnValue === "end") void endChat();
     else ui.text.focus();
