@@ -12,8 +12,9 @@ from chat.v1 import agent_service_pb2 as agent_pb
 from chat.v1 import customer_service_pb2 as cust_pb
 from chat.v1 import resources_pb2 as rpb
 
-# agent6 may log in with "supervisors" (supervises sales and support) or "sales-supervisors" (sales only).
+# agent6 may log in with "supervisors" (supervises sales and support), agent5 with "sales-supervisors" (sales only).
 SUPERVISOR = "agent6"
+SALES_SUPERVISOR = "agent5"
 
 
 def with_supervisors(doc: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -25,13 +26,17 @@ def with_supervisors(doc: dict[str, Any] | None = None) -> dict[str, Any]:
     ]
     for agent in doc["agents"]:
         if agent["id"] == SUPERVISOR:
-            agent["profiles"] = [*agent["profiles"], "supervisors", "sales-supervisors"]
+            agent["profiles"] = [*agent["profiles"], "supervisors"]
+        elif agent["id"] == SALES_SUPERVISOR:
+            agent["profiles"] = [*agent["profiles"], "sales-supervisors"]
     return doc
 
 
 async def supervisor(server, profile: str = "supervisors"):
-    """agent6 logged in with a supervisor profile, not ready (so no chat is offered to it)."""
-    return await server.agent(SUPERVISOR, profile, ready=False, offers=False)
+    """agent6 (agent5 for "sales-supervisors") logged in with a supervisor profile, not ready (so no chat is
+    offered to it)."""
+    agent_id = SALES_SUPERVISOR if profile == "sales-supervisors" else SUPERVISOR
+    return await server.agent(agent_id, profile, ready=False, offers=False)
 
 
 def monitor(agent, conversation_id: str, after_seq: int = 0) -> Stream:
