@@ -1,5 +1,6 @@
 """The agent's terminal desktop, driven through Textual's pilot against a real server in the same event loop."""
 
+import asyncio
 import re
 import unicodedata
 
@@ -10,6 +11,7 @@ from harness import is_event
 from textual.widgets import Button, Input, Label, OptionList, Static
 
 from chat.v1 import agent_service_pb2 as agent_pb
+from chat.v1 import customer_service_pb2 as cust_pb
 from chat.v1 import resources_pb2 as rpb
 from queuechat_agent.app import AgentApp, LoginScreen
 from queuechat_agent.dialogs import (
@@ -479,3 +481,44 @@ async def test_an_offer_that_times_out_and_comes_back_keeps_its_place_and_the_ke
         await pilot.press("r")
         await until(pilot, lambda: not again.is_attached, "the offer answered")
         assert field.value == "" and app.tabs.active != chat.id  # home, or the offer once more
+
+
+def typing(item) -> bool:
+    return item.HasField("typing")
+
+
+async def test_typing_both_ways_and_private_composing_stays_with_the_agents(server):
+    app = desktop()
+    async with app.run_test(size=SMALL) as pilot:
+        await log_in(pilot, server.address)
+        cust, chat = await accept_chat(pilot, server, variables={"name": "Ada"})
+        line = chat.query_one(".typing", Static)
+
+        # The customer composes: the tab and the chat say so, until their message comes.
+        await cust.stub.SetTyping(
+            cust_pb.CustomerServiceSetTypingRequest(conversation_id=cust.id, typing=True), metadata=cust.md
+        )
+        await until(pilot, lambda: line.display and plain(line) == "Ada is typing…", "the customer typing")
+        assert tab_label(app, chat) == "Ada ✎"
+        await cust.send("my order")
+        await until(pilot, lambda: not line.display and tab_label(app, chat) == "Ada", "typing over with the message")
+
+        # The agent composes: the customer is told; emptying the input says they stopped.
+        field = chat.query_one(".message", Input)
+        await pilot.press(*"Let me")
+        shown = await cust.stream.wait_for(lambda i: typing(i) and i.typing.typing)
+        assert shown.typing.participant.agent_id == "agent1"
+        field.value = ""
+        await cust.stream.wait_for(lambda i: typing(i) and not i.typing.typing)
+
+        # In private mode the signals are agents-only: nothing reaches the customer.
+        await pilot.press("f5")
+        seen = len(cust.stream.items)
+        await asyncio.sleep(1.1)  # past the server's one signal a second
+        await pilot.press(*"VIP")
+        await until(pilot, lambda: chat.typing_said, "the private signal sent")
+        await pilot.press("enter")
+        await until(pilot, lambda: "◉ Agent 1: VIP" in lines(chat), "the private note")
+        await cust.send("ping")  # the customer's stream has everything sent before its own message
+        await cust.stream.wait_for(message("ping"))
+        assert not [i for i in cust.stream.items[seen:] if typing(i)]

@@ -45,6 +45,7 @@ ChatPane > Horizontal { height: 1fr; }
 .log { height: 1fr; border: round $panel-lighten-2; padding: 0 1; }
 .info { width: 32; border: round $panel-lighten-2; padding: 0 1; }
 .-narrow .info { width: 24; }
+.typing { height: 1; color: $text-muted; text-style: italic; padding: 0 1; display: none; }
 .notice { height: auto; color: $warning; padding: 0 1; }
 .notice.error { color: $error; }
 .staged { height: auto; color: $accent; padding: 0 1; }

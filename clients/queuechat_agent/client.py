@@ -105,6 +105,9 @@ class Feed(Generic[EventT]):
     reopens with after_seq = the last seq seen on an event or a heartbeat.
     UNAUTHENTICATED raises SessionEnded, any other refusal Refused. It ends when
     the server ends the stream normally (a conversation closed, or left).
+
+    Ephemeral items with no seq (a TypingIndicator, a ReadCursor) are not events:
+    they go to on_signal, when set, as (kind, item), e.g. ("typing", indicator).
     """
 
     def __init__(
@@ -116,6 +119,7 @@ class Feed(Generic[EventT]):
         self.live = False
         # Set at the first heartbeat: the backlog has been replayed, events are live from here.
         self.caught_up = asyncio.Event()
+        self.on_signal: Callable[[str, Any], None] | None = None
 
     async def __aiter__(self) -> AsyncIterator[EventT]:
         delays = self._client.backoff.delays()
@@ -130,9 +134,12 @@ class Feed(Generic[EventT]):
                             if not self.live:
                                 self._set_live(True)
                                 delays = self._client.backoff.delays()
-                        elif kind == "event" and item.event.seq > self.cursor:
-                            self.cursor = item.event.seq
-                            yield item.event
+                        elif kind == "event":
+                            if item.event.seq > self.cursor:
+                                self.cursor = item.event.seq
+                                yield item.event
+                        elif kind is not None and self.on_signal is not None:
+                            self.on_signal(kind, getattr(item, kind))
                     return
                 except grpc.aio.AioRpcError as err:
                     if err.code() != grpc.StatusCode.UNAVAILABLE:
@@ -287,6 +294,16 @@ class AgentClient:
             attachment_ids=list(attachment_ids),
         )
         return (await self._call(self.stub.SendMessage, req)).event
+
+    async def set_typing(self, conversation_id: str, typing: bool = True, *, private: bool = False) -> None:
+        """Say whether this agent is composing (at most every 2 s while typing). Not retried: a late signal is
+        worse than none."""
+        req = pb.SetTypingRequest(
+            conversation_id=conversation_id,
+            typing=typing,
+            visibility=rpb.VISIBILITY_AGENTS_ONLY if private else rpb.VISIBILITY_ALL,
+        )
+        await self._call(self.stub.SetTyping, req, retry=False)
 
     async def predefined(self, conversation_id: str = "") -> list[rpb.PredefinedMessage]:
         req = pb.ListPredefinedMessagesRequest(conversation_id=conversation_id)

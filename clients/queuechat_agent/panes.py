@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Iterable
 from datetime import UTC, timedelta
@@ -27,6 +28,9 @@ if TYPE_CHECKING:
     from .app import AgentApp
 
 UNREAD = "● "
+TYPING = "✎"  # after a chat tab's name while someone in the chat is composing
+TYPING_EVERY = 2.0  # seconds between this agent's typing signals while composing (the server's rule)
+TYPING_SHOWN = 6.0  # the longest an indicator stays without a renewal, whatever expire_time says
 
 # (name, label) of a chat tab's tool buttons: name is the pane's action_<name> (close: request_close).
 TOOLS = (
@@ -190,6 +194,9 @@ class ChatPane(Pane):
         self.customer = text.customer_name(conversation.variables, conversation.queue, conversation.conversation_id)
         self.customer_connected = conversation.customer_connected
         self.closed = conversation.state == rpb.CONVERSATION_STATE_CLOSED
+        # Who is composing now: "customer" or an agent id -> (name, until when, monotonic).
+        self.typing: dict[str, tuple[str, float]] = {}
+        self.typing_said = 0.0  # when we last told the server this agent is typing (monotonic), 0: not typing
         super().__init__(self._caption(), id=f"chat-{self.conversation_id}")
         self.client = client
         self.me = me
@@ -209,6 +216,7 @@ class ChatPane(Pane):
         with Horizontal():
             with Vertical(classes="conversation"):
                 yield VerticalScroll(classes="log")
+                yield Static(classes="typing")
                 yield Static(classes="notice")
                 yield Static(classes="staged")
                 with Horizontal(classes="compose"):
@@ -237,6 +245,7 @@ class ChatPane(Pane):
     @work(exit_on_error=False, group="follow")
     async def _follow(self) -> None:
         self.feed = self.client.follow(self.conversation_id)
+        self.feed.on_signal = self._signal
         try:
             async for ev in self.feed:
                 await self._apply(ev, live=self.feed.caught_up.is_set())
@@ -245,9 +254,45 @@ class ChatPane(Pane):
         except Refused as err:
             self.notice(f"The conversation stream stopped: {err}", error=True)
 
+    def _signal(self, kind: str, item: object) -> None:
+        """Ephemeral items of the stream: typing indicators."""
+        if kind == "typing" and isinstance(item, rpb.TypingIndicator):
+            p = item.participant
+            key = "customer" if p.kind == rpb.PARTICIPANT_KIND_CUSTOMER else p.agent_id
+            if key == self.me:
+                return
+            if item.typing:
+                # Until expire_time, measured here: at most TYPING_SHOWN from now, whatever the clocks say.
+                left = item.expire_time.ToDatetime(tzinfo=UTC).timestamp() - time.time()
+                left = min(max(left, 1.0), TYPING_SHOWN)
+                self.typing[key] = (p.display_name or "Customer", time.monotonic() + left)
+                self.set_timer(left + 0.05, self._refresh_typing)
+            else:
+                self.typing.pop(key, None)
+            self._refresh_typing()
+
+    def _refresh_typing(self) -> None:
+        now = time.monotonic()
+        self.typing = {k: v for k, v in self.typing.items() if v[1] > now}
+        names = [name for name, _ in self.typing.values()]
+        line = self.query_one(".typing", Static)
+        if not names:
+            line.update("")
+        elif len(names) == 1:
+            line.update(Content(f"{names[0]} is typing…"))
+        else:
+            line.update(Content(f"{', '.join(names)} are typing…"))
+        line.display = bool(names)
+        self.set_caption(self._caption())
+
     async def _apply(self, ev: rpb.ConversationEvent, live: bool) -> None:
         line = text.describe(ev, self.me, self.menus)
         kind = ev.WhichOneof("kind")
+        if kind == "message":
+            # A message ends its sender's typing.
+            sender = ev.message.sender
+            if self.typing.pop("customer" if sender.kind == rpb.PARTICIPANT_KIND_CUSTOMER else sender.agent_id, None):
+                self._refresh_typing()
         if kind == "message" and ev.message.sender.agent_id != self.me:
             self.received += [(a, ev.message.sender.display_name) for a in ev.message.attachments]
         elif kind == "participant_joined" and ev.participant_joined.participant.kind == rpb.PARTICIPANT_KIND_AGENT:
@@ -271,7 +316,8 @@ class ChatPane(Pane):
     # --- what the tab shows -----------------------------------------------------------
 
     def _caption(self) -> str:
-        return self.customer + (" (ended)" if self.closed or not self.customer_connected else "")
+        caption = self.customer + (" (ended)" if self.closed or not self.customer_connected else "")
+        return caption + (f" {TYPING}" if self.typing else "")
 
     def _refresh_info(self) -> None:
         variables = [text.variable(v) + "\n" for v in self.variables] or ["(no details)\n"]
@@ -308,6 +354,10 @@ class ChatPane(Pane):
         staged.display = bool(files)
 
     def watch_private(self, private: bool) -> None:
+        if self.typing_said:
+            # Composing changed sides: the stop goes to whoever was told (a public stop reaches the customer).
+            self.typing_said = 0.0
+            self._say_typing(False, not private)
         self.query_one(".mode", Label).update(f"{text.EYE} Private" if private else "Message")
         self.query_one(".message", Input).set_class(private, "private")
         self.query_one(".mode", Label).set_class(private, "private")
@@ -322,6 +372,25 @@ class ChatPane(Pane):
     def changed(self, event: Input.Changed) -> None:
         if not event.value:
             self.predefined_id = ""
+        self._composing(bool(event.value.strip()))
+
+    def _composing(self, typing: bool) -> None:
+        """Tell the others this agent is composing: at most every TYPING_EVERY seconds, and once on stopping."""
+        if self.closed or not self.is_mounted:
+            return
+        now = time.monotonic()
+        if typing and now - self.typing_said >= TYPING_EVERY:
+            self.typing_said = now
+            self._say_typing(True, self.private)
+        elif not typing and self.typing_said:
+            self.typing_said = 0.0
+            self._say_typing(False, self.private)
+
+    @work(exit_on_error=False, group="typing")
+    async def _say_typing(self, typing: bool, private: bool) -> None:
+        # Best effort: a lost signal only means a missing "typing…" on the other side.
+        with contextlib.suppress(Refused):
+            await self.client.set_typing(self.conversation_id, typing, private=private)
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         event.stop()
