@@ -6,6 +6,7 @@ import unicodedata
 
 import pytest
 from agent_helpers import click, customer_sends_file, identity_token, lines, log_in, offer_pane, screen_text, until
+from features_helpers import customer_reads, is_cursor
 from files import Uploader, pdf
 from harness import is_event
 from textual.widgets import Button, Input, Label, OptionList, Static
@@ -240,7 +241,7 @@ async def test_several_chats_unread_markers_and_a_new_offer_does_not_steal_focus
         assert app.tabs.active == bob_tab.id and [tab_label(app, t) for t in (ada_tab, bob_tab)] == ["Ada", "Bob"]
 
         await ada.send("anyone there?")
-        await until(pilot, lambda: tab_label(app, ada_tab) == "● Ada", "the unread marker")
+        await until(pilot, lambda: tab_label(app, ada_tab) == "● Ada (1)", "the unread marker")
         assert tab_label(app, bob_tab) == "Bob"
         await show(pilot, ada_tab)
         assert tab_label(app, ada_tab) == "Ada"
@@ -522,3 +523,51 @@ async def test_typing_both_ways_and_private_composing_stays_with_the_agents(serv
         await cust.send("ping")  # the customer's stream has everything sent before its own message
         await cust.stream.wait_for(message("ping"))
         assert not [i for i in cust.stream.items[seen:] if typing(i)]
+
+
+async def test_unread_counts_from_read_cursors_and_the_customers_read_mark(server):
+    app = desktop()
+    async with app.run_test(size=SMALL) as pilot:
+        await log_in(pilot, server.address)
+        ada, ada_tab = await accept_chat(pilot, server, variables={"name": "Ada"})
+        # In front, the chat is read as it comes: the customer sees our cursor move.
+        await ada.stream.wait_for(is_cursor(lambda c: c.participant.agent_id == "agent1"))
+        _, bob_tab = await accept_chat(pilot, server, variables={"name": "Bob"})
+
+        # Behind another tab, the customer's lines are counted; looking at the tab reads them.
+        await ada.send("one")
+        await ada.send("two")
+        await until(pilot, lambda: tab_label(app, ada_tab) == "● Ada (2)", "two unread")
+        assert tab_label(app, bob_tab) == "Bob"
+        two = next(e.seq for e in ada.stream.events("message") if e.message.text == "two")
+        await show(pilot, ada_tab)
+        assert tab_label(app, ada_tab) == "Ada"
+        await ada.stream.wait_for(is_cursor(lambda c: c.participant.agent_id == "agent1" and c.read_seq >= two))
+
+        # What the customer has read: "✓ Read" after the last of our lines they read, and it moves on.
+        await say(pilot, ada_tab, "first answer")
+        first = (await ada.stream.wait_for(message("first answer"))).event.seq
+        await say(pilot, ada_tab, "second answer")
+        second = (await ada.stream.wait_for(message("second answer"))).event.seq
+
+        await customer_reads(ada, first)
+        await until(pilot, lambda: marked_in(ada_tab) == ["Agent 1: first answer"], "the read mark")
+        await customer_reads(ada, second)
+        await until(pilot, lambda: marked_in(ada_tab) == ["Agent 1: second answer"], "the read mark moved")
+
+        # Logging in again: the counts come from the stored cursors.
+        await show(pilot, bob_tab)
+        await ada.send("three")
+        await until(pilot, lambda: tab_label(app, ada_tab) == "● Ada (1)", "one unread")
+        await server.agent("agent1")  # the session ends (a login elsewhere)
+        await until(pilot, lambda: isinstance(app.screen, LoginScreen) and app.screen.query("#login"), "login")
+        await log_in(pilot, server.address)
+        again = await until(pilot, lambda: app.chats.get(ada.id), "the chat restored")
+        await until(pilot, lambda: "Ada: three" in lines(again), "its history")
+        assert app.tabs.active == "home"
+        await until(pilot, lambda: tab_label(app, again) == "● Ada (1)", "the count restored")
+        assert marked_in(again) == ["Agent 1: second answer"]
+
+
+def marked_in(chat) -> list[str]:
+    return [e.line.plain for e in chat.query(Entry) if e.mark == "✓ Read"]

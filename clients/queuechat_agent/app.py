@@ -66,6 +66,7 @@ ChatPane > Horizontal { height: 1fr; }
 .entry.system, .entry.invite { color: $text-muted; text-style: italic; }
 .entry.menu, .entry.choice { color: $accent; }
 .entry.private { background: $warning 20%; color: $warning-lighten-2; }
+.entry.whisper { background: $accent 20%; color: $accent-lighten-2; }
 """
 
 

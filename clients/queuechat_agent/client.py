@@ -81,6 +81,8 @@ class Session:
     profile_name: str
     queue_ids: tuple[str, ...]
     ready: bool
+    # Logged in with a supervisor profile: may monitor its queues' chats, whisper and barge in.
+    supervisor: bool = False
 
 
 @dataclass
@@ -230,6 +232,7 @@ class AgentClient:
             profile_name=resp.profile.display_name,
             queue_ids=tuple(resp.profile.queue_ids),
             ready=resp.state == pb.AGENT_STATE_READY,
+            supervisor=resp.profile.supervisor,
         )
 
     async def logout(self) -> None:
@@ -332,9 +335,48 @@ class AgentClient:
     async def leave(self, conversation_id: str) -> None:
         await self._call(self.stub.LeaveConversation, pb.LeaveConversationRequest(conversation_id=conversation_id))
 
-    async def close(self, conversation_id: str, confirm: bool = False) -> rpb.Conversation:
-        req = pb.CloseConversationRequest(conversation_id=conversation_id, confirm=confirm)
+    async def close(
+        self, conversation_id: str, confirm: bool = False, *, wrap_up_code_id: str = "", wrap_up_note: str = ""
+    ) -> rpb.Conversation:
+        req = pb.CloseConversationRequest(
+            conversation_id=conversation_id, confirm=confirm, wrap_up_code_id=wrap_up_code_id, wrap_up_note=wrap_up_note
+        )
         return (await self._call(self.stub.CloseConversation, req)).conversation
+
+    async def wrap_up_codes(self, conversation_id: str) -> tuple[list[rpb.WrapUpCode], bool]:
+        """The wrap-up codes close() takes for this conversation, and whether its queue requires one."""
+        resp = await self._call(self.stub.ListWrapUpCodes, pb.ListWrapUpCodesRequest(conversation_id=conversation_id))
+        return list(resp.wrap_up_codes), resp.wrap_up_required
+
+    async def mark_read(self, conversation_id: str, up_to_seq: int) -> rpb.ReadCursor:
+        """Every event with seq <= up_to_seq read; the others see it. A lower value than before changes nothing."""
+        req = pb.MarkReadRequest(conversation_id=conversation_id, up_to_seq=up_to_seq)
+        return (await self._call(self.stub.MarkRead, req)).read_cursor
+
+    # --- supervisors ------------------------------------------------------------
+
+    async def live_conversations(self, queue_id: str = "") -> list[pb.LiveConversation]:
+        """The supervised queues' queued and active conversations, oldest first (a supervisor profile only)."""
+        req = pb.ListLiveConversationsRequest(queue_id=queue_id)
+        return list((await self._call(self.stub.ListLiveConversations, req)).live_conversations)
+
+    def monitor(self, conversation_id: str, after_seq: int = 0) -> Feed[rpb.ConversationEvent]:
+        """Watch a conversation as its agents see it (private included), without joining; like follow()."""
+
+        def open_call(after: int) -> grpc.aio.UnaryStreamCall[Any, Any]:
+            req = pb.MonitorConversationRequest(conversation_id=conversation_id, after_seq=after)
+            return self.stub.MonitorConversation(req, metadata=self._metadata())
+
+        return Feed(self, open_call, after_seq)
+
+    async def whisper(self, conversation_id: str, text: str) -> rpb.ConversationEvent:
+        """A note to the agents of a conversation this supervisor monitors (the customer never sees it)."""
+        req = pb.WhisperRequest(conversation_id=conversation_id, request_id=uuid.uuid4().hex, text=text)
+        return (await self._call(self.stub.Whisper, req)).event
+
+    async def barge_in(self, conversation_id: str) -> rpb.Conversation:
+        """Join a monitored conversation as one of its agents."""
+        return (await self._call(self.stub.BargeIn, pb.BargeInRequest(conversation_id=conversation_id))).conversation
 
     # --- attachments -------------------------------------------------------------
 

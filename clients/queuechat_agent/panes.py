@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import time
 from collections.abc import Awaitable, Iterable
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from .app import AgentApp
 
 UNREAD = "● "
+READ = "✓ Read"  # after the last line of ours the customer has read
 TYPING = "✎"  # after a chat tab's name while someone in the chat is composing
 TYPING_EVERY = 2.0  # seconds between this agent's typing signals while composing (the server's rule)
 TYPING_SHOWN = 6.0  # the longest an indicator stays without a renewal, whatever expire_time says
@@ -50,13 +52,26 @@ class Entry(Static):
 
     def __init__(self, line: text.Line):
         self.line = line
+        self.mark = ""
+        super().__init__(self._content(), classes=f"entry {line.role}" + (" private" if line.private else ""))
+
+    def _content(self) -> Content:
+        line = self.line
         parts: list[str | tuple[str, str]] = [(f"{line.time} ", "dim")] if line.time else []
         if line.private:
             parts.append(f"{text.EYE} ")
         if line.sender:
             parts += [(line.sender, "bold"), ": "]
         parts.append(line.text)
-        super().__init__(Content.assemble(*parts), classes=f"entry {line.role}" + (" private" if line.private else ""))
+        if self.mark:
+            parts.append((f"  {self.mark}", "dim italic"))
+        return Content.assemble(*parts)
+
+    def set_mark(self, mark: str) -> None:
+        """A note after the line, e.g. that the customer has read it ("" removes it)."""
+        if mark != self.mark:
+            self.mark = mark
+            self.update(self._content())
 
 
 class Pane(TabPane):
@@ -90,12 +105,16 @@ class Pane(TabPane):
             self._relabel()
 
     def mark_read(self) -> None:
+        """The tab is in front: what was new has been seen."""
         if self.unread:
             self.unread = False
             self._relabel()
 
+    def label_text(self) -> str:
+        return (UNREAD if self.unread else "") + self.caption
+
     def _relabel(self) -> None:
-        self.tabs.get_tab(self).label = Content((UNREAD if self.unread else "") + self.caption)
+        self.tabs.get_tab(self).label = Content(self.label_text())
 
     def focus_default(self) -> None:
         """Put the keyboard on FOCUS; a tab on its way out has nothing left to focus."""
@@ -211,6 +230,14 @@ class ChatPane(Pane):
         self.menus: dict[str, str] = {}
         self.feed: Feed[rpb.ConversationEvent] | None = None
         self._send_lock = asyncio.Lock()
+        # Read cursors, "customer" or an agent id -> read_seq (only ever higher); this agent's own among them.
+        self.cursors: dict[str, int] = {}
+        for c in conversation.read_cursors:
+            self._cursor(c)
+        self.last_seq = 0  # of the events shown
+        self.others: list[int] = []  # the seqs of the lines not by this agent: what may be unread
+        self.read_entry: Entry | None = None  # the line marked as read by the customer
+        self._reading = False  # a MarkRead is due or on its way
 
     def compose(self) -> ComposeResult:
         with Horizontal():
@@ -255,8 +282,12 @@ class ChatPane(Pane):
             self.notice(f"The conversation stream stopped: {err}", error=True)
 
     def _signal(self, kind: str, item: object) -> None:
-        """Ephemeral items of the stream: typing indicators."""
-        if kind == "typing" and isinstance(item, rpb.TypingIndicator):
+        """Ephemeral items of the stream: typing indicators, read cursors."""
+        if kind == "read_cursor" and isinstance(item, rpb.ReadCursor):
+            if self._cursor(item) == "customer":
+                self._refresh_read_mark()
+            self._relabel()
+        elif kind == "typing" and isinstance(item, rpb.TypingIndicator):
             p = item.participant
             key = "customer" if p.kind == rpb.PARTICIPANT_KIND_CUSTOMER else p.agent_id
             if key == self.me:
@@ -270,6 +301,69 @@ class ChatPane(Pane):
             else:
                 self.typing.pop(key, None)
             self._refresh_typing()
+
+    # --- read receipts ------------------------------------------------------------------
+
+    def _cursor(self, c: rpb.ReadCursor) -> str:
+        """Keep a read cursor (the highest seen per reader); the reader's key."""
+        key = "customer" if c.participant.kind == rpb.PARTICIPANT_KIND_CUSTOMER else c.participant.agent_id
+        self.cursors[key] = max(self.cursors.get(key, 0), c.read_seq)
+        return key
+
+    @property
+    def unread_count(self) -> int:
+        """Lines by others after this agent's read cursor."""
+        mine = self.cursors.get(self.me, 0)
+        return len(self.others) - bisect.bisect_right(self.others, mine)
+
+    def label_text(self) -> str:
+        n = 0 if self.is_active else self.unread_count
+        return f"{UNREAD}{self.caption} ({n})" if n else self.caption
+
+    def mark_read(self) -> None:
+        self._read_soon()
+        self._relabel()
+
+    def _read_soon(self) -> None:
+        """While the tab is in front, tell the server how far this agent has read (one call at a time,
+        a moment after the last event: a burst of lines is one MarkRead)."""
+        if self._reading or not self.is_active or self.last_seq <= self.cursors.get(self.me, 0):
+            return
+        self._reading = True
+        self.set_timer(0.3, self._send_read)
+
+    @work(exit_on_error=False, group="read")
+    async def _send_read(self) -> None:
+        try:
+            self._cursor(await self.client.mark_read(self.conversation_id, self.last_seq))
+        except Refused:
+            return  # e.g. over the rate: the next event or visit tries again
+        finally:
+            self._reading = False
+        self._relabel()
+        self._read_soon()  # more came meanwhile
+
+    def _is_read_candidate(self, entry: Entry) -> bool:
+        """A line of ours (agents') the customer sees: one that can carry the customer's read mark."""
+        return entry.line.role in ("me", "agent") and not entry.line.private and entry.line.seq > 0
+
+    def _refresh_read_mark(self) -> None:
+        """Mark the last line of ours the customer has read."""
+        upto = self.cursors.get("customer", 0)
+        entries = list(self.query_one(".log").query(Entry))
+        latest = next((e for e in reversed(entries) if self._is_read_candidate(e) and e.line.seq <= upto), None)
+        self._move_read_mark(latest)
+
+    def _move_read_mark(self, entry: Entry | None) -> None:
+        if entry is self.read_entry:
+            return
+        if self.read_entry is not None:
+            self.read_entry.set_mark("")
+        self.read_entry = entry
+        if entry is not None:
+            entry.set_mark(READ)
+
+    # --- typing -------------------------------------------------------------------------
 
     def _refresh_typing(self) -> None:
         now = time.monotonic()
@@ -309,9 +403,16 @@ class ChatPane(Pane):
             self.closed = True
         self._refresh_info()
         self._refresh_state()
-        await self.query_one(".log").mount(Entry(line))
-        if live and line.role != "me":
-            self.mark_unread()
+        entry = Entry(line)
+        await self.query_one(".log").mount(entry)
+        self.last_seq = max(self.last_seq, ev.seq)
+        if line.role != "me":
+            self.others.append(ev.seq)
+        if self._is_read_candidate(entry) and ev.seq <= self.cursors.get("customer", 0):
+            self._move_read_mark(entry)  # lines come in seq order: the newest one read so far
+        self._relabel()
+        if live or self.is_active:
+            self._read_soon()
 
     # --- what the tab shows -----------------------------------------------------------
 

@@ -50,14 +50,14 @@ _WITHDRAW_REASONS = {
 
 @dataclass(frozen=True)
 class Line:
-    """One line of a conversation log. role: system, customer, me, agent, menu, choice, invite."""
+    """One line of a conversation log. role: system, customer, me, agent, whisper, menu, choice, invite."""
 
     role: str
     sender: str
     text: str
     private: bool = False
     time: str = ""
-
+    seq: int = 0  # the event's, 0 for a line that is no event
     @property
     def plain(self) -> str:
         eye = f"{EYE} " if self.private else ""
@@ -119,7 +119,7 @@ def describe(ev: rpb.ConversationEvent, me: str, menus: dict[str, str] | None = 
     local = ev.create_time.ToDatetime(tzinfo=UTC).astimezone()
     # Only messages are marked private: invite updates are agents-only by nature.
     private = ev.HasField("message") and ev.visibility == rpb.VISIBILITY_AGENTS_ONLY
-    return Line(role, sender, text, private, local.strftime("%H:%M"))
+    return Line(role, sender, text, private, local.strftime("%H:%M"), ev.seq)
 
 
 def _describe(ev: rpb.ConversationEvent, me: str, menus: dict[str, str]) -> tuple[str, str, str]:
@@ -135,6 +135,9 @@ def _describe(ev: rpb.ConversationEvent, me: str, menus: dict[str, str]) -> tupl
         )
         parts = [m.text] if m.text else []
         parts += [attachment(a) for a in m.attachments]
+        if m.whisper:
+            # A supervisor's note to the agents, from monitoring.
+            return "whisper", m.sender.display_name, "  ".join(["(whisper)", *parts])
         return role, m.sender.display_name, "  ".join(parts)
     if kind == "offer_menu":
         menu = ev.offer_menu
@@ -155,7 +158,12 @@ def _describe(ev: rpb.ConversationEvent, me: str, menus: dict[str, str]) -> tupl
         queue = ev.chat_started.queue
         return "system", "", f"Chat started in {queue.display_name or queue.queue_id}"
     if kind == "participant_joined":
-        return "system", "", f"{ev.participant_joined.participant.display_name} joined"
+        how = " (barged in from monitoring)" if ev.participant_joined.barge_in else ""
+        return "system", "", f"{ev.participant_joined.participant.display_name} joined{how}"
+    if kind == "monitor_started":
+        return "system", "", f"{ev.monitor_started.supervisor.display_name} started monitoring"
+    if kind == "monitor_stopped":
+        return "system", "", f"{ev.monitor_stopped.supervisor.display_name} stopped monitoring"
     if kind == "participant_left":
         return "system", "", f"{ev.participant_left.participant.display_name} left"
     if kind == "chat_ended":
