@@ -6,7 +6,7 @@ import unicodedata
 
 import pytest
 from agent_helpers import click, customer_sends_file, identity_token, lines, log_in, offer_pane, screen_text, until
-from features_helpers import customer_reads, is_cursor
+from features_helpers import customer_reads, export, is_cursor
 from files import Uploader, pdf
 from harness import is_event
 from textual.widgets import Button, Input, Label, OptionList, Static
@@ -22,6 +22,7 @@ from queuechat_agent.dialogs import (
     InviteDialog,
     MenuComposer,
     PredefinedPicker,
+    WrapUpDialog,
 )
 from queuechat_agent.panes import ChatPane, Entry
 
@@ -571,3 +572,59 @@ async def test_unread_counts_from_read_cursors_and_the_customers_read_mark(serve
 
 def marked_in(chat) -> list[str]:
     return [e.line.plain for e in chat.query(Entry) if e.mark == "✓ Read"]
+
+
+WRAP_UP_CODES = [
+    {"id": "solved", "display_name": "Solved"},
+    {"id": "escalated", "display_name": "Escalated", "queue": "support"},
+]
+QUEUES_SUPPORT_NEEDS_A_CODE = [
+    {"id": "sales", "display_name": "Sales"},
+    {"id": "support", "display_name": "Support", "wrap_up_required": True},
+]
+
+
+@pytest.mark.configure(wrap_up_codes=WRAP_UP_CODES, queues=QUEUES_SUPPORT_NEEDS_A_CODE)
+async def test_closing_picks_a_wrap_up_code_and_a_note(server):
+    app = desktop()
+    async with app.run_test(size=SMALL) as pilot:
+        await log_in(pilot, server.address)
+        # A queue that requires a code: no "no code" entry; the warning is part of the same dialog.
+        cust, chat = await accept_chat(pilot, server, queue="support", variables={"name": "Ada"})
+        await pilot.press("ctrl+w")
+        wrap = await dialog(pilot, WrapUpDialog)
+        await pilot.pause()
+        options = wrap.query_one(OptionList)
+        assert [str(options.get_option_at_index(i).prompt) for i in range(options.option_count)] == [
+            "Escalated",
+            "Solved",
+        ]
+        assert plain(wrap.query_one(".warning")) == "Ada is still connected. Closing ends the chat for them too."
+        await pilot.press("enter")  # the highlighted code (Escalated); on to the note
+        await pilot.press(*"tier 2", "enter")
+        await until(pilot, lambda: not chat.is_attached, "the chat closed")
+        closed = (await export(server, cust.id)).conversation
+        assert (closed.wrap_up.wrap_up_code_id, closed.wrap_up.note) == ("escalated", "tier 2")
+
+        # A queue without the rule: "(no code)" comes first; Esc keeps the chat; an ended chat gets no warning.
+        cust, chat = await accept_chat(pilot, server, queue="sales", variables={"name": "Bob"})
+        await pilot.press("ctrl+w")
+        wrap = await dialog(pilot, WrapUpDialog)
+        await pilot.pause()
+        options = wrap.query_one(OptionList)
+        assert [str(options.get_option_at_index(i).prompt) for i in range(options.option_count)] == [
+            "(no code)",
+            "Solved",
+        ]
+        await pilot.press("escape")
+        await until(pilot, lambda: len(app.screen_stack) == 1, "the dialog gone")
+        assert chat.is_attached
+        await cust.end()
+        await until(pilot, lambda: not chat.customer_connected, "the customer gone")
+        await pilot.press("ctrl+w")
+        wrap = await dialog(pilot, WrapUpDialog)
+        await pilot.pause()
+        assert not wrap.query(".warning")
+        press_button(wrap, "close")
+        await until(pilot, lambda: not chat.is_attached, "the chat closed")
+        assert not (await export(server, cust.id)).conversation.HasField("wrap_up")

@@ -1,4 +1,5 @@
-"""Modal dialogs of a chat tab: predefined messages, offer menu, invite, attach, download, close warning."""
+"""Modal dialogs of a chat tab: predefined messages, offer menu, invite, attach, download, close warning,
+wrap-up."""
 
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ class Dialog(ModalScreen[ResultT | None]):
     Dialog .title { text-style: bold; margin-bottom: 1; }
     Dialog .hint { color: $text-muted; margin-top: 1; }
     Dialog .error { color: $error; }
+    Dialog .warning { color: $warning; margin-bottom: 1; }
     Dialog Horizontal.buttons { height: auto; margin-top: 1; align-horizontal: right; }
     Dialog Horizontal.buttons Button { margin-left: 1; }
     Dialog OptionList { max-height: 14; }
@@ -291,6 +293,64 @@ class ConfirmClose(ModalScreen[bool]):
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         self.dismiss(event.button.name == "close")
+
+
+WrapUpChoice = tuple[str, str]  # (wrap-up code id or "", note)
+NOTE_MAX = 1000
+
+
+class WrapUpDialog(Dialog[WrapUpChoice]):
+    """Close with a wrap-up code and a note: returns (code id, note); the code is "" for none, which only a
+    queue that does not require one allows. Warns first when the customer is still connected."""
+
+    def __init__(self, customer: str, codes: list[rpb.WrapUpCode], required: bool, connected: bool):
+        super().__init__()
+        self.customer = customer
+        self.codes = codes
+        self.required = required
+        self.connected = connected
+        # The list's entries: the codes, after "no code" when one may close without.
+        self.choices = ([] if required else [("", "(no code)")]) + [(c.wrap_up_code_id, c.display_name) for c in codes]
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            yield Label(Content(f"Close the chat with {self.customer}"), classes="title")
+            if self.connected:
+                warning = f"{self.customer} is still connected. Closing ends the chat for them too."
+                yield Static(Content(warning), classes="warning")
+            yield Label("Wrap-up code" + (" (required)" if self.required else "") + ":")
+            yield OptionList(*[Option(Content(name), id=code or "-") for code, name in self.choices], classes="codes")
+            yield Input(placeholder="Note (optional)", max_length=NOTE_MAX, classes="note")
+            yield Static(classes="error")
+            with Horizontal(classes="buttons"):
+                yield Button("Cancel", name="cancel")
+                yield Button("Close chat", name="close", classes="close", variant="error")
+
+    def on_mount(self) -> None:
+        codes = self.query_one(OptionList)
+        codes.highlighted = 0 if self.choices else None
+        codes.focus()
+
+    def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
+        self.query_one(".note", Input).focus()  # Enter on a code: on to the note
+
+    @on(Input.Submitted)
+    def submitted(self) -> None:
+        self._close()
+
+    @on(Button.Pressed)
+    def pressed(self, event: Button.Pressed) -> None:
+        if event.button.name == "cancel":
+            self.dismiss(None)
+        else:
+            self._close()
+
+    def _close(self) -> None:
+        index = self.query_one(OptionList).highlighted
+        if index is None:
+            self.error("Pick a wrap-up code: this queue requires one.")
+            return
+        self.dismiss((self.choices[index][0], self.query_one(".note", Input).value.strip()))
 
 
 def _progress_to(bar: ProgressBar) -> Progress:

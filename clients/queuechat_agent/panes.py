@@ -23,7 +23,16 @@ from chat.v1 import resources_pb2 as rpb
 
 from . import text
 from .client import AgentClient, Feed, Progress, Refused, SessionEnded
-from .dialogs import MAX_FILES, AttachDialog, ConfirmClose, DownloadDialog, InviteDialog, MenuComposer, PredefinedPicker
+from .dialogs import (
+    MAX_FILES,
+    AttachDialog,
+    ConfirmClose,
+    DownloadDialog,
+    InviteDialog,
+    MenuComposer,
+    PredefinedPicker,
+    WrapUpDialog,
+)
 
 if TYPE_CHECKING:
     from .app import AgentApp
@@ -607,6 +616,8 @@ class ChatPane(Pane):
         except Refused as err:
             if err.reason == "LAST_AGENT_MUST_CLOSE":
                 self.notice("You are the last agent here: close the chat instead (Ctrl+W).", error=True)
+            elif err.reason == "WRAP_UP_REQUIRED":
+                self.notice("Leaving would close the chat, and its queue needs a wrap-up code: close it (Ctrl+W).")
             else:
                 self.notice(f"Could not leave: {err}", error=True)
             return
@@ -626,11 +637,25 @@ class ChatPane(Pane):
         if not self.closed:
             # customer_connected only ever turns false, so a stale view errs on the side of asking.
             confirm = self.customer_connected
-            if confirm and not await self.app.push_screen_wait(ConfirmClose(self.customer)):
+            try:
+                codes, required = await self.client.wrap_up_codes(self.conversation_id)
+            except Refused:
+                codes, required = [], False  # closing does not depend on the list: the server says if it must
+            code, note = "", ""
+            if codes or required:
+                # One dialog: the wrap-up, with the warning when the customer is still there.
+                choice = await self.app.push_screen_wait(WrapUpDialog(self.customer, codes, required, confirm))
+                if choice is None:
+                    return
+                code, note = choice
+            elif confirm and not await self.app.push_screen_wait(ConfirmClose(self.customer)):
                 return
             try:
-                await self.client.close(self.conversation_id, confirm=confirm)
+                await self.client.close(self.conversation_id, confirm=confirm, wrap_up_code_id=code, wrap_up_note=note)
             except Refused as err:
-                self.notice(f"Not closed: {err}", error=True)
+                if err.reason == "WRAP_UP_REQUIRED":
+                    self.notice("This queue needs a wrap-up code: close again (Ctrl+W) and pick one.", error=True)
+                else:
+                    self.notice(f"Not closed: {err}", error=True)
                 return
         self.app.drop_pane(self, f"Closed the chat with {self.customer}")

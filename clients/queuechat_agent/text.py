@@ -58,6 +58,7 @@ class Line:
     private: bool = False
     time: str = ""
     seq: int = 0  # the event's, 0 for a line that is no event
+
     @property
     def plain(self) -> str:
         eye = f"{EYE} " if self.private else ""
