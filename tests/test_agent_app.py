@@ -6,10 +6,10 @@ import unicodedata
 
 import pytest
 from agent_helpers import click, customer_sends_file, identity_token, lines, log_in, offer_pane, screen_text, until
-from features_helpers import customer_reads, export, is_cursor
+from features_helpers import customer_reads, export, is_cursor, with_supervisors
 from files import Uploader, pdf
-from harness import is_event
-from textual.widgets import Button, Input, Label, OptionList, Static
+from harness import base_config, is_event
+from textual.widgets import Button, DataTable, Input, Label, OptionList, Static
 
 from chat.v1 import agent_service_pb2 as agent_pb
 from chat.v1 import customer_service_pb2 as cust_pb
@@ -24,6 +24,7 @@ from queuechat_agent.dialogs import (
     PredefinedPicker,
     WrapUpDialog,
 )
+from queuechat_agent.monitor import MonitorScreen
 from queuechat_agent.panes import ChatPane, Entry
 
 SIZE = (120, 36)
@@ -628,3 +629,60 @@ async def test_closing_picks_a_wrap_up_code_and_a_note(server):
         press_button(wrap, "close")
         await until(pilot, lambda: not chat.is_attached, "the chat closed")
         assert not (await export(server, cust.id)).conversation.HasField("wrap_up")
+
+
+SUPERVISED = with_supervisors(base_config())
+
+
+@pytest.mark.configure(profiles=SUPERVISED["profiles"], agents=SUPERVISED["agents"])
+async def test_a_supervisor_watches_a_chat_whispers_and_barges_in(server):
+    app = desktop(ready=False)  # not offered the chat below
+    async with app.run_test(size=SMALL) as pilot:
+        await log_in(pilot, server.address, agent_id="agent6", profile="supervisors")
+        agent, cust = await server.chat(variables={"name": "Ada"})
+        stream = agent.streams[cust.id]
+        await cust.send("hello")
+        await agent.send(cust.id, "wants a refund", private=True)
+
+        # F9: the live chats of the supervised queues.
+        await pilot.press("f9")
+        screen = await until(pilot, lambda: isinstance(app.screen, MonitorScreen) and app.screen, "the monitor")
+        table = screen.query_one("#live", DataTable)
+        await until(pilot, lambda: table.row_count == 1, "the live chat listed")
+        cells = [str(c) for c in table.get_row(cust.id)]
+        assert cells[:3] == ["Sales", "Ada", "Agent 1"]
+
+        # Enter watches it: everything its agents see, private notes included; the agents are told.
+        await pilot.press("enter")
+        watch = screen.query_one("#watch")
+        await until(pilot, lambda: "◉ Agent 1: wants a refund" in lines(watch), "the private note")
+        assert "Ada: hello" in lines(watch)
+        await stream.wait_for(is_event("monitor_started"))
+        await agent.send(cust.id, "Let me check")
+        await until(pilot, lambda: "Agent 1: Let me check" in lines(watch), "a live line")
+
+        # Esc: back to the list, the monitoring stops; Enter watches again.
+        await pilot.press("escape")
+        await stream.wait_for(is_event("monitor_stopped"))
+        await until(pilot, lambda: table.display and table.row_count == 1, "the list again")
+        await pilot.press("enter")
+        await until(pilot, lambda: "Agent 1: Let me check" in lines(watch), "watching again")
+        await stream.wait_for(lambda i: len([e for e in stream.events("monitor_started")]) == 2)
+
+        # A whisper reaches the agents only.
+        await pilot.press(*"offer a discount", "enter")
+        got = await stream.wait_for(message("offer a discount"))
+        assert got.event.message.whisper and got.event.visibility == rpb.VISIBILITY_AGENTS_ONLY
+        await until(pilot, lambda: "◉ Agent 6: (whisper)  offer a discount" in lines(watch), "the whisper")
+
+        # F10 barges in: the chat opens as a tab; everyone sees the supervisor join.
+        await pilot.press("f10")
+        chat = await until(pilot, lambda: app.chats.get(cust.id), "the chat tab")
+        await until(pilot, lambda: len(app.screen_stack) == 1 and app.tabs.active == chat.id, "the chat in front")
+        joined = await cust.stream.wait_for(is_event("participant_joined", lambda e: e.participant_joined.barge_in))
+        assert joined.event.participant_joined.participant.agent_id == "agent6"
+        await until(pilot, lambda: "Agent 6 joined (barged in from monitoring)" in lines(chat), "the join")
+        assert "◉ Agent 6: (whisper)  offer a discount" in lines(chat)
+        await say(pilot, chat, "Hello Ada, I am the supervisor")
+        await cust.stream.wait_for(message("Hello Ada, I am the supervisor"))
+        assert not [e for e in cust.stream.events("message") if e.message.whisper]

@@ -19,6 +19,7 @@ from chat.v1 import resources_pb2 as rpb
 
 from . import text
 from .client import AgentClient, Feed, Refused, Session, SessionEnded
+from .monitor import MonitorScreen
 from .panes import ChatPane, Entry, OfferPane, Pane
 
 CSS = """
@@ -70,7 +71,7 @@ ChatPane > Horizontal { height: 1fr; }
 """
 
 
-DESKTOP_ACTIONS = {"offer", "chat", "toggle_ready", "close_tab", "next_tab", "previous_tab"}
+DESKTOP_ACTIONS = {"offer", "chat", "toggle_ready", "close_tab", "next_tab", "previous_tab", "monitor"}
 
 
 class LoginScreen(Screen[tuple[AgentClient, Session]]):
@@ -180,6 +181,7 @@ class AgentApp(App[None]):
         Binding("f7", "chat('download')", "Download", show=False),
         Binding("f8", "chat('leave')", "Leave", show=False),
         Binding("ctrl+r", "toggle_ready", "Ready"),
+        Binding("f9", "monitor", "Monitor"),  # supervisors only
         # Priority: the message input would otherwise take Ctrl+W (delete word).
         Binding("ctrl+w", "close_tab", "Close", priority=True),
         Binding("ctrl+n", "next_tab", "Next tab", show=False),
@@ -260,6 +262,7 @@ class AgentApp(App[None]):
                 f"Profile {s.profile_name}: {', '.join(s.queue_ids)}. Offers open as new tabs: ",
                 "a accepts, r rejects. Ctrl+R switches ready/not ready, Ctrl+W closes a tab, "
                 "Ctrl+N/Ctrl+B move between tabs.",
+                " You supervise these queues: F9 shows their live chats." if s.supervisor else "",
             )
         )
         self._refresh_status()
@@ -455,12 +458,24 @@ class AgentApp(App[None]):
             return isinstance(pane, ChatPane)
         if action == "close_tab":
             return isinstance(pane, (ChatPane, OfferPane))
+        if action == "monitor":
+            return self.session.supervisor
         return True
 
     def action_offer(self, accept: bool) -> None:
         pane = self.tabs.active_pane
         if isinstance(pane, OfferPane):
             pane.answer(accept)
+
+    def action_monitor(self) -> None:
+        if self.session is not None:
+            self.push_screen(MonitorScreen(self.api, self.session.agent_id))
+
+    @work(exit_on_error=False)
+    async def open_barged_in(self, conv: rpb.Conversation) -> None:
+        """A chat the supervisor barged into from the monitor screen: a tab, in front."""
+        await self.open_chat(conv, activate=True)
+        self.home.log_activity(f"Barged into the chat with {self.chats[conv.conversation_id].customer}")
 
     def action_chat(self, tool: str) -> None:
         getattr(self.tabs.active_pane, f"action_{tool}")()
