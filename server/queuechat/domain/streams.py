@@ -8,6 +8,7 @@ from any cursor; a disconnect raises CancelledError at an await and the
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -172,10 +173,13 @@ class Streams:
         """A supervisor watching: every event (private included) after the cursor, then live, until the
         conversation closes or the session ends. Its start and stop are events of the log (supervision.py)."""
         sub = self._bus.subscribe([conv_topic(conversation_id), feed_topic(who.session_id)])
-        monitor_id = ""
+        # Named here, so that a stream cancelled while its start is being written still stops it.
+        monitor_id = uuid.uuid4().hex
+        started = False
         try:
             # After subscribing: the start's own event, and everything after it, reaches this stream.
-            monitor_id = await self._write(supervision.start_monitor, who, conversation_id)
+            started = True
+            await self._write(supervision.start_monitor, who, conversation_id, monitor_id)
             seen = max(0, after_seq)
             while True:
                 page = await self._read(events_after, conversation_id, seen, False, _PAGE)
@@ -212,7 +216,7 @@ class Streams:
                         return
         finally:
             sub.close()
-            if monitor_id:
+            if started:  # a start that was refused left nothing to stop: then this changes nothing
                 self._spawn(supervision.stop_monitor, monitor_id)
 
 

@@ -92,14 +92,15 @@ def _supervisor(s: Session, who: AgentPrincipal) -> ParticipantView:
     return agent_participant(must_get(s, Agent, who.agent_id))
 
 
-def start_monitor(tx: Tx, who: AgentPrincipal, conversation_id: str) -> str:
-    """Open a monitor on a live conversation: a MonitorStarted event for the record. Returns its id."""
+def start_monitor(tx: Tx, who: AgentPrincipal, conversation_id: str, monitor_id: str = "") -> str:
+    """Open a monitor on a live conversation: a MonitorStarted event for the record. Returns its id
+    (monitor_id, or a new one)."""
     s = tx.session
     conv = supervised_conversation(s, who, conversation_id)
     if conv.status == "closed":
         raise precondition("CONVERSATION_CLOSED", "The conversation is closed.", conversation_id=conv.id)
     monitor = MonitorSession(
-        id=uuid.uuid4().hex, conversation_id=conv.id, agent_id=who.agent_id, session_id=who.session_id,
+        id=monitor_id or uuid.uuid4().hex, conversation_id=conv.id, agent_id=who.agent_id, session_id=who.session_id,
         started_at=tx.now,
     )  # fmt: skip
     s.add(monitor)
