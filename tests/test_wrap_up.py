@@ -160,3 +160,37 @@ async def test_the_admin_list_filters_by_code_and_queue(server, admin):
     assert await listed(server, admin, wrap_up_code_id="sold", page_size=1) == [
         c for c, what in closed.items() if what == "sales/sold"
     ]
+
+
+def test_the_file_checks_wrap_up_codes_and_the_new_keys():
+    from harness import base_config
+
+    from queuechat.config import ConfigError, parse_config
+
+    doc = base_config()
+    doc["wrap_up_codes"] = [
+        {"id": "a", "display_name": "A", "queue": "nowhere"},
+        {"id": "a", "display_name": "Again"},
+        {"id": "b", "display_name": "B", "colour": 1},
+    ]
+    with pytest.raises(ConfigError) as e:
+        parse_config(doc)
+    problems = "\n".join(e.value.problems)
+    assert "wrap_up_codes[2].colour: unknown key; expected one of id, display_name, queue" in problems
+    doc["wrap_up_codes"] = doc["wrap_up_codes"][:2]
+    with pytest.raises(ConfigError) as e:
+        parse_config(doc)
+    assert set(e.value.problems) == {
+        "wrap_up_codes[0].queue: unknown queue 'nowhere'; expected one of the file's queues: sales, support",
+        "wrap_up_codes[1].id: duplicate id 'a' (also wrap_up_codes[0]); expected each id once",
+    }
+    doc["wrap_up_codes"] = [{"id": "a", "display_name": "A", "queue": "sales"}]
+    doc["queues"][0]["wrap_up_required"] = True
+    doc["profiles"][0]["supervisor"] = True
+    doc["settings"]["rating_window"] = 600.0
+    cfg = parse_config(doc)
+    assert cfg.wrap_up_codes[0].queue == "sales" and cfg.queues[0].wrap_up_required and cfg.profiles[0].supervisor
+    assert cfg.settings.rating_window == 600.0
+    doc["settings"]["rating_window"] = 0.0
+    with pytest.raises(ConfigError, match="rating_window: expected more than 0"):
+        parse_config(doc)
