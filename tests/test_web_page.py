@@ -9,6 +9,7 @@ from pathlib import Path
 
 import jwt
 import pytest
+from features_helpers import agent_reads, export, is_cursor
 from files import ELF, Uploader, png, sha
 from harness import IDENTITY_SECRET, is_event
 from playwright.async_api import Page, async_playwright, expect
@@ -412,3 +413,59 @@ async def test_times_typing_a_cleared_refusal_and_the_end_in_view(server, page):
     await expect(last).to_be_in_viewport(ratio=1)
     await expect(page.locator("#log li").last).to_be_in_viewport(ratio=1)
     await shot(page, "ended-with-a-file")
+
+
+async def test_read_marks_and_the_rating_after_the_end(server, site, context, page):
+    agent, cid, stream = await chat(page, server)
+    seqs = {}
+    for text in ("first", "second"):
+        await say(page, text)
+        seqs[text] = (await stream.wait_for(is_event("message", lambda e, t=text: e.message.text == t))).event.seq
+
+    # "Read" under the customer's last message the agent has read, and only there.
+    marks = page.locator("#log .msg.mine .read")
+    await agent_reads(agent, cid, seqs["first"])
+    await expect(page.locator("#log .msg.mine", has_text="first").locator(".read")).to_have_text("Read")
+    await agent_reads(agent, cid, seqs["second"])
+    await expect(page.locator("#log .msg.mine", has_text="second").locator(".read")).to_have_text("Read")
+    await expect(marks).to_have_count(1)
+
+    # The page reads what it shows: the agent sees the customer's cursor reach its message.
+    answer = await agent.send(cid, "Thanks, done")
+    await stream.wait_for(
+        is_cursor(lambda c: c.participant.kind == rpb.PARTICIPANT_KIND_CUSTOMER and c.read_seq >= answer.seq)
+    )
+
+    # After the end: the rating, once; the stars say what they are.
+    await agent.stub.CloseConversation(
+        agent_pb.CloseConversationRequest(conversation_id=cid, confirm=True), metadata=agent.md
+    )
+    form = page.get_by_role("form", name="How was this chat?")
+    await expect(form).to_be_visible()
+    send = form.get_by_role("button", name="Send rating")
+    await expect(send).to_be_hidden()  # the comment and the button come with a score
+    await form.get_by_role("button", name="4 of 5").click()
+    await expect(send).to_be_enabled()
+    await expect(form.get_by_role("button", name="4 of 5")).to_have_attribute("aria-pressed", "true")
+    await form.get_by_label("Anything you would like to add? (optional)").fill("Quick and kind")
+    await shot(page, "rating")
+    await send.click()
+    done = page.locator("#rating-done")
+    await expect(done).to_have_text("Thank you for your rating (4 of 5).")
+    await expect(form).to_be_hidden()
+    rating = (await export(server, cid)).conversation.rating
+    assert (rating.score, rating.comment) == (4, "Quick and kind")
+    # A reload of the ended chat knows it was rated.
+    await page.reload()
+    await expect(done).to_have_text("You rated this chat 4 of 5. Thank you!")
+    await expect(form).to_be_hidden()
+
+    # A chat nobody answered cannot be rated: no form.
+    other = await context.new_page()
+    await other.goto(site.url)
+    await other.get_by_role("button", name="Start chat").click()
+    await expect(other.locator("#status")).to_have_text("You are number 1 in the queue.")
+    await other.get_by_role("banner").get_by_role("button", name="End chat").click()
+    await other.get_by_role("dialog", name="End this chat?").get_by_role("button", name="End chat").click()
+    await expect(other.locator("#ended")).to_contain_text("You ended the chat.")
+    await expect(other.get_by_role("form", name="How was this chat?")).to_be_hidden()
