@@ -35,7 +35,7 @@ class Dialog(ModalScreen[ResultT | None]):
     DEFAULT_CSS = """
     Dialog { align: center middle; }
     Dialog > Vertical {
-        width: 72; max-width: 100%; height: auto; max-height: 100%;
+        width: 72; max-width: 100%; height: auto; max-height: 100%; overflow-y: auto;
         border: thick $accent; background: $surface; padding: 1 2;
     }
     Dialog .title { text-style: bold; margin-bottom: 1; }
@@ -47,6 +47,7 @@ class Dialog(ModalScreen[ResultT | None]):
     Dialog OptionList { max-height: 14; }
     Dialog TextArea { height: 8; }
     Dialog Input { margin-bottom: 1; }
+    Dialog Input.path { margin-bottom: 0; }
     """
 
     def error(self, message: str) -> None:
@@ -172,7 +173,8 @@ class AttachDialog(Dialog[list[rpb.Attachment]]):
         with Vertical():
             yield Label(f"Attach up to {self.room} file(s): text, PDF or images, at most 20 MB each", classes="title")
             for i in range(self.room):
-                yield Input(placeholder=f"path of file {i + 1}", classes="path")
+                # One row each (compact): five of them and the buttons fit a terminal of 24 rows.
+                yield Input(placeholder=f"path of file {i + 1}", classes="path", compact=True)
                 yield ProgressBar(total=100, show_eta=False, classes="progress")
             yield Static(classes="error")
             with Horizontal(classes="buttons"):
