@@ -28,7 +28,9 @@ def one_problem(doc, environ=None) -> str:
 def test_the_demo_config_loads():
     cfg = load_config(ROOT / "config/demo.toml", environ={})
     assert [q.id for q in cfg.queues] == ["sales", "support"]
-    assert [a.id for a in cfg.agents] == ["alice", "bob", "carol"]
+    assert [a.id for a in cfg.agents] == ["alice", "bob", "carol", "erin"]
+    assert [p.id for p in cfg.profiles if p.supervisor] == ["team-leads"]  # erin's
+    assert [(c.id, c.queue) for c in cfg.wrap_up_codes] == [("solved", None), ("sold", "sales"), ("escalated", "support")]
     assert cfg.agents[1].max_chats == 2 and cfg.agents[0].max_chats == 3
     assert cfg.predefined_messages[3].profile == "support-only"
     assert cfg.identity_secrets == ["demo-identity-secret-change-me-0123456789"]
