@@ -222,6 +222,12 @@ function receive(res: CustomerServiceStreamConversationResponse): void {
 
 function show(ev: ConversationEvent): void {
   const k = ev.kind;
+  // A refusal above the input (a file, a menu choice) is about the moment it happened: once someone else moves
+  // the conversation on, it goes. (Not for the customer's own lines coming back: they may predate it.)
+  const own =
+    (k.case === "message" && k.value.sender?.kind === ParticipantKind.CUSTOMER) ||
+    (k.case === "optionChosen" && k.value.chooser?.kind === ParticipantKind.CUSTOMER);
+  if (!own) ui.composerError.textContent = "";
   switch (k.case) {
     case "message":
       // An agent's message ends their typing.
@@ -292,8 +298,6 @@ function composing(): void {
 
 function append(item: HTMLElement): void {
   ui.log.append(item);
-  // A refusal of a file is about the moment it was picked: once the conversation moves on, it goes.
-  ui.composerError.textContent = "";
   toEnd();
 }
 
