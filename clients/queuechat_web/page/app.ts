@@ -464,7 +464,8 @@ function finish(text: string): void {
   for (const id of [...typing.keys()]) setTyping(id, "", 0);
   ui.typing.hidden = true;
   for (const b of ui.log.querySelectorAll<HTMLButtonElement>(".options button")) b.disabled = true;
-  if (session) void offerRating(session);
+  // Once: a reload replays chat_ended and chat_closed, and a form being filled in must not start over.
+  if (session && ui.rating.hidden && ui.ratingDone.hidden) void offerRating(session);
   // The panel takes the composer's place and more: the last line and its file buttons stay in view.
   $("ended-transcript").focus({ preventScroll: true });
   toEnd();
