@@ -11,6 +11,7 @@ back to the list, and from the list back to the desktop.
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 from rich.text import Text
@@ -27,7 +28,7 @@ from chat.v1 import resources_pb2 as rpb
 
 from . import text
 from .client import AgentClient, Feed, Refused, SessionEnded
-from .panes import Entry
+from .panes import TYPING_SHOWN, Entry
 
 if TYPE_CHECKING:
     from .app import AgentApp
@@ -91,6 +92,7 @@ class MonitorScreen(Screen[None]):
         self.watching = ""  # the conversation id watched, "" on the list
         self.feed: Feed[rpb.ConversationEvent] | None = None
         self.menus: dict[str, str] = {}
+        self.typing_until = 0.0  # when the typing line goes (monotonic)
 
     def compose(self) -> ComposeResult:
         yield Static("Live chats of your queues · Enter watches · Esc back to the desktop", classes="heading")
@@ -203,8 +205,14 @@ class MonitorScreen(Screen[None]):
         if kind == "typing" and isinstance(item, rpb.TypingIndicator):
             who = item.participant.display_name or "Customer"
             self.query_one("#watch .typing", Static).update(Content(f"{who} is typing…" if item.typing else ""))
+            # Shown until a newer indicator, or for TYPING_SHOWN without one.
+            self.typing_until = time.monotonic() + TYPING_SHOWN if item.typing else 0.0
             if item.typing:
-                self.set_timer(6, lambda: self.query_one("#watch .typing", Static).update(""))
+                self.set_timer(TYPING_SHOWN + 0.05, self._typing_expired)
+
+    def _typing_expired(self) -> None:
+        if time.monotonic() >= self.typing_until:
+            self.query_one("#watch .typing", Static).update("")
 
     def _notice(self, message: str, error: bool = False) -> None:
         notice = self.query_one("#watch .notice", Static)
