@@ -194,6 +194,9 @@ class MonitorScreen(Screen[None]):
             async for ev in self.feed:
                 line = text.describe(ev, self.me, self.menus)
                 await self.query_one("#watch .log").mount(Entry(line))
+                if ev.HasField("message"):
+                    self.typing_until = 0.0  # the message the typing was for
+                    self.query_one("#watch .typing", Static).update("")
             self._notice("The chat is closed.")
         except SessionEnded as err:
             self.dismiss(None)
