@@ -57,6 +57,11 @@ def lines(pane: Widget) -> list[str]:
     return [e.line.plain for e in pane.query(Entry)]
 
 
+def screen_text(app: AgentApp) -> list[str]:
+    """What the terminal shows now, one string per row (cells as Rich counts them)."""
+    return [strip.text for strip in app.screen._compositor.render_strips()]
+
+
 def offer_pane(app: AgentApp, conversation_id: str) -> OfferPane | None:
     """The offer tab for a conversation, once it is on screen with its parts (mounted, then composed)."""
     return next(

@@ -72,8 +72,13 @@ def duration(seconds: float) -> Duration:
     return d
 
 
-def settings(offer=30.0, cooldown=30.0, grace=0.5) -> pb.Settings:
-    return pb.Settings(offer_timeout=duration(offer), reject_cooldown=duration(cooldown), stream_grace=duration(grace))
+def settings(offer=30.0, cooldown=30.0, grace=0.5, rating=3600.0) -> pb.Settings:
+    return pb.Settings(
+        offer_timeout=duration(offer),
+        reject_cooldown=duration(cooldown),
+        stream_grace=duration(grace),
+        rating_window=duration(rating),
+    )
 
 
 def account(agent_id="newbie", name="New Bie", profiles=("sales",), password="", max_chats=0) -> pb.AgentAccount:
@@ -103,7 +108,7 @@ async def test_every_call_but_login_needs_an_admin_token(server):
     agent = await server.agent("agent1", offers=False)
     service = pb.DESCRIPTOR.services_by_name["AdminService"]
     methods = [m for m in service.methods if m.name != "Login"]
-    assert len(methods) == 21
+    assert len(methods) == 25
     for m in methods:
         call = getattr(server.admin_stub, m.name)
         request = getattr(pb, m.input_type.name)()
@@ -439,6 +444,7 @@ async def test_update_settings_validates_stores_and_takes_effect(server, admin):
         settings(offer=-1),
         settings(cooldown=86400.001),
         settings(grace=0),
+        settings(rating=-1),
         pb.Settings(offer_timeout=duration(5), reject_cooldown=duration(5)),  # replaces the whole resource
     ):
         await refuse(server, admin.UpdateSettings(pb.UpdateSettingsRequest(settings=bad)), INVALID, "BAD_SETTING")

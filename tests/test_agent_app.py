@@ -1,12 +1,18 @@
 """The agent's terminal desktop, driven through Textual's pilot against a real server in the same event loop."""
 
+import asyncio
+import re
+import unicodedata
+
 import pytest
-from agent_helpers import click, customer_sends_file, identity_token, lines, log_in, offer_pane, until
+from agent_helpers import click, customer_sends_file, identity_token, lines, log_in, offer_pane, screen_text, until
+from features_helpers import customer_reads, export, is_cursor, with_supervisors
 from files import Uploader, pdf
-from harness import is_event
-from textual.widgets import Button, Input, Label, OptionList, Static
+from harness import base_config, is_event
+from textual.widgets import Button, DataTable, Input, Label, OptionList, Static
 
 from chat.v1 import agent_service_pb2 as agent_pb
+from chat.v1 import customer_service_pb2 as cust_pb
 from chat.v1 import resources_pb2 as rpb
 from queuechat_agent.app import AgentApp, LoginScreen
 from queuechat_agent.dialogs import (
@@ -16,7 +22,9 @@ from queuechat_agent.dialogs import (
     InviteDialog,
     MenuComposer,
     PredefinedPicker,
+    WrapUpDialog,
 )
+from queuechat_agent.monitor import MonitorScreen
 from queuechat_agent.panes import ChatPane, Entry
 
 SIZE = (120, 36)
@@ -133,7 +141,7 @@ async def test_offer_accept_messages_predefined_menu_invite_private_files_close(
         menu = (await cust.stream.wait_for(is_event("offer_menu"))).event.offer_menu
         assert [o.label for o in menu.options] == ["Billing", "Delivery"]
         await cust.choose(menu.menu_id, menu.options[1].option_id)
-        await until(pilot, lambda: "Ada Lovelace: ☑ chose “Delivery” (What is it about?)" in lines(chat), "the choice")
+        await until(pilot, lambda: "Ada Lovelace: ✓ chose “Delivery” (What is it about?)" in lines(chat), "the choice")
 
         # Invite a named agent; the outcome shows; we stay.
         await pilot.press("f4")
@@ -152,7 +160,7 @@ async def test_offer_accept_messages_predefined_menu_invite_private_files_close(
 
         # Private mode: the eye marker and a colour; agents see it, the customer never does.
         await pilot.press("f5")
-        assert plain(chat.query_one(".mode", Label)) == "👁 Private" and field.has_class("private")
+        assert plain(chat.query_one(".mode", Label)) == "◉ Private" and field.has_class("private")
         await say(pilot, chat, "VIP customer")
         note = await s2.wait_for(message("VIP customer"))
         assert note.event.visibility == rpb.VISIBILITY_AGENTS_ONLY
@@ -160,9 +168,9 @@ async def test_offer_accept_messages_predefined_menu_invite_private_files_close(
         reply = await until(
             pilot, lambda: next((e for e in chat.query(Entry) if "Noted" in e.line.plain), None), "agent 2's note"
         )
-        assert reply.line.plain == "👁 Agent 2: Noted" and reply.has_class("private")
+        assert reply.line.plain == "◉ Agent 2: Noted" and reply.has_class("private")
         mine = next(e for e in chat.query(Entry) if "VIP customer" in e.line.plain)
-        assert mine.line.plain == "👁 Agent 1: VIP customer" and mine.has_class("private")
+        assert mine.line.plain == "◉ Agent 1: VIP customer" and mine.has_class("private")
         await pilot.press("f5")
         assert plain(chat.query_one(".mode", Label)) == "Message" and not field.has_class("private")
         field.value = "Back to you"
@@ -179,7 +187,7 @@ async def test_offer_accept_messages_predefined_menu_invite_private_files_close(
         attach.query(".path").first(Input).value = str(report)
         press_button(attach, "upload")
         await until(pilot, lambda: chat.staged, "the upload")
-        assert "📎 report.pdf" in plain(chat.query_one(".staged"))
+        assert "⎘ report.pdf" in plain(chat.query_one(".staged"))
         await say(pilot, chat, "Your invoice")
         sent = await cust.stream.wait_for(message("Your invoice"))
         [att] = sent.event.message.attachments
@@ -188,7 +196,7 @@ async def test_offer_accept_messages_predefined_menu_invite_private_files_close(
         assert data == pdf()
         await until(
             pilot,
-            lambda: f"Agent 1: Your invoice  📎 report.pdf ({len(pdf())} B)" in lines(chat),
+            lambda: f"Agent 1: Your invoice  ⎘ report.pdf ({len(pdf())} B)" in lines(chat),
             "our file in the log",
         )
 
@@ -196,7 +204,7 @@ async def test_offer_accept_messages_predefined_menu_invite_private_files_close(
         order = b"name;amount\nAda;12\n"
         await customer_sends_file(cust, order, "order.csv", "my order")
         await until(
-            pilot, lambda: "📎 order.csv (19 B)" in plain(chat.query_one(".info-chat")), "the file in the info pane"
+            pilot, lambda: "⎘ order.csv (19 B)" in plain(chat.query_one(".info-chat")), "the file in the info pane"
         )
         await pilot.press("f7")
         download = await dialog(pilot, DownloadDialog)
@@ -235,7 +243,7 @@ async def test_several_chats_unread_markers_and_a_new_offer_does_not_steal_focus
         assert app.tabs.active == bob_tab.id and [tab_label(app, t) for t in (ada_tab, bob_tab)] == ["Ada", "Bob"]
 
         await ada.send("anyone there?")
-        await until(pilot, lambda: tab_label(app, ada_tab) == "● Ada", "the unread marker")
+        await until(pilot, lambda: tab_label(app, ada_tab) == "● Ada (1)", "the unread marker")
         assert tab_label(app, bob_tab) == "Bob"
         await show(pilot, ada_tab)
         assert tab_label(app, ada_tab) == "Ada"
@@ -284,11 +292,16 @@ async def test_invites_both_ways_and_leaving_after_an_invite(server):
         offer = await until(pilot, lambda: offer_pane(app, cust.id), "the invite offer")
         assert tab_label(app, offer) == "Invite: Sales"
         assert plain(offer.query_one(".offer-title")) == "Agent 2 invites you into a chat in Sales"
+        # Who invited, and since when: the customer's time in the queue means nothing here.
+        assert re.fullmatch(
+            r"Invited by Agent 2 at \d\d:\d\d \(0:0\d ago\) · answer within 0:[0-3]\d",
+            plain(offer.query_one(".waiting")),
+        )
         await until(pilot, lambda: plain(offer.query_one(".variables")) == "   name: Ada", "the customer's details")
         await pilot.press("a")
         chat = await until(pilot, lambda: app.chats.get(cust.id), "the chat tab")
         # We see the history, the private note included.
-        await until(pilot, lambda: "👁 Agent 2: note: wants a refund" in lines(chat), "the history")
+        await until(pilot, lambda: "◉ Agent 2: note: wants a refund" in lines(chat), "the history")
 
         # We invite a random agent from the support queue, who accepts; then we leave, they stay.
         a3 = await server.agent("agent3", "support")
@@ -381,7 +394,8 @@ async def test_login_errors_and_an_ended_session_go_back_to_the_login_screen(ser
         await server.agent("agent1")  # the same agent logs in elsewhere
         # The screen is pushed, then composed: wait for its error line, not only for the screen.
         screen = await until(
-            pilot, lambda: isinstance(app.screen, LoginScreen) and app.screen.query(".error") and app.screen,
+            pilot,
+            lambda: isinstance(app.screen, LoginScreen) and app.screen.query(".error") and app.screen,
             "the login screen",
         )
         await until(pilot, lambda: "session has ended" in plain(screen.query_one(".error")), "the ended-session note")
@@ -391,3 +405,283 @@ async def test_login_errors_and_an_ended_session_go_back_to_the_login_screen(ser
         await log_in(pilot, server.address)
         again = await until(pilot, lambda: app.chats.get(cust.id), "the chat restored")
         await until(pilot, lambda: "Ada: still there?" in lines(again), "its history")
+
+
+SMALL = (80, 24)
+
+
+async def test_the_desktop_fits_80x24_and_anonymous_customers_are_told_apart(server):
+    app = desktop()
+    async with app.run_test(size=SMALL) as pilot:
+        await log_in(pilot, server.address)  # the login box fits: its button is clicked
+        cust, chat = await accept_chat(pilot, server, queue="support")
+        other, other_tab = await accept_chat(pilot, server, queue="support")
+        # Anonymous: the queue and a short number from the conversation id, different for each.
+        assert tab_label(app, chat) == f"Customer · support #{cust.id[:4]}"
+        assert tab_label(app, other_tab) == f"Customer · support #{other.id[:4]}" != tab_label(app, chat)
+        await show(pilot, chat)
+
+        # Lines with the desktop's symbols: a menu, a choice, private notes, a file.
+        await say(pilot, chat, "hello")
+        await pilot.press("f5")
+        await say(pilot, chat, "private note")
+        await pilot.press("f3")
+        composer = await dialog(pilot, MenuComposer)
+        composer.query_one(".prompt", Input).value = "Which?"
+        composer.query_one(".options").text = "A\nB\n"
+        press_button(composer, "send")
+        offered = (await cust.stream.wait_for(is_event("offer_menu"))).event.offer_menu
+        await cust.choose(offered.menu_id, offered.options[0].option_id)
+        await until(pilot, lambda: "Customer: ✓ chose “A” (Which?)" in lines(chat), "the choice")
+        await customer_sends_file(cust, b"a;b\n", "data.csv", "a file")
+        await until(pilot, lambda: "Customer: a file  ⎘ data.csv (4 B)" in lines(chat), "the file line")
+        await until(pilot, lambda: "◉ Agent 1: private note" in lines(chat), "the private line")
+
+        rows = screen_text(app)
+        shown = "\n".join(rows)
+        # Every tool, and the footer's keys, on screen.
+        for label in ("F2 Predefined", "F3 Menu", "F4 Invite", "F5 Private", "F6 Attach", "F7 Download",
+                      "F8 Leave", "^W Close", "^q Quit", "^r Ready"):  # fmt: skip
+            assert label in shown, f"{label} is cut off:\n{shown}"
+        # The info pane's right border in the last column on every row of the panes.
+        bordered = [r for r in rows if "│" in r]
+        assert bordered and all(r.rstrip()[-1] in "│╮╯" for r in bordered), shown
+        # The symbols are one cell everywhere: not emoji, not East Asian wide or ambiguous.
+        from queuechat_agent import text
+
+        for symbol in (text.EYE, text.CLIP, text.MENU, text.CHOSEN):
+            assert ord(symbol) < 0x1F000 and unicodedata.east_asian_width(symbol) == "N", symbol
+
+        # The close warning wraps its sentence instead of cutting it, however long the name.
+        await pilot.press("ctrl+w")
+        await dialog(pilot, ConfirmClose)
+        await pilot.pause()
+        box = [row.split("█")[1] for row in screen_text(app) if row.count("█") >= 2]  # inside the box's sides
+        warning = " ".join(" ".join(box).split())
+        assert f"Customer · support #{cust.id[:4]} is still connected. Closing ends the chat for them too." in warning
+
+
+@pytest.mark.configure(settings={"offer_timeout": 1.5, "reject_cooldown": 1.0})
+async def test_an_offer_that_times_out_and_comes_back_keeps_its_place_and_the_keys(server):
+    app = desktop()
+    async with app.run_test(size=SMALL) as pilot:
+        await log_in(pilot, server.address)
+        _, chat = await accept_chat(pilot, server, variables={"name": "Ada"}, queue="support")
+        field = chat.query_one(".message", Input)
+        cust = await server.customer("sales", {"name": "Bob"})
+        first = await until(pilot, lambda: offer_pane(app, cust.id), "the offer tab")
+        await show(pilot, first)
+        place = app._pane_ids().index(first.id)
+        # It times out while the agent looks at it: the desktop goes home (and from there to the offer when it
+        # comes back, which may be at once), never to the chat and its input.
+        await until(pilot, lambda: not first.is_attached, "the offer timed out")
+        assert app.tabs.active != chat.id
+        # Offered again: in the old place, in front (the agent was looking at it), keys for it work.
+        again = await until(pilot, lambda: offer_pane(app, cust.id), "the offer back")
+        assert again is not first and app._pane_ids().index(again.id) == place
+        await until(pilot, lambda: app.tabs.active == again.id, "the offer in front")
+        await pilot.press("r")
+        await until(pilot, lambda: not again.is_attached, "the offer answered")
+        assert field.value == "" and app.tabs.active != chat.id  # home, or the offer once more
+
+
+def typing(item) -> bool:
+    return item.HasField("typing")
+
+
+async def test_typing_both_ways_and_private_composing_stays_with_the_agents(server):
+    app = desktop()
+    async with app.run_test(size=SMALL) as pilot:
+        await log_in(pilot, server.address)
+        cust, chat = await accept_chat(pilot, server, variables={"name": "Ada"})
+        line = chat.query_one(".typing", Static)
+
+        # The customer composes: the tab and the chat say so, until their message comes.
+        await cust.stub.SetTyping(
+            cust_pb.CustomerServiceSetTypingRequest(conversation_id=cust.id, typing=True), metadata=cust.md
+        )
+        await until(pilot, lambda: line.display and plain(line) == "Ada is typing…", "the customer typing")
+        assert tab_label(app, chat) == "Ada ✎"
+        await cust.send("my order")
+        await until(pilot, lambda: not line.display and tab_label(app, chat) == "Ada", "typing over with the message")
+
+        # The agent composes: the customer is told; emptying the input says they stopped.
+        field = chat.query_one(".message", Input)
+        await pilot.press(*"Let me")
+        shown = await cust.stream.wait_for(lambda i: typing(i) and i.typing.typing)
+        assert shown.typing.participant.agent_id == "agent1"
+        field.value = ""
+        await cust.stream.wait_for(lambda i: typing(i) and not i.typing.typing)
+
+        # In private mode the signals are agents-only: nothing reaches the customer.
+        await pilot.press("f5")
+        seen = len(cust.stream.items)
+        await asyncio.sleep(1.1)  # past the server's one signal a second
+        await pilot.press(*"VIP")
+        await until(pilot, lambda: chat.typing_said, "the private signal sent")
+        await pilot.press("enter")
+        await until(pilot, lambda: "◉ Agent 1: VIP" in lines(chat), "the private note")
+        await cust.send("ping")  # the customer's stream has everything sent before its own message
+        await cust.stream.wait_for(message("ping"))
+        assert not [i for i in cust.stream.items[seen:] if typing(i)]
+
+
+async def test_unread_counts_from_read_cursors_and_the_customers_read_mark(server):
+    app = desktop()
+    async with app.run_test(size=SMALL) as pilot:
+        await log_in(pilot, server.address)
+        ada, ada_tab = await accept_chat(pilot, server, variables={"name": "Ada"})
+        # In front, the chat is read as it comes: the customer sees our cursor move.
+        await ada.stream.wait_for(is_cursor(lambda c: c.participant.agent_id == "agent1"))
+        _, bob_tab = await accept_chat(pilot, server, variables={"name": "Bob"})
+
+        # Behind another tab, the customer's lines are counted; looking at the tab reads them.
+        await ada.send("one")
+        await ada.send("two")
+        await until(pilot, lambda: tab_label(app, ada_tab) == "● Ada (2)", "two unread")
+        assert tab_label(app, bob_tab) == "Bob"
+        two = next(e.seq for e in ada.stream.events("message") if e.message.text == "two")
+        await show(pilot, ada_tab)
+        assert tab_label(app, ada_tab) == "Ada"
+        await ada.stream.wait_for(is_cursor(lambda c: c.participant.agent_id == "agent1" and c.read_seq >= two))
+
+        # What the customer has read: "✓ Read" after the last of our lines they read, and it moves on.
+        await say(pilot, ada_tab, "first answer")
+        first = (await ada.stream.wait_for(message("first answer"))).event.seq
+        await say(pilot, ada_tab, "second answer")
+        second = (await ada.stream.wait_for(message("second answer"))).event.seq
+
+        await customer_reads(ada, first)
+        await until(pilot, lambda: marked_in(ada_tab) == ["Agent 1: first answer"], "the read mark")
+        await customer_reads(ada, second)
+        await until(pilot, lambda: marked_in(ada_tab) == ["Agent 1: second answer"], "the read mark moved")
+
+        # Logging in again: the counts come from the stored cursors.
+        await show(pilot, bob_tab)
+        await ada.send("three")
+        await until(pilot, lambda: tab_label(app, ada_tab) == "● Ada (1)", "one unread")
+        await server.agent("agent1")  # the session ends (a login elsewhere)
+        await until(pilot, lambda: isinstance(app.screen, LoginScreen) and app.screen.query("#login"), "login")
+        await log_in(pilot, server.address)
+        again = await until(pilot, lambda: app.chats.get(ada.id), "the chat restored")
+        await until(pilot, lambda: "Ada: three" in lines(again), "its history")
+        assert app.tabs.active == "home"
+        await until(pilot, lambda: tab_label(app, again) == "● Ada (1)", "the count restored")
+        assert marked_in(again) == ["Agent 1: second answer"]
+
+
+def marked_in(chat) -> list[str]:
+    return [e.line.plain for e in chat.query(Entry) if e.mark == "✓ Read"]
+
+
+WRAP_UP_CODES = [
+    {"id": "solved", "display_name": "Solved"},
+    {"id": "escalated", "display_name": "Escalated", "queue": "support"},
+]
+QUEUES_SUPPORT_NEEDS_A_CODE = [
+    {"id": "sales", "display_name": "Sales"},
+    {"id": "support", "display_name": "Support", "wrap_up_required": True},
+]
+
+
+@pytest.mark.configure(wrap_up_codes=WRAP_UP_CODES, queues=QUEUES_SUPPORT_NEEDS_A_CODE)
+async def test_closing_picks_a_wrap_up_code_and_a_note(server):
+    app = desktop()
+    async with app.run_test(size=SMALL) as pilot:
+        await log_in(pilot, server.address)
+        # A queue that requires a code: no "no code" entry; the warning is part of the same dialog.
+        cust, chat = await accept_chat(pilot, server, queue="support", variables={"name": "Ada"})
+        await pilot.press("ctrl+w")
+        wrap = await dialog(pilot, WrapUpDialog)
+        await pilot.pause()
+        options = wrap.query_one(OptionList)
+        assert [str(options.get_option_at_index(i).prompt) for i in range(options.option_count)] == [
+            "Escalated",
+            "Solved",
+        ]
+        assert plain(wrap.query_one(".warning")) == "Ada is still connected. Closing ends the chat for them too."
+        await pilot.press("enter")  # the highlighted code (Escalated); on to the note
+        await pilot.press(*"tier 2", "enter")
+        await until(pilot, lambda: not chat.is_attached, "the chat closed")
+        closed = (await export(server, cust.id)).conversation
+        assert (closed.wrap_up.wrap_up_code_id, closed.wrap_up.note) == ("escalated", "tier 2")
+
+        # A queue without the rule: "(no code)" comes first; Esc keeps the chat; an ended chat gets no warning.
+        cust, chat = await accept_chat(pilot, server, queue="sales", variables={"name": "Bob"})
+        await pilot.press("ctrl+w")
+        wrap = await dialog(pilot, WrapUpDialog)
+        await pilot.pause()
+        options = wrap.query_one(OptionList)
+        assert [str(options.get_option_at_index(i).prompt) for i in range(options.option_count)] == [
+            "(no code)",
+            "Solved",
+        ]
+        await pilot.press("escape")
+        await until(pilot, lambda: len(app.screen_stack) == 1, "the dialog gone")
+        assert chat.is_attached
+        await cust.end()
+        await until(pilot, lambda: not chat.customer_connected, "the customer gone")
+        await pilot.press("ctrl+w")
+        wrap = await dialog(pilot, WrapUpDialog)
+        await pilot.pause()
+        assert not wrap.query(".warning")
+        press_button(wrap, "close")
+        await until(pilot, lambda: not chat.is_attached, "the chat closed")
+        assert not (await export(server, cust.id)).conversation.HasField("wrap_up")
+
+
+SUPERVISED = with_supervisors(base_config())
+
+
+@pytest.mark.configure(profiles=SUPERVISED["profiles"], agents=SUPERVISED["agents"])
+async def test_a_supervisor_watches_a_chat_whispers_and_barges_in(server):
+    app = desktop(ready=False)  # not offered the chat below
+    async with app.run_test(size=SMALL) as pilot:
+        await log_in(pilot, server.address, agent_id="agent6", profile="supervisors")
+        agent, cust = await server.chat(variables={"name": "Ada"})
+        stream = agent.streams[cust.id]
+        await cust.send("hello")
+        await agent.send(cust.id, "wants a refund", private=True)
+
+        # F9: the live chats of the supervised queues.
+        await pilot.press("f9")
+        screen = await until(pilot, lambda: isinstance(app.screen, MonitorScreen) and app.screen, "the monitor")
+        table = screen.query_one("#live", DataTable)
+        await until(pilot, lambda: table.row_count == 1, "the live chat listed")
+        cells = [str(c) for c in table.get_row(cust.id)]
+        assert cells[:3] == ["Sales", "Ada", "Agent 1"]
+
+        # Enter watches it: everything its agents see, private notes included; the agents are told.
+        await pilot.press("enter")
+        watch = screen.query_one("#watch")
+        await until(pilot, lambda: "◉ Agent 1: wants a refund" in lines(watch), "the private note")
+        assert "Ada: hello" in lines(watch)
+        await stream.wait_for(is_event("monitor_started"))
+        await agent.send(cust.id, "Let me check")
+        await until(pilot, lambda: "Agent 1: Let me check" in lines(watch), "a live line")
+
+        # Esc: back to the list, the monitoring stops; Enter watches again.
+        await pilot.press("escape")
+        await stream.wait_for(is_event("monitor_stopped"))
+        await until(pilot, lambda: table.display and table.row_count == 1, "the list again")
+        await pilot.press("enter")
+        await until(pilot, lambda: "Agent 1: Let me check" in lines(watch), "watching again")
+        await stream.wait_for(lambda i: len([e for e in stream.events("monitor_started")]) == 2)
+
+        # A whisper reaches the agents only.
+        await pilot.press(*"offer a discount", "enter")
+        got = await stream.wait_for(message("offer a discount"))
+        assert got.event.message.whisper and got.event.visibility == rpb.VISIBILITY_AGENTS_ONLY
+        await until(pilot, lambda: "◉ Agent 6: (whisper)  offer a discount" in lines(watch), "the whisper")
+
+        # F10 barges in: the chat opens as a tab; everyone sees the supervisor join.
+        await pilot.press("f10")
+        chat = await until(pilot, lambda: app.chats.get(cust.id), "the chat tab")
+        await until(pilot, lambda: len(app.screen_stack) == 1 and app.tabs.active == chat.id, "the chat in front")
+        joined = await cust.stream.wait_for(is_event("participant_joined", lambda e: e.participant_joined.barge_in))
+        assert joined.event.participant_joined.participant.agent_id == "agent6"
+        await until(pilot, lambda: "Agent 6 joined (barged in from monitoring)" in lines(chat), "the join")
+        assert "◉ Agent 6: (whisper)  offer a discount" in lines(chat)
+        await say(pilot, chat, "Hello Ada, I am the supervisor")
+        await cust.stream.wait_for(message("Hello Ada, I am the supervisor"))
+        assert not [e for e in cust.stream.events("message") if e.message.whisper]

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 from agent_helpers import customer_sends_file
-from harness import WAIT, is_event
+from features_helpers import with_supervisors
+from harness import WAIT, base_config, is_event
 
 from chat.v1 import agent_service_pb2 as agent_pb
 from chat.v1 import resources_pb2 as rpb
@@ -176,3 +177,54 @@ async def test_the_installed_console_script(server, tmp_path):
         metadata=(("authorization", f"Bearer {json.loads((tmp_path / 'session.json').read_text())['session_token']}"),),
     )
     assert conv.conversation.state == rpb.CONVERSATION_STATE_ACTIVE
+
+
+SUPERVISED = with_supervisors(base_config())
+
+
+@pytest.mark.configure(
+    profiles=SUPERVISED["profiles"],
+    agents=SUPERVISED["agents"],
+    wrap_up_codes=[{"id": "solved", "display_name": "Solved"}],
+    queues=[
+        {"id": "sales", "display_name": "Sales", "wrap_up_required": True},
+        {"id": "support", "display_name": "Support"},
+    ],
+)
+async def test_supervising_reading_and_wrapping_up_from_the_command_line(server, tmp_path):
+    agent, cust = await server.chat(variables={"name": "Ada"})
+    await cust.send("hello")
+    sup = Agent(server, tmp_path / "sup.json")
+    code, out, err = await sup.run("login", "--username", "agent6", "--password", "pw6", "--profile", "supervisors")
+    assert code == 0, err
+    assert json.loads(out)["supervisor"] is True
+
+    [row] = await sup.ok("live")
+    assert row["conversation"]["conversation_id"] == cust.id
+    code, out, _ = await sup.run("live")
+    assert code == 0 and f"{cust.id} sales Ada (agent1)" in out
+
+    # monitor prints what the agents see until it is stopped; whisper needs it running.
+    monitor = asyncio.create_task(sup.run("monitor", cust.id))
+    await agent.streams[cust.id].wait_for(is_event("monitor_started"))
+    [whispered] = await sup.ok("whisper", cust.id, "offer a discount")
+    assert whispered["message"]["whisper"] is True
+    await agent.streams[cust.id].wait_for(message("offer a discount"))
+    [joined] = await sup.ok("barge-in", cust.id)
+    assert "agent6" in [a["agent_id"] for a in joined["agents"]]
+
+    # The customer's lines read by the supervisor, now an agent of the chat.
+    hello = next(e.seq for e in cust.stream.events("message") if e.message.text == "hello")
+    [cursor] = await sup.ok("read", cust.id, str(hello))
+    assert int(cursor["read_seq"]) == hello
+
+    # Closing in a queue that requires a wrap-up code: the codes, a refusal without one, then a close with it.
+    codes = await sup.ok("wrap-up-codes", cust.id)
+    assert [(c["wrap_up_code_id"], c["required"]) for c in codes] == [("solved", True)]
+    code, _, err = await sup.run("close", cust.id, "--confirm")
+    assert code == 1 and "WRAP_UP_REQUIRED" in err
+    [closed] = await sup.ok("close", cust.id, "--confirm", "--wrap-up", "solved", "--note", "discount given")
+    assert closed["wrap_up"]["wrap_up_code_id"] == "solved" and closed["wrap_up"]["note"] == "discount given"
+    code, out, err = await asyncio.wait_for(monitor, WAIT)
+    assert code == 0, err
+    assert "(whisper)  offer a discount" in out and "Agent 6 joined (barged in from monitoring)" in out

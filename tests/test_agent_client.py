@@ -7,9 +7,11 @@ import tracemalloc
 import grpc
 import pytest
 from agent_helpers import Proxy, customer_sends_file
+from features_helpers import customer_reads, is_cursor
 from files import MIB, Uploader, png
 from harness import WAIT, is_event
 
+from chat.v1 import customer_service_pb2 as cust_pb
 from queuechat.domain.log import conv_topic
 from queuechat_agent.client import AgentClient, Backoff, Refused, SessionEnded
 
@@ -271,3 +273,53 @@ async def test_uploads_and_downloads_hold_a_chunk_not_the_file(server, tmp_path)
     await offers.stop()
     await conv.stop()
     await client.aclose()
+
+
+async def test_typing_and_read_cursors_reach_on_signal_and_are_not_events(server):
+    client = await logged_in(server.address)
+    offers = Collector(client.offers())
+    await asyncio.wait_for(offers.feed.caught_up.wait(), WAIT)
+    signals: list[tuple[str, object]] = []
+    cust = await server.customer("sales", variables={"name": "Ada"})
+    cust.open()
+    await offers.wait_for(lambda e: e.HasField("offer") and e.offer.conversation_id == cust.id, "the offer")
+    await client.accept(next(e.offer.offer_id for e in offers.events if e.HasField("offer")))
+    feed = client.follow(cust.id)
+    feed.on_signal = lambda kind, item: signals.append((kind, item))
+    conv = Collector(feed)
+    await asyncio.wait_for(feed.caught_up.wait(), WAIT)
+
+    await customer_types(cust)
+    await cust.send("hello")
+    await conv.wait_for(message("hello"), "the message")
+    hello = conv.events[-1].seq
+    await customer_reads(cust, hello)
+    await until_true(lambda: any(k == "read_cursor" and i.read_seq == hello for k, i in signals), "the cursor")
+    assert [i.participant.display_name for k, i in signals if k == "typing"] == ["Ada"]
+    assert all(e.WhichOneof("kind") not in ("typing", "read_cursor") for e in conv.events)
+
+    # This agent's side: typing and reading reach the customer; the cursor only moves forward.
+    await client.set_typing(cust.id, True)
+    await cust.stream.wait_for(lambda i: i.HasField("typing") and i.typing.participant.agent_id == "agent1")
+    assert (await client.mark_read(cust.id, hello)).read_seq == hello
+    assert (await client.mark_read(cust.id, 1)).read_seq == hello
+    await cust.stream.wait_for(is_cursor(lambda c: c.participant.agent_id == "agent1" and c.read_seq == hello))
+    await offers.stop()
+    await conv.stop()
+    await client.aclose()
+
+
+async def until_true(pred, what: str) -> None:
+    async def poll():
+        while not pred():
+            await asyncio.sleep(0.02)
+
+    try:
+        await asyncio.wait_for(poll(), WAIT)
+    except TimeoutError:
+        raise AssertionError(f"timed out waiting for {what}") from None
+
+
+async def customer_types(cust) -> None:
+    req = cust_pb.CustomerServiceSetTypingRequest(conversation_id=cust.id, typing=True)
+    await cust.stub.SetTyping(req, metadata=cust.md)

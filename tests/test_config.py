@@ -28,7 +28,9 @@ def one_problem(doc, environ=None) -> str:
 def test_the_demo_config_loads():
     cfg = load_config(ROOT / "config/demo.toml", environ={})
     assert [q.id for q in cfg.queues] == ["sales", "support"]
-    assert [a.id for a in cfg.agents] == ["alice", "bob", "carol"]
+    assert [a.id for a in cfg.agents] == ["alice", "bob", "carol", "erin"]
+    assert [p.id for p in cfg.profiles if p.supervisor] == ["team-leads"]  # erin's
+    assert [(c.id, c.queue) for c in cfg.wrap_up_codes] == [("solved", None), ("sold", "sales"), ("escalated", "support")]
     assert cfg.agents[1].max_chats == 2 and cfg.agents[0].max_chats == 3
     assert cfg.predefined_messages[3].profile == "support-only"
     assert cfg.identity_secrets == ["demo-identity-secret-change-me-0123456789"]
@@ -111,7 +113,7 @@ def test_an_unknown_key_at_the_top_level_is_refused():
 
 def test_an_unknown_key_in_a_section_is_refused():
     msg = one_problem(base_config(settings={"offer_timout": 5}))
-    assert msg == "[settings] offer_timout: unknown key; expected one of offer_timeout, reject_cooldown, stream_grace"
+    assert msg == "[settings] offer_timout: unknown key; expected one of offer_timeout, reject_cooldown, stream_grace, rating_window"
     msg = one_problem(base_config(security={"identity_secret": "x"}))
     assert msg.startswith("[security] identity_secret: unknown key; expected one of identity_secrets,")
 
@@ -217,7 +219,7 @@ def test_load_config_names_the_file(tmp_path):
         load_config(path, environ={})
     assert e.value.problems == (
         f"{path}: [limits] max_message_chars: expected an integer, got a string '4000'",
-        f"{path}: queues[0].colour: unknown key; expected one of id, display_name",
+        f"{path}: queues[0].colour: unknown key; expected one of id, display_name, wrap_up_required",
     )
 
 

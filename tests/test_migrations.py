@@ -48,7 +48,11 @@ from queuechat.store.models import (
     CustomerVariable,
     Event,
     IdentityTokenUse,
+    MonitorSession,
     Participant,
+    Profile,
+    Queue,
+    ReadCursor,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -180,6 +184,11 @@ def check_data_at_head(url: str) -> None:
             part = s.exec(select(Participant)).one()
             assert (part.agent_id, part.joined_at, part.left_at) == ("agent1", T1, None)
             assert s.exec(select(ConfiguredAccount)).all() == []
+            # 0003: nothing is wrapped up, rated, read, monitored or supervised yet.
+            assert (conv.ended_at, conv.wrap_up_code_id, conv.rating_score, conv.rated_at) == (None, None, None, None)
+            assert [q.wrap_up_required for q in s.exec(select(Queue)).all()] == [False, False]
+            assert [p.supervisor for p in s.exec(select(Profile)).all()] == [False]
+            assert s.exec(select(ReadCursor)).all() == [] and s.exec(select(MonitorSession)).all() == []
             assert s.exec(select(IdentityTokenUse)).all() == []
         # A row written without the new columns gets their server defaults.
         with engine.begin() as conn:
@@ -257,17 +266,7 @@ def test_autogenerate_sees_what_0001_lacks(backend):
     """The comparison above is not blind: at 0001 it finds exactly what the later revisions add."""
     run_revisions(backend, "0001")
     with migrations.transaction(backend) as conn:
-        found = set()
-        for diff in migrations.differences(conn):
-            for d in diff if isinstance(diff, list) else [diff]:
-                if d[0] == "add_column":
-                    found.add(("add_column", d[2], d[3].name))
-                elif d[0] == "add_table":
-                    found.add(("add_table", d[1].name))
-                elif d[0] == "add_index":
-                    found.add(("add_index", d[1].name))
-                else:
-                    found.add((d[0],))
+        found = _found(migrations.differences(conn))
     assert found == {
         ("add_column", "agent", "disabled"),
         ("add_column", "admin", "disabled"),
@@ -278,13 +277,61 @@ def test_autogenerate_sees_what_0001_lacks(backend):
         ("add_index", "ix_identity_token_use_expires_at"),
         ("add_index", "ix_attachment_sha256"),
         ("add_index", "ix_offer_resolved"),
-        # 0003: the cluster's stream leases and attachment bytes in the database
-        ("add_table", "stream_lease"),
-        ("add_index", "ix_stream_lease_session_id"),
-        ("add_index", "ix_stream_lease_node_id"),
-        ("add_index", "ix_stream_lease_expires_at"),
-        ("add_table", "blob_chunk"),
-    }
+    } | ADDED_BY_0003 | ADDED_BY_0004
+
+
+# What 0003 (the cluster's stream leases and attachment bytes in the database) adds.
+ADDED_BY_0003 = {
+    ("add_table", "stream_lease"),
+    ("add_index", "ix_stream_lease_session_id"),
+    ("add_index", "ix_stream_lease_node_id"),
+    ("add_index", "ix_stream_lease_expires_at"),
+    ("add_table", "blob_chunk"),
+}
+
+# What 0004 (issue #13's features) adds.
+ADDED_BY_0004 = {
+    ("add_column", "queue", "wrap_up_required"),
+    ("add_column", "profile", "supervisor"),
+    *(
+        ("add_column", "conversation", c)
+        for c in (
+            "ended_at", "wrap_up_code_id", "wrap_up_code_name", "wrap_up_note", "wrap_up_agent_id", "wrap_up_at",
+            "rating_score", "rating_comment", "rated_at", "rating_request_id",
+        )
+    ),  # fmt: skip
+    ("add_index", "ix_conversation_rated_at"),
+    ("add_index", "ix_conversation_wrap_up_code_id"),
+    ("add_table", "wrap_up_code"),
+    ("add_table", "read_cursor"),
+    ("add_table", "monitor_session"),
+    ("add_index", "ix_monitor_session_conversation_id"),
+}
+
+
+def test_autogenerate_sees_what_0002_and_0003_lack(backend):
+    """At 0002 the comparison finds exactly what 0003 and 0004 add; at 0003, what 0004 adds."""
+    run_revisions(backend, "0002")
+    with migrations.transaction(backend) as conn:
+        assert _found(migrations.differences(conn)) == ADDED_BY_0003 | ADDED_BY_0004
+    run_revisions(backend, "0003")
+    with migrations.transaction(backend) as conn:
+        assert _found(migrations.differences(conn)) == ADDED_BY_0004
+
+
+def _found(differences) -> set:
+    found = set()
+    for diff in differences:
+        for d in diff if isinstance(diff, list) else [diff]:
+            if d[0] == "add_column":
+                found.add(("add_column", d[2], d[3].name))
+            elif d[0] == "add_table":
+                found.add(("add_table", d[1].name))
+            elif d[0] == "add_index":
+                found.add(("add_index", d[1].name))
+            else:
+                found.add((d[0],))
+    return found
 
 
 def reflected_schema(url: str) -> dict:
@@ -361,13 +408,10 @@ def test_a_pre_migration_0001_database_is_stamped_then_upgraded(backend):
 
 
 def test_a_database_the_old_create_all_brought_up_to_date_is_stamped_head(backend):
-    """What every database made by the code before migrations looks like (create_all + the column stop-gap)."""
-    from sqlmodel import SQLModel
-
-    engine = create_engine(backend, poolclass=NullPool)
-    later = {"stream_lease", "blob_chunk"}  # tables of revisions after migrations began: no old code made them
-    SQLModel.metadata.create_all(engine, tables=[t for t in SQLModel.metadata.sorted_tables if t.name not in later])
-    engine.dispose()
+    """What every database made by the code before migrations looks like (create_all + the column stop-gap):
+    the 0002 schema without alembic_version. It is stamped 0002 and upgraded to head."""
+    run_revisions(backend, "0002")
+    make_legacy(backend)
     assert migrations.status(backend).state is State.LEGACY
     migrations.upgrade(backend)
     assert migrations.status(backend).state is State.CURRENT
@@ -534,21 +578,21 @@ async def test_serve_with_migrate_upgrades_a_legacy_data_dir_and_runs(tmp_path):
 
 
 def test_db_revision_writes_the_next_revision(tmp_path, monkeypatch, capsys):
-    """`queuechat db revision` autogenerates the next revision against a scratch database; with the models
+    """`queuechat db revision` autogenerates the revision after head against a scratch database; with the models
     unchanged it is empty."""
-    head = migrations.head()
-    following = f"{int(head) + 1:04d}"
     copy = tmp_path / "migrations"
     shutil.copytree(migrations.SCRIPT_LOCATION, copy, ignore=shutil.ignore_patterns("__pycache__"))
     monkeypatch.setattr(migrations, "SCRIPT_LOCATION", copy)
     migrations.script.cache_clear()
     try:
+        head = migrations.head()
+        following = f"{int(head) + 1:04d}"
         assert main(["db", "revision", "-m", "nothing yet"]) == 0
         written = sorted((copy / "versions").glob(f"{following}_*.py"))
         assert [p.name for p in written] == [f"{following}_nothing_yet.py"]
         source = written[0].read_text()
         compile(source, str(written[0]), "exec")
-        assert re.search(r"down_revision: str \| Sequence\[str\] \| None = [\"']" + head + r"[\"']", source)
+        assert re.search(rf"down_revision: str \| Sequence\[str\] \| None = [\"']{head}[\"']", source)
         assert "op." not in source  # models and revisions agree: nothing to do
     finally:
         migrations.script.cache_clear()

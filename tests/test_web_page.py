@@ -2,12 +2,14 @@
 with an agent on the generated stubs. Screenshots go to test-output/web/."""
 
 import asyncio
+import re
 import time
 import uuid
 from pathlib import Path
 
 import jwt
 import pytest
+from features_helpers import agent_reads, export, is_cursor
 from files import ELF, Uploader, png, sha
 from harness import IDENTITY_SECRET, is_event
 from playwright.async_api import Page, async_playwright, expect
@@ -349,3 +351,121 @@ async def test_a_customer_signed_in_by_the_hosting_site(server, site, context):
     await forged.reload()
     await expect(forged.locator("#start-error")).to_have_text("The customer token is missing or not valid.")
     assert await forged.evaluate("sessionStorage.getItem('queuechat.session')") is None
+
+
+async def test_times_typing_a_cleared_refusal_and_the_end_in_view(server, page):
+    await page.set_viewport_size({"width": 375, "height": 560})
+    agent, cid, stream = await chat(page, server)
+
+    # Every message shows when it was sent.
+    await say(page, "hello")
+    clock = re.compile(r"^\d\d?:\d\d( [AP]M)?$")  # in the browser's locale
+    await expect(page.locator("#log .msg").last.locator("time")).to_have_text(clock)
+    assert await page.locator("#log .msg time").first.get_attribute("datetime")
+
+    # The agent composes: the page says so until they stop, or until their message comes.
+    typing = page.locator("#typing")
+
+    async def agent_types(on: bool = True) -> None:
+        await agent.stub.SetTyping(agent_pb.SetTypingRequest(conversation_id=cid, typing=on), metadata=agent.md)
+
+    await agent_types()
+    await expect(typing).to_have_text("Agent 1 is typing…")
+    await agent_types(False)  # a stop always goes through
+    await expect(typing).to_have_text("")
+    await asyncio.sleep(2.1)  # the server drops signals closer together than 2 s
+    await agent_types()
+    await expect(typing).to_have_text("Agent 1 is typing…")
+    await agent.send(cid, "Here you go")
+    await expect(typing).to_have_text("")
+
+    # The customer composes: the agent's stream gets the indicator; sending says they stopped.
+    await message_box(page).press_sequentially("Wait")
+    shown = await stream.wait_for(lambda i: i.HasField("typing") and i.typing.typing)
+    assert shown.typing.participant.kind == rpb.PARTICIPANT_KIND_CUSTOMER
+    await message_box(page).press("Enter")
+    await stream.wait_for(lambda i: i.HasField("typing") and not i.typing.typing)
+
+    # A refused file: the reason shows, and goes once the conversation moves on, and for a dialog.
+    error = page.locator("#composer-error")
+    exe = [{"name": "setup.exe", "mimeType": "application/x-msdownload", "buffer": b"MZ"}]
+    await page.locator("#file-input").set_input_files(files=exe)
+    await expect(error).to_have_text("“setup.exe” cannot be attached: text, PDF and images only.")
+    await agent.send(cid, "Anything else?")
+    await expect(error).to_be_hidden()
+    await page.locator("#file-input").set_input_files(files=exe)
+    await expect(error).to_be_visible()
+    await page.get_by_role("banner").get_by_role("button", name="End chat").click()
+    await expect(error).to_be_hidden()
+    await page.keyboard.press("Escape")
+
+    # Enough lines to scroll, the last with a file: when the chat ends, the end stays in view.
+    for i in range(12):
+        await agent.send(cid, f"line {i}")
+    sent = await Uploader(agent.stub, agent.md, cid, customer=False).upload(b"last\n", "last.txt")
+    await agent.send(cid, "The last one", attachment_ids=[sent.attachment_id])
+    last = page.get_by_role("button", name="Download last.txt")
+    await expect(last).to_be_in_viewport()
+    await agent.stub.CloseConversation(
+        agent_pb.CloseConversationRequest(conversation_id=cid, confirm=True), metadata=agent.md
+    )
+    await expect(page.locator("#ended")).to_be_visible()
+    await expect(last).to_be_in_viewport(ratio=1)
+    await expect(page.locator("#log li").last).to_be_in_viewport(ratio=1)
+    await shot(page, "ended-with-a-file")
+
+
+async def test_read_marks_and_the_rating_after_the_end(server, site, context, page):
+    agent, cid, stream = await chat(page, server)
+    seqs = {}
+    for text in ("first", "second"):
+        await say(page, text)
+        seqs[text] = (await stream.wait_for(is_event("message", lambda e, t=text: e.message.text == t))).event.seq
+
+    # "Read" under the customer's last message the agent has read, and only there.
+    marks = page.locator("#log .msg.mine .read")
+    await agent_reads(agent, cid, seqs["first"])
+    await expect(page.locator("#log .msg.mine", has_text="first").locator(".read")).to_have_text("Read")
+    await agent_reads(agent, cid, seqs["second"])
+    await expect(page.locator("#log .msg.mine", has_text="second").locator(".read")).to_have_text("Read")
+    await expect(marks).to_have_count(1)
+
+    # The page reads what it shows: the agent sees the customer's cursor reach its message.
+    answer = await agent.send(cid, "Thanks, done")
+    await stream.wait_for(
+        is_cursor(lambda c: c.participant.kind == rpb.PARTICIPANT_KIND_CUSTOMER and c.read_seq >= answer.seq)
+    )
+
+    # After the end: the rating, once; the stars say what they are.
+    await agent.stub.CloseConversation(
+        agent_pb.CloseConversationRequest(conversation_id=cid, confirm=True), metadata=agent.md
+    )
+    form = page.get_by_role("form", name="How was this chat?")
+    await expect(form).to_be_visible()
+    send = form.get_by_role("button", name="Send rating")
+    await expect(send).to_be_hidden()  # the comment and the button come with a score
+    await form.get_by_role("button", name="4 of 5").click()
+    await expect(send).to_be_enabled()
+    await expect(form.get_by_role("button", name="4 of 5")).to_have_attribute("aria-pressed", "true")
+    await form.get_by_label("Anything you would like to add? (optional)").fill("Quick and kind")
+    await shot(page, "rating")
+    await send.click()
+    done = page.locator("#rating-done")
+    await expect(done).to_have_text("Thank you for your rating (4 of 5).")
+    await expect(form).to_be_hidden()
+    rating = (await export(server, cid)).conversation.rating
+    assert (rating.score, rating.comment) == (4, "Quick and kind")
+    # A reload of the ended chat knows it was rated.
+    await page.reload()
+    await expect(done).to_have_text("You rated this chat 4 of 5. Thank you!")
+    await expect(form).to_be_hidden()
+
+    # A chat nobody answered cannot be rated: no form.
+    other = await context.new_page()
+    await other.goto(site.url)
+    await other.get_by_role("button", name="Start chat").click()
+    await expect(other.locator("#status")).to_have_text("You are number 1 in the queue.")
+    await other.get_by_role("banner").get_by_role("button", name="End chat").click()
+    await other.get_by_role("dialog", name="End this chat?").get_by_role("button", name="End chat").click()
+    await expect(other.locator("#ended")).to_contain_text("You ended the chat.")
+    await expect(other.get_by_role("form", name="How was this chat?")).to_be_hidden()

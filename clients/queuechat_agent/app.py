@@ -11,13 +11,15 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.content import Content
 from textual.screen import Screen
-from textual.widgets import Button, Footer, Input, Label, Static, Switch, TabbedContent, TabPane, Tabs
+from textual.widgets import Button, Footer, Input, Label, Static, Switch, Tab, TabbedContent, TabPane, Tabs
+from textual.widgets._tabbed_content import ContentTab
 
 from chat.v1 import agent_service_pb2 as pb
 from chat.v1 import resources_pb2 as rpb
 
 from . import text
 from .client import AgentClient, Feed, Refused, Session, SessionEnded
+from .monitor import MonitorScreen
 from .panes import ChatPane, Entry, OfferPane, Pane
 
 CSS = """
@@ -43,6 +45,8 @@ ChatPane > Horizontal { height: 1fr; }
 .conversation { width: 1fr; }
 .log { height: 1fr; border: round $panel-lighten-2; padding: 0 1; }
 .info { width: 32; border: round $panel-lighten-2; padding: 0 1; }
+.-narrow .info { width: 24; }
+.typing { height: 1; color: $text-muted; text-style: italic; padding: 0 1; display: none; }
 .notice { height: auto; color: $warning; padding: 0 1; }
 .notice.error { color: $error; }
 .staged { height: auto; color: $accent; padding: 0 1; }
@@ -51,9 +55,10 @@ ChatPane > Horizontal { height: 1fr; }
 .compose .mode.private { color: $warning; }
 .compose Input { width: 1fr; }
 .compose Input.private { border: tall $warning; background: $warning 10%; }
-.compose Button { margin: 1 0 0 1; }
-.tools { height: 1; }
-.tools Button { margin-right: 1; min-width: 0; }
+.compose Button { margin: 1 0 0 1; min-width: 8; }
+.tools { layout: grid; grid-size: 8 1; grid-gutter: 0 1; height: 1; padding: 0 1; }
+.-narrow .tools { grid-size: 4 2; height: 2; }
+.tools Button { width: 100%; min-width: 0; padding: 0; }
 
 .entry { padding: 0 1; }
 .entry.customer { color: $text; }
@@ -62,10 +67,11 @@ ChatPane > Horizontal { height: 1fr; }
 .entry.system, .entry.invite { color: $text-muted; text-style: italic; }
 .entry.menu, .entry.choice { color: $accent; }
 .entry.private { background: $warning 20%; color: $warning-lighten-2; }
+.entry.whisper { background: $accent 20%; color: $accent-lighten-2; }
 """
 
 
-DESKTOP_ACTIONS = {"offer", "chat", "toggle_ready", "close_tab", "next_tab", "previous_tab"}
+DESKTOP_ACTIONS = {"offer", "chat", "toggle_ready", "close_tab", "next_tab", "previous_tab", "monitor"}
 
 
 class LoginScreen(Screen[tuple[AgentClient, Session]]):
@@ -73,13 +79,14 @@ class LoginScreen(Screen[tuple[AgentClient, Session]]):
 
     DEFAULT_CSS = """
     LoginScreen { align: center middle; }
-    LoginScreen > Vertical { width: 60; height: auto; border: thick $accent; padding: 1 2; background: $surface; }
-    LoginScreen .title { text-style: bold; margin-bottom: 1; }
-    LoginScreen Input { margin-bottom: 1; }
+    LoginScreen > Vertical {
+        width: 60; max-width: 100%; height: auto; border: thick $accent; padding: 0 2; background: $surface;
+    }
+    LoginScreen .title { text-style: bold; margin: 1 0; }
     LoginScreen Horizontal { height: auto; }
-    LoginScreen .ready { padding: 1 1; }
-    LoginScreen Button { margin-top: 1; width: 100%; }
-    LoginScreen .error { color: $error; margin-top: 1; }
+    LoginScreen .ready { padding: 1 1; width: 1fr; }
+    LoginScreen Button { min-width: 14; }
+    LoginScreen .error { color: $error; height: auto; margin-bottom: 1; }
     """
 
     def __init__(self, server: str, username: str, password: str, profile: str, ready: bool, message: str = ""):
@@ -95,10 +102,11 @@ class LoginScreen(Screen[tuple[AgentClient, Session]]):
             yield Input(username, placeholder="username", id="username")
             yield Input(password, placeholder="password", password=True, id="password")
             yield Input(profile, placeholder="profile, e.g. frontline", id="profile")
+            # One row for the switch and the button: the box fits a terminal of 80×24.
             with Horizontal():
                 yield Switch(ready, id="ready")
                 yield Label("Ready for chats", classes="ready")
-            yield Button("Log in", variant="primary", id="login")
+                yield Button("Log in", variant="primary", id="login")
             yield Static(Content(self.message), classes="error")
 
     def on_mount(self) -> None:
@@ -158,19 +166,22 @@ class AgentApp(App[None]):
 
     TITLE = "queuechat agent"
     CSS = CSS
+    # The smallest supported terminal is 80×24; below 128 columns the chat tools take two rows.
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (128, "-wide")]
     ENABLE_COMMAND_PALETTE = False
     # Keys act on the tab in front, whatever has the focus within it (check_action says which apply).
     BINDINGS = [
         Binding("a", "offer(True)", "Accept"),
         Binding("r", "offer(False)", "Reject"),
-        Binding("f2", "chat('predefined')", "Predefined"),
-        Binding("f3", "chat('menu')", "Menu"),
-        Binding("f4", "chat('invite')", "Invite"),
-        Binding("f5", "chat('private')", "Private"),
-        Binding("f6", "chat('attach')", "Attach"),
-        Binding("f7", "chat('download')", "Download"),
-        Binding("f8", "chat('leave')", "Leave"),
+        Binding("f2", "chat('predefined')", "Predefined", show=False),
+        Binding("f3", "chat('menu')", "Menu", show=False),
+        Binding("f4", "chat('invite')", "Invite", show=False),
+        Binding("f5", "chat('private')", "Private", show=False),
+        Binding("f6", "chat('attach')", "Attach", show=False),
+        Binding("f7", "chat('download')", "Download", show=False),
+        Binding("f8", "chat('leave')", "Leave", show=False),
         Binding("ctrl+r", "toggle_ready", "Ready"),
+        Binding("f9", "monitor", "Monitor"),  # supervisors only
         # Priority: the message input would otherwise take Ctrl+W (delete word).
         Binding("ctrl+w", "close_tab", "Close", priority=True),
         Binding("ctrl+n", "next_tab", "Next tab", show=False),
@@ -196,6 +207,8 @@ class AgentApp(App[None]):
         self.offer_feed: Feed[pb.OfferEvent] | None = None
         self.offers: dict[str, OfferPane] = {}
         self.chats: dict[str, ChatPane] = {}
+        # conversation id -> the id of the tab left of its offer's tab when that went: where a new offer goes.
+        self.offer_places: dict[str, str] = {}
 
     def compose(self) -> ComposeResult:
         yield Static(id="banner")
@@ -249,6 +262,7 @@ class AgentApp(App[None]):
                 f"Profile {s.profile_name}: {', '.join(s.queue_ids)}. Offers open as new tabs: ",
                 "a accepts, r rejects. Ctrl+R switches ready/not ready, Ctrl+W closes a tab, "
                 "Ctrl+N/Ctrl+B move between tabs.",
+                " You supervise these queues: F9 shows their live chats." if s.supervisor else "",
             )
         )
         self._refresh_status()
@@ -297,7 +311,7 @@ class AgentApp(App[None]):
     def _connection_changed(self, connected: bool) -> None:
         banner = self.query_one("#banner", Static)
         address = self.client.address if self.client else ""
-        banner.update(Content(f"⚠ Connection to {address} lost: reconnecting. Every chat resumes where it stopped."))
+        banner.update(Content(f"Connection to {address} lost: reconnecting. Every chat resumes where it stopped."))
         banner.display = not connected
 
     def _refresh_status(self) -> None:
@@ -322,7 +336,10 @@ class AgentApp(App[None]):
             return
         pane = OfferPane(self.api, offer)
         self.offers[offer.offer_id] = pane
-        await self.tabs.add_pane(pane)
+        # An offer for a conversation that was on offer before (it timed out, came back) takes the old
+        # tab's place, so the tabs after it do not shift under the agent's keys.
+        after = self.offer_places.pop(offer.conversation_id, None)
+        await self.tabs.add_pane(pane, after=after if after in self._pane_ids() else None)
         kind = "Invite" if offer.kind == pb.OFFER_KIND_INVITE else "Chat offer"
         self.home.log_activity(f"{kind} in {offer.queue.display_name or offer.queue.queue_id}")
         self.bell()
@@ -379,16 +396,26 @@ class AgentApp(App[None]):
             in_place = replace is not None and self.offers.get(replace.offer.offer_id) is replace
             await self.tabs.add_pane(pane, after=replace if in_place else None)
         if replace is not None:
-            await self.remove_pane(replace)
+            await self.remove_pane(replace, replaced_by=pane)
         if activate:
             self.activate(pane.pane_id)
         self._refresh_status()
         return pane
 
-    async def remove_pane(self, pane: Pane, activity: str = "") -> None:
+    async def remove_pane(self, pane: Pane, activity: str = "", replaced_by: Pane | None = None) -> None:
         """Remove a tab once, however many paths (our answer, the offer feed) ask for it."""
         if isinstance(pane, OfferPane) and self.offers.get(pane.offer.offer_id) is pane:
             del self.offers[pane.offer.offer_id]
+            if replaced_by is not None:
+                if pane.is_active:
+                    self.activate(replaced_by.pane_id)
+            else:
+                ids = self._pane_ids()
+                if pane.pane_id in ids:
+                    self.offer_places[pane.offer.conversation_id] = ids[max(ids.index(pane.pane_id) - 1, 0)]
+                if pane.is_active:
+                    # Not the neighbouring tab: a key meant for the offer (a, r) would land in a chat's input.
+                    self.activate("home")
         elif isinstance(pane, ChatPane) and self.chats.get(pane.conversation_id) is pane:
             del self.chats[pane.conversation_id]
         else:
@@ -431,12 +458,24 @@ class AgentApp(App[None]):
             return isinstance(pane, ChatPane)
         if action == "close_tab":
             return isinstance(pane, (ChatPane, OfferPane))
+        if action == "monitor":
+            return self.session.supervisor
         return True
 
     def action_offer(self, accept: bool) -> None:
         pane = self.tabs.active_pane
         if isinstance(pane, OfferPane):
             pane.answer(accept)
+
+    def action_monitor(self) -> None:
+        if self.session is not None:
+            self.push_screen(MonitorScreen(self.api, self.session.agent_id))
+
+    @work(exit_on_error=False)
+    async def open_barged_in(self, conv: rpb.Conversation) -> None:
+        """A chat the supervisor barged into from the monitor screen: a tab, in front."""
+        await self.open_chat(conv, activate=True)
+        self.home.log_activity(f"Barged into the chat with {self.chats[conv.conversation_id].customer}")
 
     def action_chat(self, tool: str) -> None:
         getattr(self.tabs.active_pane, f"action_{tool}")()
@@ -462,8 +501,12 @@ class AgentApp(App[None]):
     def action_previous_tab(self) -> None:
         self._move_tab(-1)
 
+    def _pane_ids(self) -> list[str]:
+        """The panes' ids in the order of their tabs (the panes themselves are in the order they came)."""
+        return [ContentTab.sans_prefix(t.id) for t in self.tabs.query_one(Tabs).query(Tab) if t.id is not None]
+
     def _move_tab(self, step: int) -> None:
-        ids = [p.id for p in self.tabs.query(TabPane) if p.id is not None]
+        ids = self._pane_ids()
         if ids:
             here = ids.index(self.tabs.active) if self.tabs.active in ids else 0
             self.activate(ids[(here + step) % len(ids)])

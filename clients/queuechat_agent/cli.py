@@ -11,10 +11,12 @@ import contextlib
 import json
 import os
 import sys
+from collections.abc import AsyncIterable
 from pathlib import Path
 from typing import Any, TextIO
 
 from chat.v1 import agent_service_pb2 as pb
+from chat.v1 import resources_pb2 as rpb
 
 from . import text
 from .client import AgentClient, Refused
@@ -111,6 +113,20 @@ def parser() -> argparse.ArgumentParser:
     close = cmd("close", "close a conversation for everyone")
     close.add_argument("conversation_id")
     close.add_argument("--confirm", action="store_true", help="needed while the customer is still connected")
+    close.add_argument("--wrap-up", default="", metavar="CODE", help="a wrap-up code (see wrap-up-codes)")
+    close.add_argument("--note", default="", help="a wrap-up note (at most 1000 characters)")
+    cmd("wrap-up-codes", "the wrap-up codes close takes for a conversation").add_argument("conversation_id")
+    read = cmd("read", "mark a conversation read up to a seq")
+    read.add_argument("conversation_id")
+    read.add_argument("up_to_seq", type=int)
+    cmd("live", "supervisors: the live chats of the supervised queues").add_argument("--queue", default="")
+    monitor = cmd("monitor", "supervisors: print a conversation's events, private ones included, until it closes")
+    monitor.add_argument("conversation_id")
+    monitor.add_argument("--after-seq", type=int, default=0, help="only events after this seq")
+    whisper = cmd("whisper", "supervisors: a note to the agents of a chat you monitor (monitor runs meanwhile)")
+    whisper.add_argument("conversation_id")
+    whisper.add_argument("text")
+    cmd("barge-in", "supervisors: join a chat you monitor").add_argument("conversation_id")
     watch = cmd("watch", "print a conversation's events until it closes (or you leave)")
     watch.add_argument("conversation_id")
     watch.add_argument("--after-seq", type=int, default=0, help="only events after this seq")
@@ -178,7 +194,7 @@ class Command:
                 await self.login(client)
             else:
                 client.token = self.saved()["session_token"]
-                await getattr(self, a.command)(client)
+                await getattr(self, a.command.replace("-", "_"))(client)
         finally:
             await client.aclose()
 
@@ -195,6 +211,7 @@ class Command:
             "profile_id": s.profile_id,
             "queue_ids": list(s.queue_ids),
             "ready": s.ready,
+            "supervisor": s.supervisor,
         }
         await asyncio.to_thread(self._write_session, saved)
         print(json.dumps(saved), file=self.out, flush=True)
@@ -264,15 +281,51 @@ class Command:
         self.emit({"conversation_id": self.args.conversation_id, "left": True}, "left")
 
     async def close(self, client: AgentClient) -> None:
-        conv = await client.close(self.args.conversation_id, self.args.confirm)
+        a = self.args
+        conv = await client.close(a.conversation_id, a.confirm, wrap_up_code_id=a.wrap_up, wrap_up_note=a.note)
         self.emit(text.as_json(conv), f"closed {conv.conversation_id}")
 
+    async def wrap_up_codes(self, client: AgentClient) -> None:
+        codes, required = await client.wrap_up_codes(self.args.conversation_id)
+        for c in codes:
+            self.emit(text.as_json(c, required=required), f"{c.wrap_up_code_id}: {c.display_name}")
+        if required and not getattr(self.args, "json", False):
+            print("(this queue requires a code to close)", file=self.out)
+
+    async def read(self, client: AgentClient) -> None:
+        cursor = await client.mark_read(self.args.conversation_id, self.args.up_to_seq)
+        self.emit(text.as_json(cursor), f"read up to {cursor.read_seq}")
+
+    async def live(self, client: AgentClient) -> None:
+        for lc in await client.live_conversations(self.args.queue):
+            conv = lc.conversation
+            agents = ", ".join(a.agent_id for a in conv.agents) or "waiting"
+            name = text.customer_name(conv.variables, conv.queue, conv.conversation_id)
+            handled = text.duration(lc.handling_time.ToTimedelta())
+            waited = text.duration(lc.waiting_time.ToTimedelta())
+            human = f"{conv.conversation_id} {conv.queue.queue_id} {name} ({agents}) waited {waited}, handled {handled}"
+            self.emit(text.as_json(lc), human)
+
     async def watch(self, client: AgentClient) -> None:
+        await self._print(client.follow(self.args.conversation_id, self.args.after_seq))
+
+    async def monitor(self, client: AgentClient) -> None:
+        await self._print(client.monitor(self.args.conversation_id, self.args.after_seq))
+
+    async def _print(self, feed: AsyncIterable[rpb.ConversationEvent]) -> None:
         saved = self.saved()
         menus: dict[str, str] = {}
-        async for ev in client.follow(self.args.conversation_id, self.args.after_seq):
+        async for ev in feed:
             line = text.describe(ev, saved.get("agent_id", ""), menus)
             self.emit(text.as_json(ev, kind=ev.WhichOneof("kind")), f"{ev.seq} {line.time} {line.plain}")
+
+    async def whisper(self, client: AgentClient) -> None:
+        ev = await client.whisper(self.args.conversation_id, self.args.text)
+        self.emit(text.as_json(ev, kind="message"), f"whispered: seq {ev.seq}")
+
+    async def barge_in(self, client: AgentClient) -> None:
+        conv = await client.barge_in(self.args.conversation_id)
+        self.emit(text.as_json(conv), f"joined {conv.conversation_id}")
 
     async def download(self, client: AgentClient) -> None:
         path = await client.download(self.args.attachment_id, self.args.to)

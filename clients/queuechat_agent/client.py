@@ -81,6 +81,8 @@ class Session:
     profile_name: str
     queue_ids: tuple[str, ...]
     ready: bool
+    # Logged in with a supervisor profile: may monitor its queues' chats, whisper and barge in.
+    supervisor: bool = False
 
 
 @dataclass
@@ -105,6 +107,9 @@ class Feed(Generic[EventT]):
     reopens with after_seq = the last seq seen on an event or a heartbeat.
     UNAUTHENTICATED raises SessionEnded, any other refusal Refused. It ends when
     the server ends the stream normally (a conversation closed, or left).
+
+    Ephemeral items with no seq (a TypingIndicator, a ReadCursor) are not events:
+    they go to on_signal, when set, as (kind, item), e.g. ("typing", indicator).
     """
 
     def __init__(
@@ -116,6 +121,7 @@ class Feed(Generic[EventT]):
         self.live = False
         # Set at the first heartbeat: the backlog has been replayed, events are live from here.
         self.caught_up = asyncio.Event()
+        self.on_signal: Callable[[str, Any], None] | None = None
 
     async def __aiter__(self) -> AsyncIterator[EventT]:
         delays = self._client.backoff.delays()
@@ -130,9 +136,12 @@ class Feed(Generic[EventT]):
                             if not self.live:
                                 self._set_live(True)
                                 delays = self._client.backoff.delays()
-                        elif kind == "event" and item.event.seq > self.cursor:
-                            self.cursor = item.event.seq
-                            yield item.event
+                        elif kind == "event":
+                            if item.event.seq > self.cursor:
+                                self.cursor = item.event.seq
+                                yield item.event
+                        elif kind is not None and self.on_signal is not None:
+                            self.on_signal(kind, getattr(item, kind))
                     return
                 except grpc.aio.AioRpcError as err:
                     if err.code() != grpc.StatusCode.UNAVAILABLE:
@@ -215,6 +224,14 @@ class AgentClient:
         req = pb.LoginRequest(username=username, password=password, profile_id=profile_id, ready=ready)
         resp = await self._call(self.stub.Login, req, retry=False)
         self.token = resp.session_token
+        supervisor = resp.profile.supervisor
+        if not supervisor:
+            # A server that does not fill in Profile.supervisor on login: ask the supervisors' list instead.
+            try:
+                await self._call(self.stub.ListLiveConversations, pb.ListLiveConversationsRequest(), retry=False)
+                supervisor = True
+            except Refused:
+                pass
         return Session(
             token=resp.session_token,
             agent_id=resp.agent.agent_id,
@@ -223,6 +240,7 @@ class AgentClient:
             profile_name=resp.profile.display_name,
             queue_ids=tuple(resp.profile.queue_ids),
             ready=resp.state == pb.AGENT_STATE_READY,
+            supervisor=supervisor,
         )
 
     async def logout(self) -> None:
@@ -288,6 +306,16 @@ class AgentClient:
         )
         return (await self._call(self.stub.SendMessage, req)).event
 
+    async def set_typing(self, conversation_id: str, typing: bool = True, *, private: bool = False) -> None:
+        """Say whether this agent is composing (at most every 2 s while typing). Not retried: a late signal is
+        worse than none."""
+        req = pb.SetTypingRequest(
+            conversation_id=conversation_id,
+            typing=typing,
+            visibility=rpb.VISIBILITY_AGENTS_ONLY if private else rpb.VISIBILITY_ALL,
+        )
+        await self._call(self.stub.SetTyping, req, retry=False)
+
     async def predefined(self, conversation_id: str = "") -> list[rpb.PredefinedMessage]:
         req = pb.ListPredefinedMessagesRequest(conversation_id=conversation_id)
         return list((await self._call(self.stub.ListPredefinedMessages, req)).predefined_messages)
@@ -315,9 +343,48 @@ class AgentClient:
     async def leave(self, conversation_id: str) -> None:
         await self._call(self.stub.LeaveConversation, pb.LeaveConversationRequest(conversation_id=conversation_id))
 
-    async def close(self, conversation_id: str, confirm: bool = False) -> rpb.Conversation:
-        req = pb.CloseConversationRequest(conversation_id=conversation_id, confirm=confirm)
+    async def close(
+        self, conversation_id: str, confirm: bool = False, *, wrap_up_code_id: str = "", wrap_up_note: str = ""
+    ) -> rpb.Conversation:
+        req = pb.CloseConversationRequest(
+            conversation_id=conversation_id, confirm=confirm, wrap_up_code_id=wrap_up_code_id, wrap_up_note=wrap_up_note
+        )
         return (await self._call(self.stub.CloseConversation, req)).conversation
+
+    async def wrap_up_codes(self, conversation_id: str) -> tuple[list[rpb.WrapUpCode], bool]:
+        """The wrap-up codes close() takes for this conversation, and whether its queue requires one."""
+        resp = await self._call(self.stub.ListWrapUpCodes, pb.ListWrapUpCodesRequest(conversation_id=conversation_id))
+        return list(resp.wrap_up_codes), resp.wrap_up_required
+
+    async def mark_read(self, conversation_id: str, up_to_seq: int) -> rpb.ReadCursor:
+        """Every event with seq <= up_to_seq read; the others see it. A lower value than before changes nothing."""
+        req = pb.MarkReadRequest(conversation_id=conversation_id, up_to_seq=up_to_seq)
+        return (await self._call(self.stub.MarkRead, req)).read_cursor
+
+    # --- supervisors ------------------------------------------------------------
+
+    async def live_conversations(self, queue_id: str = "") -> list[pb.LiveConversation]:
+        """The supervised queues' queued and active conversations, oldest first (a supervisor profile only)."""
+        req = pb.ListLiveConversationsRequest(queue_id=queue_id)
+        return list((await self._call(self.stub.ListLiveConversations, req)).live_conversations)
+
+    def monitor(self, conversation_id: str, after_seq: int = 0) -> Feed[rpb.ConversationEvent]:
+        """Watch a conversation as its agents see it (private included), without joining; like follow()."""
+
+        def open_call(after: int) -> grpc.aio.UnaryStreamCall[Any, Any]:
+            req = pb.MonitorConversationRequest(conversation_id=conversation_id, after_seq=after)
+            return self.stub.MonitorConversation(req, metadata=self._metadata())
+
+        return Feed(self, open_call, after_seq)
+
+    async def whisper(self, conversation_id: str, text: str) -> rpb.ConversationEvent:
+        """A note to the agents of a conversation this supervisor monitors (the customer never sees it)."""
+        req = pb.WhisperRequest(conversation_id=conversation_id, request_id=uuid.uuid4().hex, text=text)
+        return (await self._call(self.stub.Whisper, req)).event
+
+    async def barge_in(self, conversation_id: str) -> rpb.Conversation:
+        """Join a monitored conversation as one of its agents."""
+        return (await self._call(self.stub.BargeIn, pb.BargeInRequest(conversation_id=conversation_id))).conversation
 
     # --- attachments -------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""Modal dialogs of a chat tab: predefined messages, offer menu, invite, attach, download, close warning."""
+"""Modal dialogs of a chat tab: predefined messages, offer menu, invite, attach, download, close warning,
+wrap-up."""
 
 from __future__ import annotations
 
@@ -34,17 +35,19 @@ class Dialog(ModalScreen[ResultT | None]):
     DEFAULT_CSS = """
     Dialog { align: center middle; }
     Dialog > Vertical {
-        width: 72; height: auto; max-height: 90%;
+        width: 72; max-width: 100%; height: auto; max-height: 100%; overflow-y: auto;
         border: thick $accent; background: $surface; padding: 1 2;
     }
     Dialog .title { text-style: bold; margin-bottom: 1; }
     Dialog .hint { color: $text-muted; margin-top: 1; }
     Dialog .error { color: $error; }
+    Dialog .warning { color: $warning; margin-bottom: 1; }
     Dialog Horizontal.buttons { height: auto; margin-top: 1; align-horizontal: right; }
     Dialog Horizontal.buttons Button { margin-left: 1; }
     Dialog OptionList { max-height: 14; }
     Dialog TextArea { height: 8; }
     Dialog Input { margin-bottom: 1; }
+    Dialog Input.path { margin-bottom: 0; }
     """
 
     def error(self, message: str) -> None:
@@ -112,7 +115,7 @@ class InviteDialog(Dialog[InviteChoice]):
         with Vertical():
             yield Label("Invite an agent", classes="title")
             if self.pending is not None:
-                yield Label(Content(f"The invite to {text.invite_target(self.pending)} is waiting for an answer."))
+                yield Static(Content(f"The invite to {text.invite_target(self.pending)} is waiting for an answer."))
                 with Horizontal(classes="buttons"):
                     yield Button("Keep waiting", name="close")
                     yield Button("Cancel invite", name="cancel-invite", variant="warning")
@@ -170,7 +173,8 @@ class AttachDialog(Dialog[list[rpb.Attachment]]):
         with Vertical():
             yield Label(f"Attach up to {self.room} file(s): text, PDF or images, at most 20 MB each", classes="title")
             for i in range(self.room):
-                yield Input(placeholder=f"path of file {i + 1}", classes="path")
+                # One row each (compact): five of them and the buttons fit a terminal of 24 rows.
+                yield Input(placeholder=f"path of file {i + 1}", classes="path", compact=True)
                 yield ProgressBar(total=100, show_eta=False, classes="progress")
             yield Static(classes="error")
             with Horizontal(classes="buttons"):
@@ -264,7 +268,9 @@ class ConfirmClose(ModalScreen[bool]):
     BINDINGS = [Binding("y", "dismiss(True)", "Close chat"), Binding("n,escape", "dismiss(False)", "Keep open")]
     DEFAULT_CSS = """
     ConfirmClose { align: center middle; }
-    ConfirmClose > Vertical { width: 60; height: auto; border: thick $error; background: $surface; padding: 1 2; }
+    ConfirmClose > Vertical {
+        width: 60; max-width: 100%; height: auto; border: thick $error; background: $surface; padding: 1 2;
+    }
     ConfirmClose .title { text-style: bold; color: $error; margin-bottom: 1; }
     ConfirmClose Horizontal { height: auto; margin-top: 1; align-horizontal: right; }
     ConfirmClose Button { margin-left: 1; }
@@ -277,7 +283,9 @@ class ConfirmClose(ModalScreen[bool]):
     def compose(self) -> ComposeResult:
         with Vertical():
             yield Label("Close this chat?", classes="title")
-            yield Label(Content(f"{self.customer} is still connected. Closing ends the chat for them too."))
+            # A Static wraps (a Label would cut the sentence at the box's edge, more so for a long name).
+            warning = f"{self.customer} is still connected. Closing ends the chat for them too."
+            yield Static(Content(warning), classes="message")
             with Horizontal():
                 yield Button("Keep open (n)", name="keep", classes="keep")
                 yield Button("Close chat (y)", name="close", variant="error")
@@ -287,6 +295,64 @@ class ConfirmClose(ModalScreen[bool]):
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         self.dismiss(event.button.name == "close")
+
+
+WrapUpChoice = tuple[str, str]  # (wrap-up code id or "", note)
+NOTE_MAX = 1000
+
+
+class WrapUpDialog(Dialog[WrapUpChoice]):
+    """Close with a wrap-up code and a note: returns (code id, note); the code is "" for none, which only a
+    queue that does not require one allows. Warns first when the customer is still connected."""
+
+    def __init__(self, customer: str, codes: list[rpb.WrapUpCode], required: bool, connected: bool):
+        super().__init__()
+        self.customer = customer
+        self.codes = codes
+        self.required = required
+        self.connected = connected
+        # The list's entries: the codes, after "no code" when one may close without.
+        self.choices = ([] if required else [("", "(no code)")]) + [(c.wrap_up_code_id, c.display_name) for c in codes]
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            yield Label(Content(f"Close the chat with {self.customer}"), classes="title")
+            if self.connected:
+                warning = f"{self.customer} is still connected. Closing ends the chat for them too."
+                yield Static(Content(warning), classes="warning")
+            yield Label("Wrap-up code" + (" (required)" if self.required else "") + ":")
+            yield OptionList(*[Option(Content(name), id=code or "-") for code, name in self.choices], classes="codes")
+            yield Input(placeholder="Note (optional)", max_length=NOTE_MAX, classes="note")
+            yield Static(classes="error")
+            with Horizontal(classes="buttons"):
+                yield Button("Cancel", name="cancel")
+                yield Button("Close chat", name="close", classes="close", variant="error")
+
+    def on_mount(self) -> None:
+        codes = self.query_one(OptionList)
+        codes.highlighted = 0 if self.choices else None
+        codes.focus()
+
+    def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
+        self.query_one(".note", Input).focus()  # Enter on a code: on to the note
+
+    @on(Input.Submitted)
+    def submitted(self) -> None:
+        self._close()
+
+    @on(Button.Pressed)
+    def pressed(self, event: Button.Pressed) -> None:
+        if event.button.name == "cancel":
+            self.dismiss(None)
+        else:
+            self._close()
+
+    def _close(self) -> None:
+        index = self.query_one(OptionList).highlighted
+        if index is None:
+            self.error("Pick a wrap-up code: this queue requires one.")
+            return
+        self.dismiss((self.choices[index][0], self.query_one(".note", Input).value.strip()))
 
 
 def _progress_to(bar: ProgressBar) -> Progress:

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
+import contextlib
 import time
 from collections.abc import Awaitable, Iterable
-from datetime import timedelta
+from datetime import UTC, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from textual import on, work
 from textual.app import ComposeResult
-from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.containers import Grid, Horizontal, Vertical, VerticalScroll
 from textual.content import Content
 from textual.reactive import reactive
 from textual.widgets import Button, Input, Label, Static, TabbedContent, TabPane
@@ -21,12 +23,37 @@ from chat.v1 import resources_pb2 as rpb
 
 from . import text
 from .client import AgentClient, Feed, Progress, Refused, SessionEnded
-from .dialogs import MAX_FILES, AttachDialog, ConfirmClose, DownloadDialog, InviteDialog, MenuComposer, PredefinedPicker
+from .dialogs import (
+    MAX_FILES,
+    AttachDialog,
+    ConfirmClose,
+    DownloadDialog,
+    InviteDialog,
+    MenuComposer,
+    PredefinedPicker,
+    WrapUpDialog,
+)
 
 if TYPE_CHECKING:
     from .app import AgentApp
 
 UNREAD = "● "
+READ = "✓ Read"  # after the last line of ours the customer has read
+TYPING = "✎"  # after a chat tab's name while someone in the chat is composing
+TYPING_EVERY = 2.0  # seconds between this agent's typing signals while composing (the server's rule)
+TYPING_SHOWN = 6.0  # the longest an indicator stays without a renewal, whatever expire_time says
+
+# (name, label) of a chat tab's tool buttons: name is the pane's action_<name> (close: request_close).
+TOOLS = (
+    ("predefined", "F2 Predefined"),
+    ("menu", "F3 Menu"),
+    ("invite", "F4 Invite"),
+    ("private", "F5 Private"),
+    ("attach", "F6 Attach"),
+    ("download", "F7 Download"),
+    ("leave", "F8 Leave"),
+    ("close", "^W Close"),
+)
 
 
 class Entry(Static):
@@ -34,13 +61,26 @@ class Entry(Static):
 
     def __init__(self, line: text.Line):
         self.line = line
+        self.mark = ""
+        super().__init__(self._content(), classes=f"entry {line.role}" + (" private" if line.private else ""))
+
+    def _content(self) -> Content:
+        line = self.line
         parts: list[str | tuple[str, str]] = [(f"{line.time} ", "dim")] if line.time else []
         if line.private:
             parts.append(f"{text.EYE} ")
         if line.sender:
             parts += [(line.sender, "bold"), ": "]
         parts.append(line.text)
-        super().__init__(Content.assemble(*parts), classes=f"entry {line.role}" + (" private" if line.private else ""))
+        if self.mark:
+            parts.append((f"  {self.mark}", "dim italic"))
+        return Content.assemble(*parts)
+
+    def set_mark(self, mark: str) -> None:
+        """A note after the line, e.g. that the customer has read it ("" removes it)."""
+        if mark != self.mark:
+            self.mark = mark
+            self.update(self._content())
 
 
 class Pane(TabPane):
@@ -74,12 +114,16 @@ class Pane(TabPane):
             self._relabel()
 
     def mark_read(self) -> None:
+        """The tab is in front: what was new has been seen."""
         if self.unread:
             self.unread = False
             self._relabel()
 
+    def label_text(self) -> str:
+        return (UNREAD if self.unread else "") + self.caption
+
     def _relabel(self) -> None:
-        self.tabs.get_tab(self).label = Content((UNREAD if self.unread else "") + self.caption)
+        self.tabs.get_tab(self).label = Content(self.label_text())
 
     def focus_default(self) -> None:
         """Put the keyboard on FOCUS; a tab on its way out has nothing left to focus."""
@@ -141,11 +185,22 @@ class OfferPane(Pane):
 
     def _tick(self) -> None:
         o = self.offer
+        # Durations from the server's own times plus what passed here: the two clocks need not agree.
         elapsed = time.monotonic() - self.received
-        waiting = o.waiting_time.ToTimedelta().total_seconds() + elapsed
         left = (o.expire_time.ToDatetime() - o.create_time.ToDatetime()).total_seconds() - elapsed
-        waiting_text, left_text = text.duration(timedelta(seconds=waiting)), text.duration(timedelta(seconds=left))
-        self.query_one(".waiting", Static).update(Content(f"Waiting {waiting_text} · answer within {left_text}"))
+        left_text = text.duration(timedelta(seconds=left))
+        if self.invite:
+            # The customer's time in the queue says nothing about an invite: who asked, and since when.
+            inv = o.invite
+            since = (o.create_time.ToDatetime() - inv.create_time.ToDatetime()).total_seconds() + elapsed
+            at = inv.create_time.ToDatetime(tzinfo=UTC).astimezone().strftime("%H:%M")
+            who = inv.inviter.display_name or inv.inviter.agent_id
+            ago = text.duration(timedelta(seconds=since))
+            shown = f"Invited by {who} at {at} ({ago} ago) · answer within {left_text}"
+        else:
+            waiting = o.waiting_time.ToTimedelta().total_seconds() + elapsed
+            shown = f"Waiting {text.duration(timedelta(seconds=waiting))} · answer within {left_text}"
+        self.query_one(".waiting", Static).update(Content(shown))
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         self.answer(event.button.name == "accept")
@@ -164,9 +219,12 @@ class ChatPane(Pane):
 
     def __init__(self, client: AgentClient, conversation: rpb.Conversation, me: str, downloads: Path):
         self.conversation_id = conversation.conversation_id
-        self.customer = text.customer_name(conversation.variables)
+        self.customer = text.customer_name(conversation.variables, conversation.queue, conversation.conversation_id)
         self.customer_connected = conversation.customer_connected
         self.closed = conversation.state == rpb.CONVERSATION_STATE_CLOSED
+        # Who is composing now: "customer" or an agent id -> (name, until when, monotonic).
+        self.typing: dict[str, tuple[str, float]] = {}
+        self.typing_said = 0.0  # when we last told the server this agent is typing (monotonic), 0: not typing
         super().__init__(self._caption(), id=f"chat-{self.conversation_id}")
         self.client = client
         self.me = me
@@ -181,32 +239,34 @@ class ChatPane(Pane):
         self.menus: dict[str, str] = {}
         self.feed: Feed[rpb.ConversationEvent] | None = None
         self._send_lock = asyncio.Lock()
+        # Read cursors, "customer" or an agent id -> read_seq (only ever higher); this agent's own among them.
+        self.cursors: dict[str, int] = {}
+        for c in conversation.read_cursors:
+            self._cursor(c)
+        self.last_seq = 0  # of the events shown
+        self.others: list[int] = []  # the seqs of the lines not by this agent: what may be unread
+        self.read_entry: Entry | None = None  # the line marked as read by the customer
+        self._reading = False  # a MarkRead is due or on its way
 
     def compose(self) -> ComposeResult:
         with Horizontal():
             with Vertical(classes="conversation"):
                 yield VerticalScroll(classes="log")
+                yield Static(classes="typing")
                 yield Static(classes="notice")
                 yield Static(classes="staged")
                 with Horizontal(classes="compose"):
                     yield Label("Message", classes="mode")
                     yield Input(placeholder="Type a message · Enter sends", classes="message")
                     yield Button("Send", name="send", classes="send", variant="primary", compact=True)
-                with Horizontal(classes="tools"):
-                    for name, label in (
-                        ("predefined", "Predefined"),
-                        ("menu", "☰ Menu"),
-                        ("invite", "Invite"),
-                        ("private", f"{text.EYE} Private"),
-                        ("attach", f"{text.CLIP} Attach"),
-                        ("download", "Download"),
-                        ("leave", "Leave"),
-                        ("close", "✕ Close"),
-                    ):
-                        yield Button(label, name=name, compact=True)
             with VerticalScroll(classes="info"):
                 yield Static(classes="info-customer")
                 yield Static(classes="info-chat")
+        # The tools carry their keys (the footer leaves them out, to fit 80 columns): one row on a wide
+        # terminal, two on a narrow one.
+        with Grid(classes="tools"):
+            for name, label in TOOLS:
+                yield Button(label, name=name, compact=True)
 
     def on_mount(self) -> None:
         self.query_one(".log").anchor()
@@ -221,6 +281,7 @@ class ChatPane(Pane):
     @work(exit_on_error=False, group="follow")
     async def _follow(self) -> None:
         self.feed = self.client.follow(self.conversation_id)
+        self.feed.on_signal = self._signal
         try:
             async for ev in self.feed:
                 await self._apply(ev, live=self.feed.caught_up.is_set())
@@ -229,9 +290,112 @@ class ChatPane(Pane):
         except Refused as err:
             self.notice(f"The conversation stream stopped: {err}", error=True)
 
+    def _signal(self, kind: str, item: object) -> None:
+        """Ephemeral items of the stream: typing indicators, read cursors."""
+        if kind == "read_cursor" and isinstance(item, rpb.ReadCursor):
+            if self._cursor(item) == "customer":
+                self._refresh_read_mark()
+            self._relabel()
+        elif kind == "typing" and isinstance(item, rpb.TypingIndicator):
+            p = item.participant
+            key = "customer" if p.kind == rpb.PARTICIPANT_KIND_CUSTOMER else p.agent_id
+            if key == self.me:
+                return
+            if item.typing:
+                # Until expire_time, measured here: at most TYPING_SHOWN from now, whatever the clocks say.
+                left = item.expire_time.ToDatetime(tzinfo=UTC).timestamp() - time.time()
+                left = min(max(left, 1.0), TYPING_SHOWN)
+                self.typing[key] = (p.display_name or "Customer", time.monotonic() + left)
+                self.set_timer(left + 0.05, self._refresh_typing)
+            else:
+                self.typing.pop(key, None)
+            self._refresh_typing()
+
+    # --- read receipts ------------------------------------------------------------------
+
+    def _cursor(self, c: rpb.ReadCursor) -> str:
+        """Keep a read cursor (the highest seen per reader); the reader's key."""
+        key = "customer" if c.participant.kind == rpb.PARTICIPANT_KIND_CUSTOMER else c.participant.agent_id
+        self.cursors[key] = max(self.cursors.get(key, 0), c.read_seq)
+        return key
+
+    @property
+    def unread_count(self) -> int:
+        """Lines by others after this agent's read cursor."""
+        mine = self.cursors.get(self.me, 0)
+        return len(self.others) - bisect.bisect_right(self.others, mine)
+
+    def label_text(self) -> str:
+        n = 0 if self.is_active else self.unread_count
+        return f"{UNREAD}{self.caption} ({n})" if n else self.caption
+
+    def mark_read(self) -> None:
+        self._read_soon()
+        self._relabel()
+
+    def _read_soon(self) -> None:
+        """While the tab is in front, tell the server how far this agent has read (one call at a time,
+        a moment after the last event: a burst of lines is one MarkRead)."""
+        if self._reading or not self.is_active or self.last_seq <= self.cursors.get(self.me, 0):
+            return
+        self._reading = True
+        self.set_timer(0.3, self._send_read)
+
+    @work(exit_on_error=False, group="read")
+    async def _send_read(self) -> None:
+        try:
+            self._cursor(await self.client.mark_read(self.conversation_id, self.last_seq))
+        except Refused:
+            return  # e.g. over the rate: the next event or visit tries again
+        finally:
+            self._reading = False
+        self._relabel()
+        self._read_soon()  # more came meanwhile
+
+    def _is_read_candidate(self, entry: Entry) -> bool:
+        """A line of ours (agents') the customer sees: one that can carry the customer's read mark."""
+        return entry.line.role in ("me", "agent") and not entry.line.private and entry.line.seq > 0
+
+    def _refresh_read_mark(self) -> None:
+        """Mark the last line of ours the customer has read."""
+        upto = self.cursors.get("customer", 0)
+        entries = list(self.query_one(".log").query(Entry))
+        latest = next((e for e in reversed(entries) if self._is_read_candidate(e) and e.line.seq <= upto), None)
+        self._move_read_mark(latest)
+
+    def _move_read_mark(self, entry: Entry | None) -> None:
+        if entry is self.read_entry:
+            return
+        if self.read_entry is not None:
+            self.read_entry.set_mark("")
+        self.read_entry = entry
+        if entry is not None:
+            entry.set_mark(READ)
+
+    # --- typing -------------------------------------------------------------------------
+
+    def _refresh_typing(self) -> None:
+        now = time.monotonic()
+        self.typing = {k: v for k, v in self.typing.items() if v[1] > now}
+        names = [name for name, _ in self.typing.values()]
+        line = self.query_one(".typing", Static)
+        if not names:
+            line.update("")
+        elif len(names) == 1:
+            line.update(Content(f"{names[0]} is typing…"))
+        else:
+            line.update(Content(f"{', '.join(names)} are typing…"))
+        line.display = bool(names)
+        self.set_caption(self._caption())
+
     async def _apply(self, ev: rpb.ConversationEvent, live: bool) -> None:
         line = text.describe(ev, self.me, self.menus)
         kind = ev.WhichOneof("kind")
+        if kind == "message":
+            # A message ends its sender's typing.
+            sender = ev.message.sender
+            if self.typing.pop("customer" if sender.kind == rpb.PARTICIPANT_KIND_CUSTOMER else sender.agent_id, None):
+                self._refresh_typing()
         if kind == "message" and ev.message.sender.agent_id != self.me:
             self.received += [(a, ev.message.sender.display_name) for a in ev.message.attachments]
         elif kind == "participant_joined" and ev.participant_joined.participant.kind == rpb.PARTICIPANT_KIND_AGENT:
@@ -248,14 +412,22 @@ class ChatPane(Pane):
             self.closed = True
         self._refresh_info()
         self._refresh_state()
-        await self.query_one(".log").mount(Entry(line))
-        if live and line.role != "me":
-            self.mark_unread()
+        entry = Entry(line)
+        await self.query_one(".log").mount(entry)
+        self.last_seq = max(self.last_seq, ev.seq)
+        if line.role != "me":
+            self.others.append(ev.seq)
+        if self._is_read_candidate(entry) and ev.seq <= self.cursors.get("customer", 0):
+            self._move_read_mark(entry)  # lines come in seq order: the newest one read so far
+        self._relabel()
+        if live or self.is_active:
+            self._read_soon()
 
     # --- what the tab shows -----------------------------------------------------------
 
     def _caption(self) -> str:
-        return self.customer + (" (ended)" if self.closed or not self.customer_connected else "")
+        caption = self.customer + (" (ended)" if self.closed or not self.customer_connected else "")
+        return caption + (f" {TYPING}" if self.typing else "")
 
     def _refresh_info(self) -> None:
         variables = [text.variable(v) + "\n" for v in self.variables] or ["(no details)\n"]
@@ -292,6 +464,10 @@ class ChatPane(Pane):
         staged.display = bool(files)
 
     def watch_private(self, private: bool) -> None:
+        if self.typing_said:
+            # Composing changed sides: the stop goes to whoever was told (a public stop reaches the customer).
+            self.typing_said = 0.0
+            self._say_typing(False, not private)
         self.query_one(".mode", Label).update(f"{text.EYE} Private" if private else "Message")
         self.query_one(".message", Input).set_class(private, "private")
         self.query_one(".mode", Label).set_class(private, "private")
@@ -306,6 +482,25 @@ class ChatPane(Pane):
     def changed(self, event: Input.Changed) -> None:
         if not event.value:
             self.predefined_id = ""
+        self._composing(bool(event.value.strip()))
+
+    def _composing(self, typing: bool) -> None:
+        """Tell the others this agent is composing: at most every TYPING_EVERY seconds, and once on stopping."""
+        if self.closed or not self.is_mounted:
+            return
+        now = time.monotonic()
+        if typing and now - self.typing_said >= TYPING_EVERY:
+            self.typing_said = now
+            self._say_typing(True, self.private)
+        elif not typing and self.typing_said:
+            self.typing_said = 0.0
+            self._say_typing(False, self.private)
+
+    @work(exit_on_error=False, group="typing")
+    async def _say_typing(self, typing: bool, private: bool) -> None:
+        # Best effort: a lost signal only means a missing "typing…" on the other side.
+        with contextlib.suppress(Refused):
+            await self.client.set_typing(self.conversation_id, typing, private=private)
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         event.stop()
@@ -421,6 +616,8 @@ class ChatPane(Pane):
         except Refused as err:
             if err.reason == "LAST_AGENT_MUST_CLOSE":
                 self.notice("You are the last agent here: close the chat instead (Ctrl+W).", error=True)
+            elif err.reason == "WRAP_UP_REQUIRED":
+                self.notice("Leaving would close the chat, and its queue needs a wrap-up code: close it (Ctrl+W).")
             else:
                 self.notice(f"Could not leave: {err}", error=True)
             return
@@ -440,11 +637,25 @@ class ChatPane(Pane):
         if not self.closed:
             # customer_connected only ever turns false, so a stale view errs on the side of asking.
             confirm = self.customer_connected
-            if confirm and not await self.app.push_screen_wait(ConfirmClose(self.customer)):
+            try:
+                codes, required = await self.client.wrap_up_codes(self.conversation_id)
+            except Refused:
+                codes, required = [], False  # closing does not depend on the list: the server says if it must
+            code, note = "", ""
+            if codes or required:
+                # One dialog: the wrap-up, with the warning when the customer is still there.
+                choice = await self.app.push_screen_wait(WrapUpDialog(self.customer, codes, required, confirm))
+                if choice is None:
+                    return
+                code, note = choice
+            elif confirm and not await self.app.push_screen_wait(ConfirmClose(self.customer)):
                 return
             try:
-                await self.client.close(self.conversation_id, confirm=confirm)
+                await self.client.close(self.conversation_id, confirm=confirm, wrap_up_code_id=code, wrap_up_note=note)
             except Refused as err:
-                self.notice(f"Not closed: {err}", error=True)
+                if err.reason == "WRAP_UP_REQUIRED":
+                    self.notice("This queue needs a wrap-up code: close again (Ctrl+W) and pick one.", error=True)
+                else:
+                    self.notice(f"Not closed: {err}", error=True)
                 return
         self.app.drop_pane(self, f"Closed the chat with {self.customer}")

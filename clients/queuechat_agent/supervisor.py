@@ -295,7 +295,7 @@ class SupervisorApp(App[None]):
     def _connection_changed(self, connected: bool) -> None:
         banner = self.query_one("#banner", Static)
         address = self.client.address if self.client else ""
-        banner.update(Content(f"⚠ Connection to {address} lost: reconnecting. The figures shown are not live."))
+        banner.update(Content(f"Connection to {address} lost: reconnecting. The figures shown are not live."))
         banner.display = not connected
 
     def _refresh_status(self) -> None:

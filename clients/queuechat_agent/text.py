@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, timedelta
@@ -13,9 +14,15 @@ from google.protobuf.message import Message
 from chat.v1 import agent_service_pb2 as pb
 from chat.v1 import resources_pb2 as rpb
 
+# Symbols of the desktop, narrow everywhere: neither emoji nor East Asian wide or ambiguous, so every
+# terminal gives them one cell, as Rich counts them, and the panes' borders stay in line. (👁, 📎 and ☰
+# were not: emoji fonts draw 👁 two cells wide where Rich counts one, Rich counts ☰ two where most
+# terminals draw one.) The lock is wide everywhere, which is just as safe.
 LOCK = "🔒"
-EYE = "👁"
-CLIP = "📎"
+EYE = "◉"
+CLIP = "⎘"
+MENU = "⋮"
+CHOSEN = "✓"
 
 _INVITE_STATES = {
     rpb.INVITE_STATE_PENDING: "pending",
@@ -43,13 +50,14 @@ _WITHDRAW_REASONS = {
 
 @dataclass(frozen=True)
 class Line:
-    """One line of a conversation log. role: system, customer, me, agent, menu, choice, invite."""
+    """One line of a conversation log. role: system, customer, me, agent, whisper, menu, choice, invite."""
 
     role: str
     sender: str
     text: str
     private: bool = False
     time: str = ""
+    seq: int = 0  # the event's, 0 for a line that is no event
 
     @property
     def plain(self) -> str:
@@ -75,11 +83,26 @@ def variable(v: rpb.CustomerVariable) -> str:
     return f"{LOCK if v.authenticated else '  '} {v.name}: {v.value}"
 
 
-def customer_name(variables: Iterable[rpb.CustomerVariable]) -> str:
+def customer_name(
+    variables: Iterable[rpb.CustomerVariable], queue: rpb.Queue | None = None, conversation_id: str = ""
+) -> str:
+    """The customer's name; an anonymous one as "Customer · support #3f2a" (queue, short conversation number)."""
     for v in variables:
         if v.name == "name" and v.value:
             return v.value
-    return "Customer"
+    parts = ["Customer"]
+    if queue is not None and queue.queue_id:
+        parts.append(queue.queue_id)
+    name = " · ".join(parts)
+    return f"{name} #{short_id(conversation_id)}" if conversation_id else name
+
+
+def short_id(conversation_id: str) -> str:
+    """Four hex digits that tell conversations apart at a glance: the id's own start when it is hex."""
+    head = conversation_id[:4].lower()
+    if len(head) == 4 and all(c in "0123456789abcdef" for c in head):
+        return head
+    return hashlib.sha256(conversation_id.encode()).hexdigest()[:4]
 
 
 def invite_target(invite: rpb.Invite) -> str:
@@ -97,7 +120,7 @@ def describe(ev: rpb.ConversationEvent, me: str, menus: dict[str, str] | None = 
     local = ev.create_time.ToDatetime(tzinfo=UTC).astimezone()
     # Only messages are marked private: invite updates are agents-only by nature.
     private = ev.HasField("message") and ev.visibility == rpb.VISIBILITY_AGENTS_ONLY
-    return Line(role, sender, text, private, local.strftime("%H:%M"))
+    return Line(role, sender, text, private, local.strftime("%H:%M"), ev.seq)
 
 
 def _describe(ev: rpb.ConversationEvent, me: str, menus: dict[str, str]) -> tuple[str, str, str]:
@@ -113,16 +136,19 @@ def _describe(ev: rpb.ConversationEvent, me: str, menus: dict[str, str]) -> tupl
         )
         parts = [m.text] if m.text else []
         parts += [attachment(a) for a in m.attachments]
+        if m.whisper:
+            # A supervisor's note to the agents, from monitoring.
+            return "whisper", m.sender.display_name, "  ".join(["(whisper)", *parts])
         return role, m.sender.display_name, "  ".join(parts)
     if kind == "offer_menu":
         menu = ev.offer_menu
         menus[menu.menu_id] = menu.prompt
         options = "  ".join(f"[{i}] {o.label}" for i, o in enumerate(menu.options, 1))
-        return "menu", menu.sender.display_name, f"☰ {menu.prompt}  {options}"
+        return "menu", menu.sender.display_name, f"{MENU} {menu.prompt}  {options}"
     if kind == "option_chosen":
         c = ev.option_chosen
         about = f" ({menus[c.menu_id]})" if c.menu_id in menus else ""
-        return "choice", c.chooser.display_name, f"☑ chose “{c.label}”{about}"
+        return "choice", c.chooser.display_name, f"{CHOSEN} chose “{c.label}”{about}"
     if kind == "invite_updated":
         inv = ev.invite_updated.invite
         text = f"Invite to {invite_target(inv)}: {_INVITE_STATES.get(inv.state, 'unknown')}"
@@ -133,7 +159,12 @@ def _describe(ev: rpb.ConversationEvent, me: str, menus: dict[str, str]) -> tupl
         queue = ev.chat_started.queue
         return "system", "", f"Chat started in {queue.display_name or queue.queue_id}"
     if kind == "participant_joined":
-        return "system", "", f"{ev.participant_joined.participant.display_name} joined"
+        how = " (barged in from monitoring)" if ev.participant_joined.barge_in else ""
+        return "system", "", f"{ev.participant_joined.participant.display_name} joined{how}"
+    if kind == "monitor_started":
+        return "system", "", f"{ev.monitor_started.supervisor.display_name} started monitoring"
+    if kind == "monitor_stopped":
+        return "system", "", f"{ev.monitor_stopped.supervisor.display_name} stopped monitoring"
     if kind == "participant_left":
         return "system", "", f"{ev.participant_left.participant.display_name} left"
     if kind == "chat_ended":

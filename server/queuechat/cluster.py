@@ -16,7 +16,7 @@ publish delays an event by a reconcile interval at most, and loses nothing.
 
 Messages are JSON, batched per event-loop turn:
     {"n": node id, "i": [item, ...]}
-with items ev (conversation event), fe (offer-feed event), ty (typing),
+with items ev (conversation event), fe (offer-feed event), ty (typing), rs (a read cursor moved),
 se (session ended: its streams end), sx (forget a session's cached token),
 qc (a queue's waiting positions changed), st (settings changed: reload).
 """
@@ -36,7 +36,7 @@ from typing import Any
 from .bus import Bus
 from .config import Settings
 from .domain.log import conv_topic, feed_topic
-from .domain.views import Behind, EventView, FeedEventView, ParticipantView, SessionEnded, TypingView
+from .domain.views import Behind, EventView, FeedEventView, ParticipantView, ReadSignal, SessionEnded, TypingView
 from .effects import LocalEffects
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,11 @@ def encode(item: object) -> dict[str, Any] | None:
         p = item.participant
         return {"k": "ty", "c": item.conversation_id, "pk": p.kind, "pa": p.agent_id, "pn": p.display_name,
                 "y": item.typing, "pr": item.private, "x": item.expires_at.isoformat()}  # fmt: skip
+    if isinstance(item, ReadSignal):
+        p = item.participant
+        return {"k": "rs", "c": item.conversation_id, "pk": p.kind, "pa": p.agent_id, "pn": p.display_name,
+                "s": item.seq, "at": item.read_at.isoformat(), "ps": item.public_seq,
+                "pat": item.public_read_at.isoformat(), "pm": item.public_moved}  # fmt: skip
     if isinstance(item, SessionEnded):
         return {"k": "se", "sid": item.session_id}
     return None
@@ -86,6 +91,11 @@ def decode(d: dict[str, Any]) -> tuple[Topic, object] | None:
         who = ParticipantView(d["pk"], d["pa"], d["pn"])
         ty = TypingView(d["c"], who, bool(d["y"]), bool(d["pr"]), datetime.fromisoformat(d["x"]))
         return conv_topic(ty.conversation_id), ty
+    if k == "rs":
+        who = ParticipantView(d["pk"], d["pa"], d["pn"])
+        at, pat = datetime.fromisoformat(d["at"]), datetime.fromisoformat(d["pat"])
+        rs = ReadSignal(d["c"], who, int(d["s"]), at, int(d["ps"]), pat, bool(d["pm"]))
+        return conv_topic(rs.conversation_id), rs
     if k == "se":
         return feed_topic(d["sid"]), SessionEnded(d["sid"])
     return None
@@ -236,9 +246,8 @@ class ClusterEffects(LocalEffects):
 
     def publish(self, topic: tuple[str, str], item: object) -> None:
         super().publish(topic, item)
-        seq = getattr(item, "seq", None)
-        if seq is not None:
-            self.reconciler.saw(topic, seq)
+        if isinstance(item, EventView | FeedEventView):
+            self.reconciler.saw(topic, item.seq)
         out = encode(item)
         if out is not None:
             self.link.send(out)
@@ -289,9 +298,8 @@ class Receiver:
                     continue
                 topic, item = got
                 if self._bus.subscriber_count(topic):  # nobody here watches it: nothing to do
-                    seq = getattr(item, "seq", None)
-                    if seq is not None:
-                        self._reconciler.saw(topic, seq)
+                    if isinstance(item, EventView | FeedEventView):
+                        self._reconciler.saw(topic, item.seq)
                     self._bus.publish(topic, item)
 
 

@@ -46,6 +46,8 @@ class Settings:
     offer_timeout: _Float = 30.0
     reject_cooldown: _Float = 30.0
     stream_grace: _Float = 10.0
+    # How long after the chat ended the customer may rate it.
+    rating_window: _Float = 3600.0
 
 
 @dataclass(frozen=True, config=_MODEL)
@@ -53,6 +55,7 @@ class _FileSettings(Settings):
     offer_timeout: _Seconds = Settings.offer_timeout
     reject_cooldown: _Seconds = Settings.reject_cooldown
     stream_grace: _Seconds = Settings.stream_grace
+    rating_window: _Seconds = Settings.rating_window
 
 
 @dataclass(frozen=True, config=_MODEL)
@@ -101,6 +104,9 @@ class RateLimits:
     login_backoff_max: _Interval = 300.0
     # Chats waiting in one queue; past it StartChat answers QUEUE_FULL.
     max_waiting_per_queue: _Cap = 1000
+    # MarkRead calls per reader in a conversation, and RateConversation calls per conversation.
+    read_marks_per_conversation: _Cap = 120
+    ratings_per_conversation: _Cap = 10
 
 
 @dataclass(frozen=True, config=_MODEL)
@@ -119,6 +125,8 @@ class Cluster:
 class QueueConfig:
     id: _Id
     display_name: _Text
+    # CloseConversation needs a wrap-up code in this queue.
+    wrap_up_required: Annotated[bool, Strict()] = False
 
 
 @dataclass(frozen=True, config=_MODEL)
@@ -126,6 +134,8 @@ class ProfileConfig:
     id: _Id
     display_name: _Text
     queues: _IdList
+    # Agents logged in with it supervise its queues: monitor, whisper, barge in.
+    supervisor: Annotated[bool, Strict()] = False
 
 
 @dataclass(frozen=True, config=_MODEL)
@@ -167,6 +177,14 @@ class PredefinedConfig:
 
 
 @dataclass(frozen=True, config=_MODEL)
+class WrapUpCodeConfig:
+    id: _Id
+    display_name: _Text
+    # Only for this queue; left out: for every queue.
+    queue: _Id | None = None
+
+
+@dataclass(frozen=True, config=_MODEL)
 class Security:
     # HS256 secrets for customers' identity tokens; several allow rotation.
     identity_secrets: Annotated[list[_Text], Strict()] = dataclasses.field(default_factory=list)
@@ -200,6 +218,7 @@ class _File:
     agents: Annotated[list[AgentConfig], Strict()] = dataclasses.field(default_factory=list)
     admins: Annotated[list[AdminConfig], Strict()] = dataclasses.field(default_factory=list)
     predefined_messages: Annotated[list[PredefinedConfig], Strict()] = dataclasses.field(default_factory=list)
+    wrap_up_codes: Annotated[list[WrapUpCodeConfig], Strict()] = dataclasses.field(default_factory=list)
 
 
 @dataclass(frozen=True, config=_MODEL)
@@ -213,6 +232,7 @@ class Config:
     agents: list[AgentConfig] = dataclasses.field(default_factory=list)
     admins: list[AdminConfig] = dataclasses.field(default_factory=list)
     predefined_messages: list[PredefinedConfig] = dataclasses.field(default_factory=list)
+    wrap_up_codes: list[WrapUpCodeConfig] = dataclasses.field(default_factory=list)
     identity_secrets: list[str] = dataclasses.field(default_factory=list)
     argon2_time_cost: int = 3
     argon2_memory_kib: int = 65536
@@ -251,6 +271,7 @@ _SECTIONS = {
     "agents": AgentConfig,
     "admins": AdminConfig,
     "predefined_messages": PredefinedConfig,
+    "wrap_up_codes": WrapUpCodeConfig,
 }
 # Their values are not repeated in error messages, which end up in logs.
 _SECRET_KEYS = {"password", "password_hash", "identity_secrets", "secret"}
@@ -282,7 +303,7 @@ def _parse(doc: Any, environ: Mapping[str, str], file: str | None) -> Config:
         f = _FILE.validate_python(doc)
     except ValidationError as e:
         raise ConfigError(problems + [_describe(err, file, from_env) for err in e.errors(include_url=False)]) from None
-    problems += [_line(loc, what, file, from_env) for loc, what in _check(f)]
+    problems += [_line(loc, what, file, from_env) for loc, what in [*_check(f), *_check_wrap_up_codes(f)]]
     if problems:
         raise ConfigError(problems)
     # The merged document: a setting from the environment counts as given too.
@@ -296,6 +317,7 @@ def _parse(doc: Any, environ: Mapping[str, str], file: str | None) -> Config:
         agents=f.agents,
         admins=f.admins,
         predefined_messages=f.predefined_messages,
+        wrap_up_codes=f.wrap_up_codes,
         identity_secrets=f.security.identity_secrets,
         argon2_time_cost=f.security.argon2_time_cost,
         argon2_memory_kib=f.security.argon2_memory_kib,
@@ -343,7 +365,7 @@ def _with_environment(doc: Any, environ: Mapping[str, str]) -> tuple[Any, dict[t
 
 def _check(f: _File) -> Iterable[tuple[Loc, str]]:
     """What the types cannot say: unique ids, references within the file, a way to log in."""
-    for name in ("queues", "profiles", "agents", "admins", "predefined_messages"):
+    for name in ("queues", "profiles", "agents", "admins", "predefined_messages", "wrap_up_codes"):
         first: dict[str, int] = {}
         for i, item in enumerate(getattr(f, name)):
             j = first.setdefault(item.id, i)
@@ -379,6 +401,15 @@ def _check(f: _File) -> Iterable[tuple[Loc, str]]:
             yield (
                 ("predefined_messages", i, "body"),
                 f"{len(m.body)} characters; expected at most {f.limits.max_message_chars} ([limits] max_message_chars)",
+            )
+
+
+def _check_wrap_up_codes(f: _File) -> Iterable[tuple[Loc, str]]:
+    queues = [q.id for q in f.queues]
+    for i, c in enumerate(f.wrap_up_codes):
+        if c.queue is not None and c.queue not in queues:
+            yield ("wrap_up_codes", i, "queue"), (
+                f"unknown queue {c.queue!r}; expected one of the file's queues: {', '.join(queues) or '(none)'}"
             )
 
 

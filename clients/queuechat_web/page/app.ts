@@ -3,6 +3,7 @@ import type { CustomerServiceStreamConversationResponse } from "../build/gen/cha
 import { ParticipantKind, type Attachment, type ConversationEvent, type OfferMenu } from "../build/gen/chat/v1/resources_pb";
 import { backoff, client, describe, isFinal, loadSession, opts, retrying, saveSession, type Failure, type Session } from "./api";
 import { notice, size, transcriptText, visible, who } from "./transcript";
+import { timestampDate } from "@bufbuild/protobuf/wkt";
 import { refusal, upload } from "./uploads";
 
 // No message or heartbeat (the server sends one every 15 s) for this long: the connection is dead.
@@ -23,6 +24,14 @@ const ui = {
   log: $("log"),
   outbox: $("outbox"),
   ended: $("ended"),
+  rating: $<HTMLFormElement>("rating"),
+  stars: $("stars"),
+  ratingComment: $<HTMLTextAreaElement>("rating-comment"),
+  ratingDetails: $("rating-details"),
+  ratingSend: $<HTMLButtonElement>("rating-send"),
+  ratingError: $("rating-error"),
+  ratingDone: $("rating-done"),
+  typing: $("typing"),
   endedText: $("ended-text"),
   composer: $<HTMLFormElement>("composer"),
   files: $("files"),
@@ -45,6 +54,18 @@ const agents = new Map<string, string>(); // agents in the chat now: id -> name
 const menus = new Map<string, HTMLElement>(); // menu id -> its option buttons
 const sending = new Map<bigint, HTMLElement>(); // seq of a sent message -> its outbox entry, until the stream shows it
 let files: PendingFile[] = [];
+const typing = new Map<string, { name: string; timer: ReturnType<typeof setTimeout> }>(); // agents composing now
+let answered = false; // an agent has been in the chat: it can be rated once it ends
+let lastSeq = 0n; // the last event shown: how far the customer has read while the page is in view
+let readSent = 0n; // the cursor the server has (or is being sent)
+let agentsRead = 0n; // how far the agents have read (the highest of their cursors, public events only)
+let score = 0; // the rating chosen, 1 to 5
+let ratingRequest = ""; // the rating's request id: a retry is the same rating
+let typingSaid = 0; // when the page last told the server the customer is typing (ms), 0 = not typing
+
+// The server's rule: a typing signal at most every 2 s while composing; it shows for 5 s unless renewed.
+const TYPING_EVERY_MS = 2_000;
+const TYPING_SHOWN_MS = 6_000; // the longest an indicator stays without a renewal, whatever the clocks say
 
 function el<K extends keyof HTMLElementTagNameMap>(
   tag: K,
@@ -118,6 +139,12 @@ function openChat(s: Session): void {
   ended = false;
   agents.clear();
   menus.clear();
+  for (const id of [...typing.keys()]) setTyping(id, "", 0);
+  typingSaid = 0;
+  answered = false;
+  lastSeq = readSent = agentsRead = 0n;
+  ui.rating.hidden = ui.ratingDone.hidden = true;
+  ui.typing.hidden = false;
   sending.clear();
   files = [];
   ui.log.replaceChildren();
@@ -169,29 +196,56 @@ function receive(res: CustomerServiceStreamConversationResponse): void {
   const k = res.kind;
   if (k.case === "heartbeat") {
     if (k.value.latestSeq > cursor) cursor = k.value.latestSeq;
+  } else if (k.case === "typing") {
+    const p = k.value.participant;
+    if (p?.kind !== ParticipantKind.AGENT) return;
+    // Until expire_time (measured on this machine's clock, within bounds), a newer indicator, or a stop.
+    const left = k.value.expireTime ? timestampDate(k.value.expireTime).getTime() - Date.now() : TYPING_SHOWN_MS;
+    setTyping(p.agentId, who(p), k.value.typing ? Math.min(Math.max(left, 1_000), TYPING_SHOWN_MS) : 0);
+  } else if (k.case === "readCursor") {
+    if (k.value.participant?.kind === ParticipantKind.AGENT && k.value.readSeq > agentsRead) {
+      agentsRead = k.value.readSeq;
+      showRead();
+    }
   } else if (k.case === "queuePosition") {
     if (!agents.size) ui.status.textContent = `You are number ${k.value.position} in the queue.`;
   } else if (k.case === "event" && k.value.seq > cursor) {
     // Events come in seq order; a resumed stream never repeats one, and this check makes sure.
     cursor = k.value.seq;
-    if (visible(k.value)) show(k.value);
+    if (visible(k.value)) {
+      show(k.value);
+      lastSeq = k.value.seq;
+      markRead();
+    }
   }
 }
 
 function show(ev: ConversationEvent): void {
   const k = ev.kind;
+  // A refusal above the input (a file, a menu choice) is about the moment it happened: once someone else moves
+  // the conversation on, it goes. (Not for the customer's own lines coming back: they may predate it.)
+  const own =
+    (k.case === "message" && k.value.sender?.kind === ParticipantKind.CUSTOMER) ||
+    (k.case === "optionChosen" && k.value.chooser?.kind === ParticipantKind.CUSTOMER);
+  if (!own) ui.composerError.textContent = "";
   switch (k.case) {
     case "message":
-      append(messageItem(k.value.sender?.kind === ParticipantKind.CUSTOMER, who(k.value.sender), k.value.text, k.value.attachments));
+      // An agent's message ends their typing.
+      if (k.value.sender?.kind === ParticipantKind.AGENT) setTyping(k.value.sender.agentId, "", 0);
+      append(messageItem(k.value.sender?.kind === ParticipantKind.CUSTOMER, who(k.value.sender), k.value.text, k.value.attachments, ev));
+      if (ev.seq <= agentsRead) showRead();
       break;
     case "offerMenu":
-      append(menuItem(k.value));
+      append(menuItem(k.value, ev));
       break;
     case "participantJoined":
     case "participantLeft": {
       const p = k.value.participant!;
       if (p.kind === ParticipantKind.AGENT) {
-        if (k.case === "participantJoined") agents.set(p.agentId, p.displayName);
+        if (k.case === "participantJoined") {
+          agents.set(p.agentId, p.displayName);
+          answered = true;
+        }
         else agents.delete(p.agentId);
         ui.status.textContent = agents.size ? `You are chatting with ${[...agents.values()].join(", ")}.` : "Waiting for an agent…";
       }
@@ -220,13 +274,56 @@ function show(ev: ConversationEvent): void {
   sending.delete(ev.seq);
 }
 
-function append(item: HTMLElement): void {
-  ui.log.append(item);
-  ui.scroller.scrollTop = ui.scroller.scrollHeight;
+/** Show that agentId is composing for ms (0: no longer). */
+function setTyping(agentId: string, name: string, ms: number): void {
+  clearTimeout(typing.get(agentId)?.timer);
+  typing.delete(agentId);
+  if (ms > 0) typing.set(agentId, { name, timer: setTimeout(() => setTyping(agentId, name, 0), ms) });
+  const names = [...typing.values()].map((t) => t.name);
+  ui.typing.textContent = !names.length ? "" : names.length === 1 ? `${names[0]} is typing…` : `${names.join(" and ")} are typing…`;
 }
 
-function messageItem(mine: boolean, sender: string, text: string, attachments: Attachment[] = []): HTMLLIElement {
-  const item = el("li", { class: mine ? "msg mine" : "msg" }, el("span", { class: "who", text: sender }));
+/** Tell the agents whether the customer is composing: at most every 2 s while typing, once when stopping. */
+function composing(): void {
+  const s = session;
+  if (!s || ended) return;
+  const now = Date.now();
+  const typingNow = ui.text.value.trim() !== "";
+  if (typingNow && now - typingSaid < TYPING_EVERY_MS) return;
+  if (!typingNow && !typingSaid) return;
+  typingSaid = typingNow ? now : 0;
+  // Best effort: a lost or refused signal (e.g. over the rate) only means a missing "typing…".
+  client.setTyping({ conversationId: s.conversationId, typing: typingNow }, opts(s, 5_000)).catch(() => undefined);
+}
+
+function append(item: HTMLElement): void {
+  ui.log.append(item);
+  toEnd();
+}
+
+// Whether the conversation is scrolled to its end: it then stays there when the area around it changes
+// (the ended panel, the file list or an error above the input take room from the bottom).
+let atEnd = true;
+
+function toEnd(): void {
+  ui.scroller.scrollTop = ui.scroller.scrollHeight;
+  atEnd = true;
+}
+
+/** The sender's line of a message: the name and, for a stored event, the time it was sent. */
+function whoLine(sender: string, ev?: ConversationEvent): HTMLElement {
+  const line = el("span", { class: "who", text: sender });
+  if (ev?.createTime) {
+    const at = timestampDate(ev.createTime);
+    const time = el("time", { class: "time", text: at.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" }), attrs: { datetime: at.toISOString(), title: at.toLocaleString() } });
+    line.append(" · ", time);
+  }
+  return line;
+}
+
+function messageItem(mine: boolean, sender: string, text: string, attachments: Attachment[] = [], ev?: ConversationEvent): HTMLLIElement {
+  const item = el("li", { class: mine ? "msg mine" : "msg" }, whoLine(sender, ev));
+  if (ev) item.dataset.seq = String(ev.seq);
   if (text) item.append(el("p", { class: "text", text }));
   if (attachments.length) {
     item.append(
@@ -240,7 +337,7 @@ function messageItem(mine: boolean, sender: string, text: string, attachments: A
   return item;
 }
 
-function menuItem(menu: OfferMenu): HTMLLIElement {
+function menuItem(menu: OfferMenu, ev: ConversationEvent): HTMLLIElement {
   const options = el("div", { class: "options", attrs: { role: "group", "aria-label": menu.prompt } });
   for (const o of menu.options) {
     const b = el("button", { text: o.label, attrs: { type: "button" } });
@@ -249,7 +346,111 @@ function menuItem(menu: OfferMenu): HTMLLIElement {
     options.append(b);
   }
   menus.set(menu.menuId, options);
-  return el("li", { class: "msg menu" }, el("span", { class: "who", text: who(menu.sender) }), el("p", { class: "text", text: menu.prompt }), options);
+  return el("li", { class: "msg menu" }, whoLine(who(menu.sender), ev), el("p", { class: "text", text: menu.prompt }), options);
+}
+
+// --- read receipts -------------------------------------------------------------------------
+
+/** "Read" under the customer's last message the agents have read. */
+function showRead(): void {
+  const mine = [...ui.log.querySelectorAll<HTMLElement>(".msg.mine[data-seq]")];
+  const last = mine.reverse().find((m) => BigInt(m.dataset.seq!) <= agentsRead);
+  const mark = ui.log.querySelector(".msg .read");
+  if (last && mark?.parentElement === last) return;
+  mark?.remove();
+  last?.append(el("span", { class: "read", text: "Read" }));
+}
+
+let reading = false;
+
+/** Tell the server how far the customer has read: what the page shows while it is in view, a moment after
+ * the last event (a burst is one call), one call at a time. Best effort. */
+function markRead(): void {
+  const s = session;
+  if (!s || reading || lastSeq <= readSent || document.visibilityState !== "visible") return;
+  reading = true;
+  setTimeout(() => {
+    const upTo = lastSeq;
+    client
+      .markRead({ conversationId: s.conversationId, upToSeq: upTo }, opts(s, 10_000))
+      .then((res) => {
+        if ((res.readCursor?.readSeq ?? 0n) > readSent) readSent = res.readCursor!.readSeq;
+      })
+      .catch(() => undefined)
+      .finally(() => {
+        reading = false;
+        if (session === s && lastSeq > readSent && lastSeq > upTo) markRead();
+      });
+  }, 300);
+}
+
+// --- rating --------------------------------------------------------------------------------
+
+function setupRating(): void {
+  ui.stars.replaceChildren(
+    ...[1, 2, 3, 4, 5].map((n) => {
+      const b = el("button", { text: "★", attrs: { type: "button", "aria-label": `${n} of 5`, "aria-pressed": "false" } });
+      b.onclick = () => chooseScore(n);
+      return b;
+    }),
+  );
+  ui.rating.addEventListener("submit", (e) => void sendRating(e));
+}
+
+function chooseScore(n: number): void {
+  score = n;
+  ui.stars.querySelectorAll("button").forEach((b, i) => {
+    b.classList.toggle("on", i < n);
+    b.setAttribute("aria-pressed", String(i + 1 === n));
+  });
+  ui.ratingSend.disabled = !n;
+  ui.ratingDetails.hidden = !n;
+}
+
+function rated(text: string): void {
+  ui.rating.hidden = true;
+  ui.ratingDone.hidden = false;
+  ui.ratingDone.textContent = text;
+}
+
+/** After the end: the rating form, unless nobody answered the chat or it has been rated already. */
+async function offerRating(s: Session): Promise<void> {
+  score = 0;
+  ratingRequest = crypto.randomUUID();
+  chooseScore(0);
+  ui.ratingSend.disabled = true;
+  ui.ratingComment.value = "";
+  ui.ratingError.textContent = "";
+  ui.ratingDone.hidden = true;
+  ui.rating.hidden = !answered;
+  if (!answered) return;
+  try {
+    const { conversation } = await client.getConversation({ conversationId: s.conversationId }, opts(s));
+    if (session === s && conversation?.rating) rated(`You rated this chat ${conversation.rating.score} of 5. Thank you!`);
+  } catch {
+    // The form stays: the server says if it is too late.
+  }
+}
+
+async function sendRating(event: SubmitEvent): Promise<void> {
+  event.preventDefault();
+  const s = session;
+  if (!s || !score) return;
+  ui.ratingSend.disabled = true;
+  ui.ratingError.textContent = "";
+  try {
+    const req = { conversationId: s.conversationId, requestId: ratingRequest, score, comment: ui.ratingComment.value.trim() };
+    const { rating } = await retrying(() => client.rateConversation(req, opts(s)));
+    rated(`Thank you for your rating (${rating?.score ?? score} of 5).`);
+  } catch (e) {
+    const f = describe(e);
+    if (f.reason === "ALREADY_RATED") rated("You have rated this chat already. Thank you!");
+    else if (f.reason === "RATING_WINDOW_CLOSED" || f.reason === "NOT_ANSWERED") rated(f.message);
+    else {
+      ui.ratingError.textContent = f.message;
+      ui.ratingSend.disabled = false;
+    }
+  }
 }
 
 function finish(text: string): void {
@@ -259,8 +460,15 @@ function finish(text: string): void {
   ui.ended.hidden = false;
   ui.endedText.textContent = `${text} You can keep a copy of the conversation.`;
   ui.status.textContent = "";
+  ui.composerError.textContent = "";
+  for (const id of [...typing.keys()]) setTyping(id, "", 0);
+  ui.typing.hidden = true;
   for (const b of ui.log.querySelectorAll<HTMLButtonElement>(".options button")) b.disabled = true;
-  $("ended-transcript").focus();
+  // Once: a reload replays chat_ended and chat_closed, and a form being filled in must not start over.
+  if (session && ui.rating.hidden && ui.ratingDone.hidden) void offerRating(session);
+  // The panel takes the composer's place and more: the last line and its file buttons stay in view.
+  $("ended-transcript").focus({ preventScroll: true });
+  toEnd();
 }
 
 // --- actions --------------------------------------------------------------------------------
@@ -290,6 +498,7 @@ async function sendMessage(event: SubmitEvent): Promise<void> {
   const ready = files.filter((f) => f.attachmentId);
   if (!text && !ready.length) return;
   ui.text.value = "";
+  composing(); // the input is empty: no longer typing
   ui.composerError.textContent = "";
   files = [];
   ui.files.replaceChildren();
@@ -299,7 +508,7 @@ async function sendMessage(event: SubmitEvent): Promise<void> {
   if (ready.length) item.append(el("p", { class: "text", text: ready.map((f) => f.file.name).join(", ") }));
   item.append(state);
   ui.outbox.append(item);
-  ui.scroller.scrollTop = ui.scroller.scrollHeight;
+  toEnd();
   const requestId = crypto.randomUUID(); // the same id on every retry: stored once
   const attachmentIds = ready.map((f) => f.attachmentId!);
   try {
@@ -422,9 +631,22 @@ function main(): void {
   });
   $("attach").addEventListener("click", () => ui.fileInput.click());
   ui.fileInput.addEventListener("change", addFiles);
+  ui.text.addEventListener("input", composing);
+  setupRating();
+  // Read while the page is in view: coming back to it reads what came meanwhile.
+  document.addEventListener("visibilitychange", markRead);
   ui.transcript.addEventListener("click", () => void downloadTranscript());
   $("ended-transcript").addEventListener("click", () => void downloadTranscript());
-  ui.end.addEventListener("click", () => ui.confirmEnd.showModal());
+  ui.end.addEventListener("click", () => {
+    ui.composerError.textContent = "";
+    ui.confirmEnd.showModal();
+  });
+  ui.scroller.addEventListener("scroll", () => {
+    atEnd = ui.scroller.scrollHeight - ui.scroller.scrollTop - ui.scroller.clientHeight < 4;
+  });
+  new ResizeObserver(() => {
+    if (atEnd) ui.scroller.scrollTop = ui.scroller.scrollHeight;
+  }).observe(ui.scroller);
   ui.confirmEnd.addEventListener("close", () => {
     if (ui.confirmEnd.returnValue === "end") void endChat();
     else ui.text.focus();

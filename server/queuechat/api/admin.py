@@ -55,15 +55,18 @@ def _settings(s: Settings) -> pb.Settings:
         offer_timeout=_duration(s.offer_timeout),
         reject_cooldown=_duration(s.reject_cooldown),
         stream_grace=_duration(s.stream_grace),
+        rating_window=_duration(s.rating_window),
     )
 
 
 def _queue(q: QueueView) -> rpb.Queue:
-    return rpb.Queue(queue_id=q.id, display_name=q.display_name)
+    return rpb.Queue(queue_id=q.id, display_name=q.display_name, wrap_up_required=q.wrap_up_required)
 
 
 def _profile(p: ProfileView) -> rpb.Profile:
-    return rpb.Profile(profile_id=p.id, display_name=p.display_name, queue_ids=list(p.queue_ids))
+    return rpb.Profile(
+        profile_id=p.id, display_name=p.display_name, queue_ids=list(p.queue_ids), supervisor=p.supervisor
+    )
 
 
 def _agent(a: AgentAccountView) -> pb.AgentAccount:
@@ -93,6 +96,9 @@ def _queue_stats(q: QueueStatsView) -> pb.QueueStats:
     )
     if q.service_level is not None:  # unset: no chat answered in the window
         msg.service_level = q.service_level
+    msg.ratings_count = q.ratings_count
+    if q.average_rating is not None:  # unset: no rating in the window
+        msg.average_rating = q.average_rating
     return msg
 
 
@@ -138,12 +144,16 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
 
     @admin_call
     async def CreateQueue(self, request: pb.CreateQueueRequest, context, who: AdminPrincipal) -> pb.CreateQueueResponse:
-        q = await self.core.create_queue(request.queue.queue_id, request.queue.display_name)
+        q = await self.core.create_queue(
+            request.queue.queue_id, request.queue.display_name, request.queue.wrap_up_required
+        )
         return pb.CreateQueueResponse(queue=_queue(q))
 
     @admin_call
     async def UpdateQueue(self, request: pb.UpdateQueueRequest, context, who: AdminPrincipal) -> pb.UpdateQueueResponse:
-        q = await self.core.update_queue(request.queue.queue_id, request.queue.display_name)
+        q = await self.core.update_queue(
+            request.queue.queue_id, request.queue.display_name, request.queue.wrap_up_required
+        )
         return pb.UpdateQueueResponse(queue=_queue(q))
 
     @admin_call
@@ -163,7 +173,7 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
         self, request: pb.CreateProfileRequest, context, who: AdminPrincipal
     ) -> pb.CreateProfileResponse:
         p = request.profile
-        row = await self.core.create_profile(p.profile_id, p.display_name, list(p.queue_ids))
+        row = await self.core.create_profile(p.profile_id, p.display_name, list(p.queue_ids), p.supervisor)
         return pb.CreateProfileResponse(profile=_profile(row))
 
     @admin_call
@@ -171,7 +181,7 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
         self, request: pb.UpdateProfileRequest, context, who: AdminPrincipal
     ) -> pb.UpdateProfileResponse:
         p = request.profile
-        row = await self.core.update_profile(p.profile_id, p.display_name, list(p.queue_ids))
+        row = await self.core.update_profile(p.profile_id, p.display_name, list(p.queue_ids), p.supervisor)
         return pb.UpdateProfileResponse(profile=_profile(row))
 
     @admin_call
@@ -237,6 +247,30 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
         await self.core.delete_predefined(request.predefined_message_id)
         return pb.DeletePredefinedMessageResponse()
 
+    # --- wrap-up codes -----------------------------------------------------------
+
+    @admin_call
+    async def ListWrapUpCodes(self, request, context, who: AdminPrincipal) -> pb.AdminServiceListWrapUpCodesResponse:
+        rows = await self.core.list_wrap_up_codes()
+        return pb.AdminServiceListWrapUpCodesResponse(wrap_up_codes=[convert.wrap_up_code(c) for c in rows])
+
+    @admin_call
+    async def CreateWrapUpCode(self, request: pb.CreateWrapUpCodeRequest, context, who: AdminPrincipal):
+        c = request.wrap_up_code
+        row = await self.core.create_wrap_up_code(c.wrap_up_code_id, c.display_name, c.queue_id)
+        return pb.CreateWrapUpCodeResponse(wrap_up_code=convert.wrap_up_code(row))
+
+    @admin_call
+    async def UpdateWrapUpCode(self, request: pb.UpdateWrapUpCodeRequest, context, who: AdminPrincipal):
+        c = request.wrap_up_code
+        row = await self.core.update_wrap_up_code(c.wrap_up_code_id, c.display_name, c.queue_id)
+        return pb.UpdateWrapUpCodeResponse(wrap_up_code=convert.wrap_up_code(row))
+
+    @admin_call
+    async def DeleteWrapUpCode(self, request: pb.DeleteWrapUpCodeRequest, context, who: AdminPrincipal):
+        await self.core.delete_wrap_up_code(request.wrap_up_code_id)
+        return pb.DeleteWrapUpCodeResponse()
+
     # --- settings ------------------------------------------------------------
 
     @admin_call
@@ -252,6 +286,10 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
             offer_timeout=s.offer_timeout.ToNanoseconds() / 1e9,
             reject_cooldown=s.reject_cooldown.ToNanoseconds() / 1e9,
             stream_grace=s.stream_grace.ToNanoseconds() / 1e9,
+            # Unset: kept (clients from before it existed send three settings).
+            rating_window=s.rating_window.ToNanoseconds() / 1e9
+            if s.HasField("rating_window")
+            else self.core.settings.rating_window,
         )
         saved = await self.core.update_settings(new)
         return pb.UpdateSettingsResponse(settings=_settings(saved))
@@ -260,7 +298,9 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
 
     @admin_call
     async def ListConversations(self, request: pb.AdminServiceListConversationsRequest, context, who: AdminPrincipal):
-        views, token = await self.core.list_all_conversations(request.page_size, request.page_token)
+        views, token = await self.core.list_all_conversations(
+            request.page_size, request.page_token, request.queue_id, request.wrap_up_code_id, request.rating_score
+        )
         return pb.AdminServiceListConversationsResponse(
             conversations=[convert.conversation(v) for v in views], next_page_token=token
         )

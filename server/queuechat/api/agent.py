@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import grpc
+from google.protobuf.duration_pb2 import Duration
 
 from chat.v1 import agent_service_pb2 as pb
 from chat.v1 import agent_service_pb2_grpc
 from chat.v1 import resources_pb2 as rpb
 
 from ..domain.core import Core
-from ..domain.views import AgentPrincipal, EventView, FeedEventView, Heartbeat, TypingView
+from ..domain.views import AgentPrincipal, EventView, FeedEventView, Heartbeat, ReadCursorView, TypingView
 from ..errors import invalid
 from . import convert, files
 from .errors import authenticated, bearer, rpc
@@ -87,6 +88,11 @@ class AgentService(agent_service_pb2_grpc.AgentServiceServicer):
         return pb.SetTypingResponse()
 
     @agent_call
+    async def MarkRead(self, request: pb.MarkReadRequest, context, who: AgentPrincipal) -> pb.MarkReadResponse:
+        cursor = await self.core.mark_read(who, request.conversation_id, request.up_to_seq)
+        return pb.MarkReadResponse(read_cursor=convert.read_cursor(cursor))
+
+    @agent_call
     async def SendMessage(self, request: pb.SendMessageRequest, context, who: AgentPrincipal) -> pb.SendMessageResponse:
         ev = await self.core.send_message(
             who,
@@ -144,8 +150,49 @@ class AgentService(agent_service_pb2_grpc.AgentServiceServicer):
 
     @agent_call
     async def CloseConversation(self, request: pb.CloseConversationRequest, context, who: AgentPrincipal):
-        view = await self.core.close(who, request.conversation_id, request.confirm)
+        view = await self.core.close(
+            who, request.conversation_id, request.confirm, request.wrap_up_code_id, request.wrap_up_note
+        )
         return pb.CloseConversationResponse(conversation=convert.conversation(view))
+
+    @agent_call
+    async def ListWrapUpCodes(self, request: pb.ListWrapUpCodesRequest, context, who: AgentPrincipal):
+        codes, required = await self.core.agent_wrap_up_codes(who, request.conversation_id)
+        return pb.ListWrapUpCodesResponse(
+            wrap_up_codes=[convert.wrap_up_code(c) for c in codes], wrap_up_required=required
+        )
+
+    # --- supervisors -------------------------------------------------------------
+
+    @agent_call
+    async def ListLiveConversations(self, request: pb.ListLiveConversationsRequest, context, who: AgentPrincipal):
+        rows = await self.core.live_conversations(who, request.queue_id)
+        return pb.ListLiveConversationsResponse(
+            live_conversations=[
+                pb.LiveConversation(
+                    conversation=convert.conversation(r.conversation),
+                    waiting_time=_duration(r.waiting),
+                    handling_time=_duration(r.handling),
+                    monitors=[convert.participant(m) for m in r.monitors],
+                )
+                for r in rows
+            ]
+        )
+
+    @agent_call
+    async def MonitorConversation(self, request: pb.MonitorConversationRequest, context, who: AgentPrincipal):
+        async for item in self.core.monitor(who, request.conversation_id, request.after_seq):
+            yield stream_item(pb.MonitorConversationResponse, item)
+
+    @agent_call
+    async def Whisper(self, request: pb.WhisperRequest, context, who: AgentPrincipal) -> pb.WhisperResponse:
+        ev = await self.core.whisper(who, request.conversation_id, request.request_id, request.text)
+        return pb.WhisperResponse(event=convert.event(ev))
+
+    @agent_call
+    async def BargeIn(self, request: pb.BargeInRequest, context, who: AgentPrincipal) -> pb.BargeInResponse:
+        view = await self.core.barge_in(who, request.conversation_id)
+        return pb.BargeInResponse(conversation=convert.conversation(view))
 
     @agent_call
     async def CreateUpload(
@@ -179,12 +226,20 @@ class AgentService(agent_service_pb2_grpc.AgentServiceServicer):
             yield item
 
 
+def _duration(seconds: float) -> Duration:
+    d = Duration()
+    d.FromNanoseconds(int(seconds * 1e9))
+    return d
+
+
 def stream_item(response_type, item):
-    """One conversation-stream item as an Agent- or CustomerService stream response."""
+    """One conversation-stream item as an Agent- or CustomerService stream (or monitor) response."""
     if isinstance(item, EventView):
         return response_type(event=convert.event(item))
     if isinstance(item, Heartbeat):
         return response_type(heartbeat=convert.heartbeat(item))
     if isinstance(item, TypingView):
         return response_type(typing=convert.typing(item))
+    if isinstance(item, ReadCursorView):
+        return response_type(read_cursor=convert.read_cursor(item))
     return response_type(queue_position=convert.queue_position(item))

@@ -15,9 +15,13 @@ from ..domain.views import (
     EventView,
     FeedEventView,
     Heartbeat,
+    ParticipantView,
     QueuePositionView,
+    RatingView,
+    ReadCursorView,
     SessionView,
     TypingView,
+    WrapUpCodeView,
 )
 
 _VISIBILITY = {"all": pb.VISIBILITY_ALL, "agents": pb.VISIBILITY_AGENTS_ONLY}
@@ -59,7 +63,40 @@ def conversation(v: ConversationView) -> pb.Conversation:
     )
     if v.pending_invite:
         json_format.ParseDict(v.pending_invite, msg.pending_invite)
+    msg.read_cursors.extend(read_cursor(c) for c in v.read_cursors)
+    if v.wrap_up is not None:
+        w = v.wrap_up
+        msg.wrap_up.CopyFrom(
+            pb.WrapUp(
+                wrap_up_code_id=w.code_id,
+                display_name=w.code_name,
+                note=w.note,
+                agent=participant(w.agent),
+                create_time=timestamp(w.created_at),
+            )
+        )
+    if v.rating is not None:
+        msg.rating.CopyFrom(rating(v.rating))
+    if v.ended_at is not None:
+        msg.end_time.FromDatetime(v.ended_at.replace(tzinfo=UTC))
     return msg
+
+
+def participant(p: ParticipantView) -> pb.Participant:
+    kind = pb.PARTICIPANT_KIND_AGENT if p.kind == "agent" else pb.PARTICIPANT_KIND_CUSTOMER
+    return pb.Participant(kind=kind, agent_id=p.agent_id, display_name=p.display_name)
+
+
+def read_cursor(v: ReadCursorView) -> pb.ReadCursor:
+    return pb.ReadCursor(participant=participant(v.participant), read_seq=v.seq, read_time=timestamp(v.read_at))
+
+
+def rating(v: RatingView) -> pb.Rating:
+    return pb.Rating(score=v.score, comment=v.comment, create_time=timestamp(v.created_at))
+
+
+def wrap_up_code(v: WrapUpCodeView) -> pb.WrapUpCode:
+    return pb.WrapUpCode(wrap_up_code_id=v.id, display_name=v.display_name, queue_id=v.queue_id or "")
 
 
 def event(v: EventView) -> pb.ConversationEvent:

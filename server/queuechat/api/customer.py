@@ -80,6 +80,18 @@ class CustomerService(customer_service_pb2_grpc.CustomerServiceServicer):
         return pb.EndChatResponse(conversation=convert.conversation(view))
 
     @customer_call
+    async def MarkRead(self, request: pb.CustomerServiceMarkReadRequest, context, who: CustomerPrincipal):
+        cursor = await self.core.mark_read(who, request.conversation_id, request.up_to_seq)
+        return pb.CustomerServiceMarkReadResponse(read_cursor=convert.read_cursor(cursor))
+
+    @customer_call
+    async def RateConversation(
+        self, request: pb.RateConversationRequest, context, who: CustomerPrincipal
+    ) -> pb.RateConversationResponse:
+        view = await self.core.rate(who, request.conversation_id, request.request_id, request.score, request.comment)
+        return pb.RateConversationResponse(rating=convert.rating(view))
+
+    @customer_call
     async def GetTranscript(
         self, request: pb.GetTranscriptRequest, context, who: CustomerPrincipal
     ) -> pb.GetTranscriptResponse:

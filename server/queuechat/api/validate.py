@@ -19,7 +19,7 @@ from google.protobuf.message import Message
 from ..errors import invalid
 
 # Free text: may hold newlines and tabs; its configured length is the domain's to check.
-FREE_TEXT = frozenset({"text", "body", "prompt"})
+FREE_TEXT = frozenset({"text", "body", "prompt", "comment", "wrap_up_note"})
 FREE_TEXT_MAX = 100_000
 ID_MAX = 128  # ids are at most 64 (the domain says so precisely); past 128 nothing reads them
 MAX = {

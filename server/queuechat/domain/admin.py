@@ -37,14 +37,23 @@ from ..store.models import (
     ProfileQueue,
     Queue,
     Setting,
+    WrapUpCode,
 )
 from . import agents
 from .auth import Passwords, token_hash
 from .read import conversation_view, must_get, profile_queues
 from .tx import Tx
-from .views import AdminPrincipal, AgentAccountView, ConversationView, PredefinedView, ProfileView, QueueView
+from .views import (
+    AdminPrincipal,
+    AgentAccountView,
+    ConversationView,
+    PredefinedView,
+    ProfileView,
+    QueueView,
+    WrapUpCodeView,
+)
 
-SETTING_KEYS = ("offer_timeout", "reject_cooldown", "stream_grace")
+SETTING_KEYS = ("offer_timeout", "reject_cooldown", "stream_grace", "rating_window")
 M = TypeVar("M", bound=SQLModel)
 
 
@@ -60,10 +69,10 @@ def _hash(passwords: Passwords, current: str | None, password: str | None, given
 def apply_config(tx: Tx, cfg: Config, passwords: Passwords) -> None:
     s = tx.session
     for q in cfg.queues:
-        s.merge(Queue(id=q.id, display_name=q.display_name))
+        s.merge(Queue(id=q.id, display_name=q.display_name, wrap_up_required=q.wrap_up_required))
     s.flush()
     for p in cfg.profiles:
-        s.merge(Profile(id=p.id, display_name=p.display_name))
+        s.merge(Profile(id=p.id, display_name=p.display_name, supervisor=p.supervisor))
         s.flush()
         s.exec(delete(ProfileQueue).where(col(ProfileQueue.profile_id) == p.id))
         for qid in p.queues:
@@ -106,6 +115,8 @@ def apply_config(tx: Tx, cfg: Config, passwords: Passwords) -> None:
         s.add(ConfiguredAccount(kind=kind, id=account_id))
     for m in cfg.predefined_messages:
         s.merge(PredefinedMessage(id=m.id, title=m.title, body=m.body, queue_id=m.queue, profile_id=m.profile))
+    for c in cfg.wrap_up_codes:
+        s.merge(WrapUpCode(id=c.id, display_name=c.display_name, queue_id=c.queue))
     for key in SETTING_KEYS:
         # A setting the file does not name keeps what AdminService stored; defaults fill a new database.
         if key in cfg.settings_given or s.get(Setting, key) is None:
@@ -234,7 +245,7 @@ def _known(s: Session, model: type[SQLModel], ids: Iterable[str], reason: str, f
 
 
 def queue_view(q: Queue) -> QueueView:
-    return QueueView(q.id, q.display_name)
+    return QueueView(q.id, q.display_name, q.wrap_up_required)
 
 
 def predefined_view(m: PredefinedMessage) -> PredefinedView:
@@ -245,16 +256,17 @@ def list_queues(s: Session) -> list[QueueView]:
     return [queue_view(q) for q in s.exec(select(Queue).order_by(Queue.id)).all()]
 
 
-def create_queue(tx: Tx, queue_id: str, display_name: str) -> QueueView:
+def create_queue(tx: Tx, queue_id: str, display_name: str, wrap_up_required: bool = False) -> QueueView:
     _absent(tx.session, Queue, queue_id, "QUEUE_EXISTS", "queue", "queue_id")
-    q = Queue(id=queue_id, display_name=_text(display_name, "display_name"))
+    q = Queue(id=queue_id, display_name=_text(display_name, "display_name"), wrap_up_required=wrap_up_required)
     tx.session.add(q)
     return queue_view(q)
 
 
-def update_queue(tx: Tx, queue_id: str, display_name: str) -> QueueView:
+def update_queue(tx: Tx, queue_id: str, display_name: str, wrap_up_required: bool = False) -> QueueView:
     q = _get(tx.session, Queue, queue_id, "QUEUE_NOT_FOUND", "queue", "queue_id")
     q.display_name = _text(display_name, "display_name")
+    q.wrap_up_required = wrap_up_required
     tx.session.add(q)
     return queue_view(q)
 
@@ -268,6 +280,7 @@ def delete_queue(tx: Tx, queue_id: str) -> None:
     # What the schema cascades, done explicitly so it holds without FK enforcement.
     s.exec(delete(ProfileQueue).where(col(ProfileQueue.queue_id) == queue_id))
     s.exec(delete(PredefinedMessage).where(col(PredefinedMessage.queue_id) == queue_id))
+    s.exec(delete(WrapUpCode).where(col(WrapUpCode.queue_id) == queue_id))
     s.delete(q)
 
 
@@ -277,12 +290,15 @@ def delete_queue(tx: Tx, queue_id: str) -> None:
 def list_profiles(s: Session) -> list[ProfileView]:
     pq = profile_queues(s)
     rows = s.exec(select(Profile).order_by(Profile.id)).all()
-    return [ProfileView(p.id, p.display_name, tuple(sorted(pq.get(p.id, ())))) for p in rows]
+    return [ProfileView(p.id, p.display_name, tuple(sorted(pq.get(p.id, ()))), p.supervisor) for p in rows]
 
 
-def _set_profile(tx: Tx, p: Profile, display_name: str, queue_ids: Iterable[str]) -> ProfileView:
+def _set_profile(
+    tx: Tx, p: Profile, display_name: str, queue_ids: Iterable[str], supervisor: bool = False
+) -> ProfileView:
     s = tx.session
     p.display_name = _text(display_name, "display_name")
+    p.supervisor = supervisor
     queues = _known(s, Queue, queue_ids, "UNKNOWN_QUEUE", "queue_id")
     s.add(p)
     s.flush()
@@ -290,17 +306,22 @@ def _set_profile(tx: Tx, p: Profile, display_name: str, queue_ids: Iterable[str]
     for qid in queues:
         s.add(ProfileQueue(profile_id=p.id, queue_id=qid))
     s.flush()
-    return ProfileView(p.id, p.display_name, tuple(queues))
+    return ProfileView(p.id, p.display_name, tuple(queues), p.supervisor)
 
 
-def create_profile(tx: Tx, profile_id: str, display_name: str, queue_ids: list[str]) -> ProfileView:
+def create_profile(
+    tx: Tx, profile_id: str, display_name: str, queue_ids: list[str], supervisor: bool = False
+) -> ProfileView:
     _absent(tx.session, Profile, profile_id, "PROFILE_EXISTS", "profile", "profile_id")
-    return _set_profile(tx, Profile(id=profile_id, display_name=""), display_name, queue_ids)
+    return _set_profile(tx, Profile(id=profile_id, display_name=""), display_name, queue_ids, supervisor)
 
 
-def update_profile(tx: Tx, profile_id: str, display_name: str, queue_ids: list[str]) -> ProfileView:
+def update_profile(
+    tx: Tx, profile_id: str, display_name: str, queue_ids: list[str], supervisor: bool = False
+) -> ProfileView:
+    """A live session of this profile sees a changed supervisor flag at its next call."""
     p = _get(tx.session, Profile, profile_id, "PROFILE_NOT_FOUND", "profile", "profile_id")
-    row = _set_profile(tx, p, display_name, queue_ids)
+    row = _set_profile(tx, p, display_name, queue_ids, supervisor)
     tx.needs_dispatch()  # agents logged in with it may now serve more queues
     return row
 
@@ -462,6 +483,42 @@ def delete_predefined(tx: Tx, message_id: str) -> None:
     tx.session.delete(m)
 
 
+# Wrap-up codes
+
+_WRAP = ("wrap-up code", "wrap_up_code_id")
+
+
+def wrap_up_code_view(c: WrapUpCode) -> WrapUpCodeView:
+    return WrapUpCodeView(c.id, c.display_name, c.queue_id)
+
+
+def list_wrap_up_codes(s: Session) -> list[WrapUpCodeView]:
+    return [wrap_up_code_view(c) for c in s.exec(select(WrapUpCode).order_by(WrapUpCode.id)).all()]
+
+
+def _set_wrap_up_code(tx: Tx, c: WrapUpCode, display_name: str, queue_id: str) -> WrapUpCodeView:
+    c.display_name = _text(display_name, "display_name")
+    c.queue_id = _known(tx.session, Queue, [queue_id], "UNKNOWN_QUEUE", "queue_id")[0] if queue_id else None
+    tx.session.add(c)
+    return wrap_up_code_view(c)
+
+
+def create_wrap_up_code(tx: Tx, code_id: str, display_name: str, queue_id: str) -> WrapUpCodeView:
+    _absent(tx.session, WrapUpCode, code_id, "WRAP_UP_CODE_EXISTS", *_WRAP)
+    return _set_wrap_up_code(tx, WrapUpCode(id=code_id, display_name=""), display_name, queue_id)
+
+
+def update_wrap_up_code(tx: Tx, code_id: str, display_name: str, queue_id: str) -> WrapUpCodeView:
+    c = _get(tx.session, WrapUpCode, code_id, "WRAP_UP_CODE_NOT_FOUND", *_WRAP)
+    return _set_wrap_up_code(tx, c, display_name, queue_id)
+
+
+def delete_wrap_up_code(tx: Tx, code_id: str) -> None:
+    """Conversations closed with it keep its id and name."""
+    c = _get(tx.session, WrapUpCode, code_id, "WRAP_UP_CODE_NOT_FOUND", *_WRAP)
+    tx.session.delete(c)
+
+
 # Settings
 
 
@@ -496,12 +553,29 @@ def _after_token(token: str) -> tuple[datetime, str]:
         raise invalid("BAD_PAGE_TOKEN", "page_token is not one this server returned.") from None
 
 
-def list_conversations(s: Session, page_size: int, page_token: str) -> tuple[list[ConversationView], str]:
-    """Newest first. The token holds the last row's (created_at, id): pages stay stable as chats start."""
+def list_conversations(
+    s: Session,
+    page_size: int,
+    page_token: str,
+    queue_id: str = "",
+    wrap_up_code_id: str = "",
+    rating_score: int = 0,
+) -> tuple[list[ConversationView], str]:
+    """Newest first. The token holds the last row's (created_at, id): pages stay stable as chats start.
+    Filters left empty (0) do not filter; a filter naming nothing gives an empty list, not an error
+    (a deleted wrap-up code still finds the conversations closed with it)."""
     if page_size < 0:
         raise invalid("BAD_PAGE_SIZE", "page_size must not be negative.")
+    if not 0 <= rating_score <= 5:
+        raise invalid("BAD_SCORE", "rating_score must be 1 to 5, or 0 for any.")
     size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
     q = select(Conversation).order_by(col(Conversation.created_at).desc(), col(Conversation.id).desc())
+    if queue_id:
+        q = q.where(Conversation.queue_id == queue_id)
+    if wrap_up_code_id:
+        q = q.where(Conversation.wrap_up_code_id == wrap_up_code_id)
+    if rating_score:
+        q = q.where(Conversation.rating_score == rating_score)
     if page_token:
         created, conv_id = _after_token(page_token)
         q = q.where(

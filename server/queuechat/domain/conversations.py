@@ -24,9 +24,10 @@ from ..store.models import (
     PredefinedMessage,
     ProfileQueue,
     Queue,
+    WrapUpCode,
     table,
 )
-from . import attachments, routing
+from . import attachments, routing, supervision
 from .access import can_read, require_member
 from .log import (
     agent_participant,
@@ -401,6 +402,7 @@ def end_chat(tx: Tx, who: CustomerPrincipal, conversation_id: str) -> Conversati
     if conv.customer_connected and conv.status != "closed":
         now = tx.now
         conv.customer_connected = False
+        conv.ended_at = now
         customer = customer_participant(conv).to_json()
         append_event(tx, conv, "chat_ended", {"ended_by": customer}, actor="customer", now=now)
         if conv.status == "queued":
@@ -431,6 +433,12 @@ def leave(tx: Tx, who: AgentPrincipal, conversation_id: str) -> None:
         )
     ).one()
     if not others:  # the customer is gone too: leaving is closing
+        if _wrap_up_required(tx.session, conv):
+            raise precondition(
+                "WRAP_UP_REQUIRED",
+                "Leaving would close the conversation, and its queue needs a wrap-up code: close it with one.",
+                conversation_id=conversation_id,
+            )
         _close(tx, conv, agent_participant(agent).to_json(), f"agent:{agent.id}", now)
     else:
         part.left_at = now
@@ -446,11 +454,57 @@ def leave(tx: Tx, who: AgentPrincipal, conversation_id: str) -> None:
     tx.needs_dispatch()
 
 
-def close(tx: Tx, who: AgentPrincipal, conversation_id: str, confirm: bool) -> ConversationView:
+MAX_WRAP_UP_NOTE = 1000
+
+
+def _wrap_up_required(s: Session, conv: Conversation) -> bool:
+    q = s.get(Queue, conv.queue_id)
+    return bool(q is not None and q.wrap_up_required)
+
+
+def wrap_up_codes(s: Session, queue_id: str) -> list[WrapUpCode]:
+    """The codes for a queue: the global ones and its own."""
+    return list(
+        s.exec(
+            select(WrapUpCode)
+            .where(or_(col(WrapUpCode.queue_id).is_(None), WrapUpCode.queue_id == queue_id))
+            .order_by(WrapUpCode.display_name, WrapUpCode.id)
+        ).all()
+    )
+
+
+def list_wrap_up_codes(s: Session, who: AgentPrincipal, conversation_id: str) -> tuple[list[WrapUpCode], bool]:
+    conv = s.get(Conversation, conversation_id) if conversation_id else None
+    if conv is None or not can_read(s, who, conversation_id):
+        raise not_found("CONVERSATION_NOT_FOUND", f"No conversation {short(conversation_id)!r} of yours.")
+    return wrap_up_codes(s, conv.queue_id), _wrap_up_required(s, conv)
+
+
+def close(
+    tx: Tx, who: AgentPrincipal, conversation_id: str, confirm: bool, wrap_up_code_id: str = "", wrap_up_note: str = ""
+) -> ConversationView:
+    """Close for everyone, with an optional wrap-up code and note (a queue may require the code)."""
     s = tx.session
+    if len(wrap_up_note) > MAX_WRAP_UP_NOTE:
+        raise invalid(
+            "WRAP_UP_NOTE_TOO_LONG", f"A wrap-up note may have at most {MAX_WRAP_UP_NOTE} characters.",
+            limit=MAX_WRAP_UP_NOTE,
+        )  # fmt: skip
     conv = require_member(tx, who, conversation_id)
     if conv.status == "closed":
         return conversation_view(s, conv)
+    code = None
+    if wrap_up_code_id:
+        code = s.get(WrapUpCode, wrap_up_code_id)
+        if code is None or code.queue_id not in (None, conv.queue_id):
+            raise invalid(
+                "UNKNOWN_WRAP_UP_CODE", f"There is no wrap-up code {short(wrap_up_code_id)!r} for this queue.",
+                wrap_up_code_id=wrap_up_code_id,
+            )  # fmt: skip
+    elif _wrap_up_required(s, conv):
+        raise precondition(
+            "WRAP_UP_REQUIRED", "This queue needs a wrap-up code to close a conversation.", conversation_id=conv.id
+        )
     if conv.customer_connected and not confirm:
         raise precondition(
             "CUSTOMER_STILL_CONNECTED",
@@ -461,7 +515,15 @@ def close(tx: Tx, who: AgentPrincipal, conversation_id: str, confirm: bool) -> C
     agent = agent_participant(must_get(s, Agent, who.agent_id)).to_json()
     if conv.customer_connected:
         conv.customer_connected = False
+        conv.ended_at = now
         append_event(tx, conv, "chat_ended", {"ended_by": agent}, actor=f"agent:{who.agent_id}", now=now)
+    note = wrap_up_note.strip()
+    if code is not None or note:
+        conv.wrap_up_code_id = code.id if code else None
+        conv.wrap_up_code_name = code.display_name if code else None
+        conv.wrap_up_note = note or None
+        conv.wrap_up_agent_id = who.agent_id
+        conv.wrap_up_at = now
     _close(tx, conv, agent, f"agent:{who.agent_id}", now)
     tx.needs_dispatch()
     return conversation_view(s, conv)
@@ -469,6 +531,8 @@ def close(tx: Tx, who: AgentPrincipal, conversation_id: str, confirm: bool) -> C
 
 def _close(tx: Tx, conv: Conversation, by: dict[str, Any], actor: str, now: datetime) -> None:
     routing.withdraw_conversation_offers(tx, conv.id, "taken_elsewhere", now)
+    supervision.stop_monitors(tx, conv)  # their stops go in the log before chat_closed
+    conv.ended_at = conv.ended_at or now
     conv.status = "closed"
     conv.closed_at = now
     tx.session.add(conv)

@@ -26,7 +26,7 @@ from ..errors import ChatError, Kind, denied, invalid, precondition, unauthentic
 from ..store import Database
 from ..store.blobs import blob_store_for
 from ..store.models import Admin, Agent, Conversation
-from . import admin, agents, conversations, invites, routing
+from . import admin, agents, conversations, invites, ratings, receipts, routing, supervision
 from .access import readable_conversation
 from .attachments import Attachments
 from .auth import (
@@ -55,15 +55,19 @@ from .views import (
     EventView,
     FeedEventView,
     Heartbeat,
+    LiveConversationView,
     ParticipantView,
     PredefinedView,
     ProfileView,
     QueuePositionView,
     QueueView,
+    RatingView,
+    ReadCursorView,
     SessionView,
     StartedChat,
     Transcript,
     TypingView,
+    WrapUpCodeView,
 )
 
 T = TypeVar("T")
@@ -183,9 +187,7 @@ class Core:
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
-    async def _stream_seqs(
-        self, convs: list[str], feeds: list[str]
-    ) -> tuple[dict[str, int], dict[str, int], set[str]]:
+    async def _stream_seqs(self, convs: list[str], feeds: list[str]) -> tuple[dict[str, int], dict[str, int], set[str]]:
         return await self.db.read(_stream_seqs, convs, feeds)
 
     async def _make_good(self) -> None:
@@ -194,6 +196,9 @@ class Core:
         self.settings, _ = await self.db.read(admin.load_settings)
         for queue_id in self.positions.watched():
             self.positions.mark(queue_id)
+        convs = [t[1] for t in self.bus.topics() if isinstance(t, tuple) and t[0] == "conv"]
+        for signal in await self.db.read(receipts.standing, convs):
+            self.bus.publish(conv_topic(signal.conversation_id), signal)
 
     def _forget_session(self, session_id: str) -> None:
         for token in [t for t, (p, _) in self._agent_tokens.items() if p.session_id == session_id]:
@@ -208,6 +213,7 @@ class Core:
         self.settings, self.token_secret = await self.db.read(admin.load_settings)
         # Embedded, no other process can hold a stream; in a cluster only this node's old leases are gone.
         await self.write(agents.recover, self.node_id, self.link is None)
+        await self.write(supervision.recover, self.node_id, self.link is None)
         loop = asyncio.get_running_loop()
         self._sweeper = loop.create_task(self._sweep())
         self._loops = [loop.create_task(self._renew_leases()), loop.create_task(self._sweep_timers())]
@@ -245,9 +251,12 @@ class Core:
     async def _sweep(self) -> None:
         """Now and then: abandoned uploads, expired sessions, identity-token uses past their token's life."""
         sec = self.security
-        agent_times, admin_times = (sec.agent_session_idle, sec.agent_session_max), (
-            sec.admin_session_idle,
-            sec.admin_session_max,
+        agent_times, admin_times = (
+            (sec.agent_session_idle, sec.agent_session_max),
+            (
+                sec.admin_session_idle,
+                sec.admin_session_max,
+            ),
         )
         jobs: list[tuple[str, Callable[[], Awaitable[object]]]] = [
             ("uploads", self.attachments.sweep),
@@ -339,9 +348,7 @@ class Core:
 
     # --- agents -------------------------------------------------------------
 
-    async def login(
-        self, username: str, password: str, profile_id: str, ready: bool, client: str = ""
-    ) -> SessionView:
+    async def login(self, username: str, password: str, profile_id: str, ready: bool, client: str = "") -> SessionView:
         if not username or not password:
             raise invalid("CREDENTIALS_REQUIRED", "Give a username and a password.")
         if not profile_id:
@@ -390,8 +397,60 @@ class Core:
 
     def conversation_stream(
         self, who: Who, conversation_id: str, after_seq: int
-    ) -> AsyncIterator[EventView | Heartbeat | QueuePositionView | TypingView]:
+    ) -> AsyncIterator[EventView | Heartbeat | QueuePositionView | TypingView | ReadCursorView]:
         return self.streams.conversation(who, conversation_id, after_seq)
+
+    async def mark_read(self, who: Who, conversation_id: str, up_to_seq: int) -> ReadCursorView:
+        """Limited per reader and conversation: each call that moves the cursor is a write."""
+        reader = f"agent:{who.agent_id}" if isinstance(who, AgentPrincipal) else "customer"
+        self.limiter.check(
+            "read_marks_per_conversation",
+            f"{conversation_id}\0{reader}",
+            "TOO_MANY_READ_MARKS",
+            "You are marking messages read too often; send the latest seq now and then.",
+        )
+        return await self.write(receipts.mark_read, who, conversation_id, up_to_seq)
+
+    async def rate(
+        self, who: CustomerPrincipal, conversation_id: str, request_id: str, score: int, comment: str
+    ) -> RatingView:
+        _check_request_id(request_id)
+        self.limiter.check(
+            "ratings_per_conversation", conversation_id, "TOO_MANY_RATINGS", "Too many rating attempts; wait a minute."
+        )
+        return await self.write(ratings.rate, who, conversation_id, request_id, score, comment)
+
+    # --- supervisors ---------------------------------------------------------------
+
+    async def live_conversations(self, who: AgentPrincipal, queue_id: str) -> list[LiveConversationView]:
+        return await self.db.read(supervision.live_conversations, who, queue_id, utcnow())
+
+    def monitor(
+        self, who: AgentPrincipal, conversation_id: str, after_seq: int
+    ) -> AsyncIterator[EventView | Heartbeat | TypingView | ReadCursorView]:
+        return self.streams.monitor(who, conversation_id, after_seq)
+
+    async def whisper(self, who: AgentPrincipal, conversation_id: str, request_id: str, text: str) -> EventView:
+        _check_request_id(request_id)
+        if len(text) > self.limits.max_message_chars:
+            conversations.check_text(self.limits, text)
+        self.limiter.check(
+            "messages_per_conversation",
+            f"{conversation_id}\0supervisor:{who.agent_id}",
+            "TOO_MANY_MESSAGES",
+            "You are sending messages too fast; slow down.",
+        )
+        return await self.write(supervision.whisper, who, conversation_id, request_id, text)
+
+    async def barge_in(self, who: AgentPrincipal, conversation_id: str) -> ConversationView:
+        return await self.write(supervision.barge_in, who, conversation_id)
+
+    async def agent_wrap_up_codes(self, who: AgentPrincipal, conversation_id: str) -> tuple[list[WrapUpCodeView], bool]:
+        def run(s: Session) -> tuple[list[WrapUpCodeView], bool]:
+            codes, required = conversations.list_wrap_up_codes(s, who, conversation_id)
+            return [admin.wrap_up_code_view(c) for c in codes], required
+
+        return await self.db.read(run)
 
     async def send_message(
         self,
@@ -445,8 +504,10 @@ class Core:
     async def leave(self, who: AgentPrincipal, conversation_id: str) -> None:
         await self.write(conversations.leave, who, conversation_id)
 
-    async def close(self, who: AgentPrincipal, conversation_id: str, confirm: bool) -> ConversationView:
-        return await self.write(conversations.close, who, conversation_id, confirm)
+    async def close(
+        self, who: AgentPrincipal, conversation_id: str, confirm: bool, wrap_up_code_id: str = "", note: str = ""
+    ) -> ConversationView:
+        return await self.write(conversations.close, who, conversation_id, confirm, wrap_up_code_id, note)
 
     # --- customers ---------------------------------------------------------------
 
@@ -575,23 +636,43 @@ class Core:
     async def list_all_predefined(self) -> list[PredefinedView]:
         return await self.db.read(admin.list_predefined)
 
-    async def list_all_conversations(self, page_size: int, page_token: str) -> tuple[list[ConversationView], str]:
-        return await self.db.read(admin.list_conversations, page_size, page_token)
+    async def list_all_conversations(
+        self, page_size: int, page_token: str, queue_id: str = "", wrap_up_code_id: str = "", rating_score: int = 0
+    ) -> tuple[list[ConversationView], str]:
+        return await self.db.read(
+            admin.list_conversations, page_size, page_token, queue_id, wrap_up_code_id, rating_score
+        )
 
-    async def create_queue(self, queue_id: str, display_name: str) -> QueueView:
-        return await self.write(admin.create_queue, queue_id, display_name)
+    async def create_queue(self, queue_id: str, display_name: str, wrap_up_required: bool = False) -> QueueView:
+        return await self.write(admin.create_queue, queue_id, display_name, wrap_up_required)
 
-    async def update_queue(self, queue_id: str, display_name: str) -> QueueView:
-        return await self.write(admin.update_queue, queue_id, display_name)
+    async def update_queue(self, queue_id: str, display_name: str, wrap_up_required: bool = False) -> QueueView:
+        return await self.write(admin.update_queue, queue_id, display_name, wrap_up_required)
+
+    async def list_wrap_up_codes(self) -> list[WrapUpCodeView]:
+        return await self.db.read(admin.list_wrap_up_codes)
+
+    async def create_wrap_up_code(self, code_id: str, display_name: str, queue_id: str) -> WrapUpCodeView:
+        return await self.write(admin.create_wrap_up_code, code_id, display_name, queue_id)
+
+    async def update_wrap_up_code(self, code_id: str, display_name: str, queue_id: str) -> WrapUpCodeView:
+        return await self.write(admin.update_wrap_up_code, code_id, display_name, queue_id)
+
+    async def delete_wrap_up_code(self, code_id: str) -> None:
+        await self.write(admin.delete_wrap_up_code, code_id)
 
     async def delete_queue(self, queue_id: str) -> None:
         await self.write(admin.delete_queue, queue_id)
 
-    async def create_profile(self, profile_id: str, display_name: str, queue_ids: list[str]) -> ProfileView:
-        return await self.write(admin.create_profile, profile_id, display_name, queue_ids)
+    async def create_profile(
+        self, profile_id: str, display_name: str, queue_ids: list[str], supervisor: bool = False
+    ) -> ProfileView:
+        return await self.write(admin.create_profile, profile_id, display_name, queue_ids, supervisor)
 
-    async def update_profile(self, profile_id: str, display_name: str, queue_ids: list[str]) -> ProfileView:
-        return await self.write(admin.update_profile, profile_id, display_name, queue_ids)
+    async def update_profile(
+        self, profile_id: str, display_name: str, queue_ids: list[str], supervisor: bool = False
+    ) -> ProfileView:
+        return await self.write(admin.update_profile, profile_id, display_name, queue_ids, supervisor)
 
     async def delete_profile(self, profile_id: str) -> None:
         await self.write(admin.delete_profile, profile_id)
@@ -637,9 +718,7 @@ def _cluster() -> Any:
     return cluster
 
 
-def _stream_seqs(
-    s: Session, convs: list[str], feeds: list[str]
-) -> tuple[dict[str, int], dict[str, int], set[str]]:
+def _stream_seqs(s: Session, convs: list[str], feeds: list[str]) -> tuple[dict[str, int], dict[str, int], set[str]]:
     """The database's last seq of each conversation and each session's feed, and which of those sessions
     have ended (for the reconciler)."""
     from sqlmodel import col, select
@@ -690,4 +769,3 @@ def _check_request_id(request_id: str) -> None:
         raise invalid(
             "BAD_REQUEST_ID", "request_id must be 1-64 characters of letters, digits and _.:- (a UUID is best)."
         )
-

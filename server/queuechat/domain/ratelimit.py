@@ -105,6 +105,8 @@ class Limiter:
             ("upload_bytes_per_address", hour),
             ("login_per_address", minute),
             ("login_per_username", minute),
+            ("read_marks_per_conversation", minute),
+            ("ratings_per_conversation", minute),
         ):
             count = getattr(cfg, name)
             if cfg.enabled and count > 0:

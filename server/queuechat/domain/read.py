@@ -18,9 +18,10 @@ from ..store.models import (
     Participant,
     ProfileQueue,
     Queue,
+    ReadCursor,
 )
 from .log import ts
-from .views import ConversationView, ParticipantView, VariableView
+from .views import ConversationView, ParticipantView, RatingView, ReadCursorView, VariableView, WrapUpView
 
 M = TypeVar("M", bound=SQLModel)
 
@@ -121,6 +122,46 @@ def invite_json(s: Session, inv: Invite) -> dict[str, Any]:
     return out
 
 
+def reader_participant(s: Session, conv: Conversation, reader: str) -> ParticipantView:
+    """A read cursor's owner ("customer" or "agent:<id>") as a participant."""
+    if reader == "customer":
+        return ParticipantView("customer", display_name=conv.customer_name or "Customer")
+    agent_id = reader.removeprefix("agent:")
+    agent = s.get(Agent, agent_id)
+    return ParticipantView("agent", agent_id, agent.display_name if agent else agent_id)
+
+
+def read_cursors(s: Session, conv: Conversation, *, for_agent: bool) -> tuple[ReadCursorView, ...]:
+    """Everyone's cursor for agents; for the customer, the agents' clamped to public seqs (none while that is 0)."""
+    rows = s.exec(select(ReadCursor).where(ReadCursor.conversation_id == conv.id).order_by(ReadCursor.reader)).all()
+    out = []
+    for r in rows:
+        seq, at = (r.seq, r.read_at) if for_agent else (r.public_seq, r.public_read_at)
+        if seq > 0:
+            out.append(ReadCursorView(reader_participant(s, conv, r.reader), seq, at))
+    return tuple(out)
+
+
+def wrap_up_view(s: Session, conv: Conversation) -> WrapUpView | None:
+    if conv.wrap_up_at is None:
+        return None
+    agent_id = conv.wrap_up_agent_id or ""
+    agent = s.get(Agent, agent_id) if agent_id else None
+    return WrapUpView(
+        conv.wrap_up_code_id or "",
+        conv.wrap_up_code_name or "",
+        conv.wrap_up_note or "",
+        ParticipantView("agent", agent_id, agent.display_name if agent else agent_id),
+        conv.wrap_up_at,
+    )
+
+
+def rating_view(conv: Conversation) -> RatingView | None:
+    if conv.rating_score is None or conv.rated_at is None:
+        return None
+    return RatingView(conv.rating_score, conv.rating_comment or "", conv.rated_at)
+
+
 def conversation_view(s: Session, conv: Conversation, *, for_agent: bool = True) -> ConversationView:
     q = s.get(Queue, conv.queue_id)
     inv = pending_invite(s, conv.id) if for_agent else None
@@ -136,6 +177,10 @@ def conversation_view(s: Session, conv: Conversation, *, for_agent: bool = True)
         created_at=conv.created_at,
         closed_at=conv.closed_at,
         pending_invite=invite_json(s, inv) if inv else None,
+        read_cursors=read_cursors(s, conv, for_agent=for_agent),
+        wrap_up=wrap_up_view(s, conv) if for_agent else None,
+        rating=rating_view(conv),
+        ended_at=conv.ended_at,
     )
 
 

@@ -23,6 +23,8 @@ What the figures count (the proto comments of QueueStats say it for clients):
 - service level: of the chat offers accepted in the window, the share whose
   chat waited at most the target from `enqueued_at` to the accept. None when
   none was accepted: no figure rather than a made-up 100 %.
+- ratings: customer ratings (RateConversation) of the queue's chats given in the
+  window, and their average; no average when there were none.
 """
 
 from __future__ import annotations
@@ -126,8 +128,18 @@ def compute(s: Session, now: datetime, target: float, window: float = WINDOW) ->
             if (resolved_at - enqueued_at).total_seconds() <= target:
                 in_time[queue_id] = in_time.get(queue_id, 0) + 1
 
+    ratings: dict[str, tuple[int, float]] = {
+        queue_id: (n, float(avg))
+        for queue_id, n, avg in c.execute(
+            select(Conversation.queue_id, func.count(), func.avg(Conversation.rating_score))
+            .where(col(Conversation.rated_at) > now - timedelta(seconds=window))
+            .group_by(col(Conversation.queue_id))
+        )
+    }
+
     views = []
     for queue_id, name in queues:
+        rated, average = ratings.get(queue_id, (0, None))
         count, oldest = waiting.get(queue_id, (0, None))
         n = answered.get(queue_id, 0)
         views.append(
@@ -144,6 +156,8 @@ def compute(s: Session, now: datetime, target: float, window: float = WINDOW) ->
                 offers_timed_out=outcomes.get((queue_id, "timed_out"), 0),
                 service_level=in_time.get(queue_id, 0) / n if n else None,
                 service_level_target=target,
+                ratings_count=rated,
+                average_rating=average,
             )
         )
     return QueueStatsSnapshot(tuple(views), now, window)

@@ -26,11 +26,12 @@ from ..bus import Bus
 from ..config import Limits
 from ..errors import ChatError, Kind, denied, unauthenticated
 from ..store.models import Conversation, FeedEvent
-from . import agents
-from .access import stream_access
+from . import agents, receipts, supervision
+from .access import readable_conversation, stream_access
 from .conversations import events_after
 from .log import conv_topic, feed_topic, feed_view
 from .positions import QueuePositions, position_of
+from .read import read_cursors
 from .tx import Reader, Writes
 from .views import (
     AgentPrincipal,
@@ -41,6 +42,8 @@ from .views import (
     FeedEventView,
     Heartbeat,
     QueuePositionView,
+    ReadCursorView,
+    ReadSignal,
     SessionEnded,
     TypingView,
 )
@@ -120,7 +123,7 @@ class Streams:
 
     async def conversation(
         self, who: Who, conversation_id: str, after_seq: int
-    ) -> AsyncIterator[EventView | Heartbeat | QueuePositionView | TypingView]:
+    ) -> AsyncIterator[EventView | Heartbeat | QueuePositionView | TypingView | ReadCursorView]:
         """Backlog after the cursor, then live. Customers never get private events; an agent's
         stream ends with their session, when they leave, or when the invite that let them look ends."""
         customer = isinstance(who, CustomerPrincipal)
@@ -151,6 +154,11 @@ class Streams:
                 self._positions.watch(pos.queue_id, conversation_id)
                 shown = (pos.position, pos.waiting_count)
                 yield pos
+            # The others' read cursors as they stand: then only those that move forward.
+            reads: dict[ParticipantKey, int] = {}
+            for cursor in await self._read(_cursors, who, conversation_id):
+                reads[_key(cursor)] = cursor.seq
+                yield cursor
             while True:
                 item = await sub.get(self._limits.heartbeat_interval)
                 if item is None:
@@ -163,6 +171,11 @@ class Streams:
                 elif isinstance(item, TypingView):
                     if _shows_typing(item, who):
                         yield item
+                elif isinstance(item, ReadSignal):
+                    told = receipts.shown_to(item, who)
+                    if told is not None and told.seq > reads.get(_key(told), 0):
+                        reads[_key(told)] = told.seq
+                        yield told
                 elif isinstance(item, QueuePositionView):
                     # The topic's updates are for every stream of the chat: show changes, and only while it waits.
                     if watching is not None and (item.position, item.waiting_count) != shown:
@@ -195,6 +208,91 @@ class Streams:
             sub.close()
             if watching is not None:
                 self._positions.unwatch(watching.queue_id, conversation_id)
+
+    async def monitor(
+        self, who: AgentPrincipal, conversation_id: str, after_seq: int
+    ) -> AsyncIterator[EventView | Heartbeat | TypingView | ReadCursorView]:
+        """A supervisor watching: every event (private included) after the cursor, then live, until the
+        conversation closes or the session ends. Its start and stop are events of the log (supervision.py)."""
+        sub = self._bus.subscribe([conv_topic(conversation_id), feed_topic(who.session_id)])
+        # Named here, so that a stream cancelled while its start is being written still stops it.
+        monitor_id = uuid.uuid4().hex
+        started = False
+        try:
+            # After subscribing: the start's own event, and everything after it, reaches this stream.
+            started = True
+            await self._write(supervision.start_monitor, who, conversation_id, monitor_id, self.node_id)
+            seen = max(0, after_seq)
+            while True:
+                page = await self._read(events_after, conversation_id, seen, False, _PAGE)
+                for ev in page:
+                    seen = ev.seq
+                    yield ev
+                    if ev.kind == "chat_closed":
+                        return
+                if len(page) < _PAGE:
+                    break
+            del page
+            yield Heartbeat(seen)
+            reads: dict[ParticipantKey, int] = {}
+            for cursor in await self._read(_cursors, None, conversation_id):
+                reads[_key(cursor)] = cursor.seq
+                yield cursor
+            while True:
+                item = await sub.get(self._limits.heartbeat_interval)
+                if item is None:
+                    yield Heartbeat(seen)
+                elif isinstance(item, SessionEnded):
+                    raise unauthenticated("SESSION_ENDED", "This session has ended; log in again.")
+                elif isinstance(item, Draining):
+                    raise _DRAINING
+                elif isinstance(item, TypingView):
+                    yield item
+                elif isinstance(item, ReadSignal):
+                    told = receipts.shown_to(item, None)
+                    if told is not None and told.seq > reads.get(_key(told), 0):
+                        reads[_key(told)] = told.seq
+                        yield told
+                elif isinstance(item, EventView | Behind) and item.seq > seen and _about_conversation(item):
+                    upto = item.seq if isinstance(item, Behind) else item.seq - 1
+                    batch = await self._read(_events_between, conversation_id, seen, upto, False) if seen < upto else []
+                    if isinstance(item, EventView):
+                        batch.append(item)
+                    for ev in batch:  # a gap first (another node's events, late): read from the database
+                        seen = max(seen, ev.seq)
+                        yield ev
+                        if ev.kind == "chat_closed":
+                            return
+                    seen = max(seen, upto)
+        finally:
+            sub.close()
+            if started:  # a start that was refused left nothing to stop: then this changes nothing
+                self._spawn(supervision.stop_monitor, monitor_id)
+
+
+ParticipantKey = tuple[str, str]
+
+
+def _key(cursor: ReadCursorView) -> ParticipantKey:
+    return (cursor.participant.kind, cursor.participant.agent_id)
+
+
+def _cursors(s: Session, who: Who | None, conversation_id: str) -> list[ReadCursorView]:
+    """The read cursors a stream's viewer gets once caught up: everyone else's (a monitor: everyone's)."""
+    conv = s.get(Conversation, conversation_id)
+    if conv is None:
+        return []
+    if who is not None:
+        readable_conversation(s, who, conversation_id)
+    out = []
+    for cursor in read_cursors(s, conv, for_agent=not isinstance(who, CustomerPrincipal)):
+        p = cursor.participant
+        if isinstance(who, CustomerPrincipal) and p.kind == "customer":
+            continue
+        if isinstance(who, AgentPrincipal) and p.kind == "agent" and p.agent_id == who.agent_id:
+            continue
+        out.append(cursor)
+    return out
 
 
 def _feed_after(s: Session, session_id: str, after_seq: int, upto: int | None = None) -> list[FeedEventView]:

@@ -76,6 +76,64 @@ class ConversationView:
     created_at: datetime
     closed_at: datetime | None
     pending_invite: dict[str, Any] | None = None
+    # Agents see every cursor as stored; the customer the agents' clamped to public seqs, and its own.
+    read_cursors: tuple[ReadCursorView, ...] = ()
+    wrap_up: WrapUpView | None = None  # agents and admins only
+    rating: RatingView | None = None
+    ended_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReadCursorView:
+    participant: ParticipantView
+    seq: int
+    read_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ReadSignal:
+    """A participant read further: an ephemeral signal to the others' streams (the cursor itself is stored).
+    public_seq is seq clamped to the highest public event at or below it; the customer is told only that,
+    and only when it moved."""
+
+    conversation_id: str
+    participant: ParticipantView
+    seq: int
+    read_at: datetime
+    public_seq: int
+    public_read_at: datetime
+    public_moved: bool
+
+
+@dataclass(frozen=True, slots=True)
+class WrapUpView:
+    code_id: str
+    code_name: str
+    note: str
+    agent: ParticipantView
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class RatingView:
+    score: int
+    comment: str
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class WrapUpCodeView:
+    id: str
+    display_name: str
+    queue_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class LiveConversationView:
+    conversation: ConversationView
+    waiting: float  # seconds from entering the queue to the first agent joining (or now)
+    handling: float  # seconds since the first agent joined; 0 while waiting
+    monitors: tuple[ParticipantView, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +209,7 @@ class Draining:
 class QueueView:
     id: str
     display_name: str
+    wrap_up_required: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +217,7 @@ class ProfileView:
     id: str
     display_name: str
     queue_ids: tuple[str, ...]
+    supervisor: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +253,8 @@ class QueueStatsView:
     offers_timed_out: int
     service_level: float | None  # 0..1; None when no chat was answered in the window
     service_level_target: float  # seconds
+    ratings_count: int = 0  # customer ratings given in the window
+    average_rating: float | None = None  # None when there were none
 
 
 @dataclass(frozen=True, slots=True)

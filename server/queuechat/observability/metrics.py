@@ -349,6 +349,9 @@ class Metrics:
             ),
             "chats_started": Counter("queuechat_chats_started", "Chats started, by queue.", ("queue",), registry=r),
             "chats_closed": Counter("queuechat_chats_closed", "Chats closed, by queue.", ("queue",), registry=r),
+            "ratings": Counter(
+                "queuechat_ratings", "Customer ratings given, by queue and score (1-5).", ("queue", "score"), registry=r
+            ),
         }
         self._histograms: dict[str, Histogram] = {
             "offer_answer_seconds": Histogram(

@@ -26,11 +26,15 @@ class Setting(SQLModel, table=True):
 class Queue(SQLModel, table=True):
     id: str = Field(primary_key=True)
     display_name: str
+    # CloseConversation needs a wrap-up code in this queue.
+    wrap_up_required: bool = Field(default=False, sa_column_kwargs={"server_default": text("false")})
 
 
 class Profile(SQLModel, table=True):
     id: str = Field(primary_key=True)
     display_name: str
+    # Agents logged in with it supervise its queues (monitor, whisper, barge in).
+    supervisor: bool = Field(default=False, sa_column_kwargs={"server_default": text("false")})
 
 
 class ProfileQueue(SQLModel, table=True):
@@ -131,6 +135,20 @@ class Conversation(SQLModel, table=True):
     closed_at: datetime | None = None
     last_seq: int = 0
     start_request_id: str | None = Field(default=None, unique=True)
+    # When the chat with the customer ended (EndChat, or closed while connected): the rating window's start.
+    ended_at: datetime | None = None
+    # Wrap-up: the code's id and its name when used (codes may be renamed or deleted later), a note, who.
+    wrap_up_code_id: str | None = Field(default=None, index=True)
+    wrap_up_code_name: str | None = None
+    wrap_up_note: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    wrap_up_agent_id: str | None = None
+    wrap_up_at: datetime | None = None
+    # The customer's rating (1-5), once.
+    rating_score: int | None = None
+    rating_comment: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    # The supervisor figures count ratings given in the last 15 minutes.
+    rated_at: datetime | None = Field(default=None, index=True)
+    rating_request_id: str | None = None
 
     __table_args__ = (Index("ix_conversation_queue_wait", "status", "queue_id", "enqueued_at"),)
 
@@ -302,3 +320,39 @@ class BlobChunk(SQLModel, table=True):
     key: str = Field(primary_key=True)
     offset: int = Field(sa_column=Column(BigInteger, primary_key=True, autoincrement=False))
     data: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+
+
+class WrapUpCode(SQLModel, table=True):
+    """A reason an agent picks when closing: for every queue (queue_id None) or one."""
+
+    __tablename__ = "wrap_up_code"
+    id: str = Field(primary_key=True)
+    display_name: str
+    queue_id: str | None = Field(default=None, foreign_key="queue.id", ondelete="CASCADE")
+
+
+class ReadCursor(SQLModel, table=True):
+    """How far one participant ("customer" or "agent:<id>") has read a conversation; only moves forward.
+    public_seq is seq clamped to the highest public event at or below it: what the customer may be told."""
+
+    __tablename__ = "read_cursor"
+    conversation_id: str = Field(foreign_key="conversation.id", primary_key=True)
+    reader: str = Field(primary_key=True)
+    seq: int
+    read_at: datetime
+    public_seq: int
+    public_read_at: datetime
+
+
+class MonitorSession(SQLModel, table=True):
+    """A supervisor watching a conversation (AgentService.MonitorConversation), from start to stop."""
+
+    __tablename__ = "monitor_session"
+    id: str = Field(primary_key=True)
+    conversation_id: str = Field(foreign_key="conversation.id", index=True)
+    agent_id: str = Field(foreign_key="agent.id")
+    session_id: str
+    # The node whose stream it is: a restarting node stops its own monitors, never another node's.
+    node_id: str = ""
+    started_at: datetime
+    ended_at: datetime | None = None
