@@ -3,6 +3,12 @@
 Each phase gets a fresh server process (and the relay its own), driven by
 bench/loadgen.py in another process. Ratios against the relay are the
 figures to trust on a shared machine; absolute numbers are noisy.
+
+Then, where PostgreSQL and NATS are reachable, the cluster phases (bench/cluster.py: nodes as
+separate processes on a private schema): saturation on 1, 2 and 4 nodes with CPU per message for
+nodes, PostgreSQL and NATS, cross-node message latency, kill -9 failover, and nothing lost,
+repeated or over capacity. Without them the phases are skipped and latest.json says why; on CI
+($CI set) that is a failure.
 """
 
 from __future__ import annotations
