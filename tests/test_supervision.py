@@ -208,3 +208,13 @@ async def test_a_restart_records_the_stop_of_monitors_it_cut(server):
     await server.restart()
     log = kinds((await export(server, cust.id)).events)
     assert log.count("monitor_started") == 1 and log.count("monitor_stopped") == 1
+
+
+async def test_login_says_whether_the_profile_supervises(server):
+    from chat.v1 import agent_service_pb2 as agent_pb
+
+    n = SUPERVISOR.removeprefix("agent")
+    for profile, supervises in (("supervisors", True), ("both", False)):
+        req = agent_pb.LoginRequest(username=SUPERVISOR, password=f"pw{n}", profile_id=profile)
+        resp = await server.agent_stub.Login(req)
+        assert resp.profile.supervisor is supervises

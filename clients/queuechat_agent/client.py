@@ -224,14 +224,6 @@ class AgentClient:
         req = pb.LoginRequest(username=username, password=password, profile_id=profile_id, ready=ready)
         resp = await self._call(self.stub.Login, req, retry=False)
         self.token = resp.session_token
-        supervisor = resp.profile.supervisor
-        if not supervisor:
-            # A server that does not fill in Profile.supervisor on login: ask the supervisors' list instead.
-            try:
-                await self._call(self.stub.ListLiveConversations, pb.ListLiveConversationsRequest(), retry=False)
-                supervisor = True
-            except Refused:
-                pass
         return Session(
             token=resp.session_token,
             agent_id=resp.agent.agent_id,
@@ -240,7 +232,7 @@ class AgentClient:
             profile_name=resp.profile.display_name,
             queue_ids=tuple(resp.profile.queue_ids),
             ready=resp.state == pb.AGENT_STATE_READY,
-            supervisor=supervisor,
+            supervisor=resp.profile.supervisor,
         )
 
     async def logout(self) -> None:

@@ -169,7 +169,9 @@ def session(v: SessionView) -> agent_pb.LoginResponse:
     return agent_pb.LoginResponse(
         session_token=v.token,
         agent=agent_pb.Agent(agent_id=v.agent_id, display_name=v.display_name, max_chats=v.max_chats),
-        profile=pb.Profile(profile_id=v.profile_id, display_name=v.profile_name, queue_ids=list(v.queue_ids)),
+        profile=pb.Profile(
+            profile_id=v.profile_id, display_name=v.profile_name, queue_ids=list(v.queue_ids), supervisor=v.supervisor
+        ),
         state=agent_pb.AGENT_STATE_READY if v.ready else agent_pb.AGENT_STATE_NOT_READY,
     )
 

@@ -271,6 +271,7 @@ def session_view(s: Session, sess: AgentSession, token: str = "") -> SessionView
         queue_ids=queues,
         ready=sess.ready,
         token=token,
+        supervisor=profile.supervisor,
     )
 
 

@@ -147,6 +147,7 @@ class SessionView:
     queue_ids: tuple[str, ...]
     ready: bool
     token: str = ""
+    supervisor: bool = False  # the profile supervises its queues (domain/supervision.py)
 
 
 @dataclass(frozen=True, slots=True)
