@@ -665,7 +665,7 @@ async def test_routing_race_across_three_nodes_keeps_the_invariants(make_cluster
     assert full_polls >= polls // 5 // 4, "agents were seldom at capacity: the race was hardly run"
     assert not bad_codes, f"calls failed with server errors: {bad_codes[:5]}"
     assert not c.errors(), "the nodes logged errors:\n" + "\n".join(c.errors()[:20])
-    assert answered["accept"] >= N_CHATS and answered["reject"] > 0 and answered["ignore"] > 0
+    assert answered["reject"] > 0 and answered["ignore"] > 0  # (accepts are counted in the database below)
     assert drops["short"] + drops["long"] >= 5
     accepted = await c.sql(
         "SELECT conversation_id, count(*) FROM offer WHERE kind = 'chat' AND status = 'accepted' GROUP BY conversation_id"
