@@ -66,7 +66,9 @@ class Bare:
             template = Path(tempfile.mkdtemp(prefix="queuechat-bare-")) / "template.db"
             self.engine = make_engine(f"sqlite:///{template}")
             SQLModel.metadata.create_all(self.engine)
-            self.run(admin.apply_config, self.config, self.passwords)
+            with Session(self.engine) as s:
+                stored = admin.stored_hashes(s)
+            self.run(admin.apply_config, self.config, admin.resolve_hashes(self.passwords, self.config, stored))
             self.timers.clear()
             with self.engine.connect() as c:
                 c.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")

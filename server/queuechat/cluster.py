@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import socket
+import uuid
 from collections.abc import Callable, Hashable, Iterable
 from datetime import datetime
 from typing import Any
@@ -128,6 +129,8 @@ class NatsLink:
         self._sends: set[asyncio.Task[None]] = set()
         self.connected = asyncio.Event()
         self._closing = False
+        # Not the node id: two nodes given the same id by mistake must still hear each other.
+        self._instance = uuid.uuid4().hex
         self.sent = self.received = self.dropped = 0
 
     async def start(self, cluster_id: str, wait: float = 5.0) -> None:
@@ -163,7 +166,14 @@ class NatsLink:
                 await asyncio.sleep(delay)
                 delay = min(5.0, delay * 2)
                 continue
-            await nc.subscribe(self._subject, cb=self._on_message)
+            try:
+                await nc.subscribe(self._subject, cb=self._on_message)
+            except Exception as e:  # the connection went at once: start over
+                log.warning("cluster: cannot subscribe on NATS (%s); retrying", e)
+                with contextlib.suppress(Exception):
+                    await nc.close()
+                await asyncio.sleep(delay)
+                continue
             self._nc = nc
             self.connected.set()
             log.info("cluster: connected to NATS at %s, subject %s", self.url, self._subject)
@@ -194,10 +204,12 @@ class NatsLink:
         if self._nc is None or not items:
             self.dropped += len(items)  # not connected yet: the reconciler covers them
             return
-        payload = json.dumps({"n": self.node_id, "i": items}, separators=(",", ":")).encode()
-        task = asyncio.get_running_loop().create_task(self._publish(payload, len(items)))
-        self._sends.add(task)
-        task.add_done_callback(self._sends.discard)
+        limit = max(1024, int(getattr(self._nc, "max_payload", 0) or 1024 * 1024) - 256)
+        for batch in _split(items, limit):
+            payload = json.dumps({"n": self._instance, "i": batch}, separators=(",", ":")).encode()
+            task = asyncio.get_running_loop().create_task(self._publish(payload, len(batch)))
+            self._sends.add(task)
+            task.add_done_callback(self._sends.discard)
 
     async def _publish(self, payload: bytes, n: int) -> None:
         try:
@@ -205,12 +217,12 @@ class NatsLink:
             self.sent += n
         except Exception as e:  # disconnected, buffer full: at-most-once, the reconciler catches up
             self.dropped += n
-            log.debug("cluster: publish failed: %s", e)
+            log.warning("cluster: %d items not published on NATS (%s); streams catch up from the database", n, e)
 
     async def _on_message(self, msg: Any) -> None:
         try:
             data = json.loads(msg.data)
-            if data.get("n") == self.node_id:
+            if data.get("n") == self._instance:
                 return
             items = data["i"]
             self.received += len(items)
@@ -233,6 +245,22 @@ class NatsLink:
                 await self._nc.drain()
             except Exception:
                 await self._nc.close()
+
+
+def _split(items: list[dict[str, Any]], limit: int) -> Iterable[list[dict[str, Any]]]:
+    """Batches whose JSON stays under NATS's max_payload (one item over it goes alone: NATS refuses it, and
+    the reconciler delivers it from the database)."""
+    batch: list[dict[str, Any]] = []
+    size = 0
+    for item in items:
+        n = len(json.dumps(item, separators=(",", ":"))) + 1
+        if batch and size + n > limit:
+            yield batch
+            batch, size = [], 0
+        batch.append(item)
+        size += n
+    if batch:
+        yield batch
 
 
 # --- effects: the local ones, and the other nodes told ----------------------------------------------
@@ -293,11 +321,14 @@ class Receiver:
             elif k == "st":
                 self._settings_changed()
             else:
+                key = d.get("c") or d.get("sid")
+                if not self._bus.subscriber_count(("feed" if k in ("fe", "se") else "conv", key)):
+                    continue  # nobody here watches it: not even worth decoding
                 got = decode(d)
                 if got is None:
                     continue
                 topic, item = got
-                if self._bus.subscriber_count(topic):  # nobody here watches it: nothing to do
+                if self._bus.subscriber_count(topic):
                     if isinstance(item, EventView | FeedEventView):
                         self._reconciler.saw(topic, item.seq)
                     self._bus.publish(topic, item)
@@ -370,10 +401,12 @@ class Reconciler:
         for kind, seqs in (("conv", conv_seqs), ("feed", feed_seqs)):
             for key, seq in seqs.items():
                 topic = (kind, key)
-                if seq > self._highest.get(topic, 0):
+                known = self._highest.get(topic)
+                if seq > (known or 0):
                     self._highest[topic] = seq
                     self._bus.publish(topic, Behind(topic, seq))
-                    behind += 1
+                    if known is not None:  # a topic's first round only learns where it stands: not a catch-up
+                        behind += 1
         self.rounds += 1
         self.caught_up += behind
         return behind

@@ -97,5 +97,6 @@ def run_workers(argv: list[str], n: int, node_id: str | None, metrics_listen: st
                 continue
             log.warning("workers: worker %d exited (%s); starting it again", i, rc)
             time.sleep(min(5.0, 0.5 * failures[i]))
-            spawn(i)
+            if not stopping:  # a SIGTERM during the pause: nobody would signal the new one
+                spawn(i)
     return code

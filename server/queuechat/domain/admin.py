@@ -57,16 +57,45 @@ SETTING_KEYS = ("offer_timeout", "reject_cooldown", "stream_grace", "rating_wind
 M = TypeVar("M", bound=SQLModel)
 
 
-def _hash(passwords: Passwords, current: str | None, password: str | None, given_hash: str | None) -> str:
-    if given_hash:
-        return given_hash
-    assert password is not None
-    if current and passwords.verify(current, password):
-        return current  # unchanged: keep the salt, skip a costly rehash
-    return passwords.hash(password)
+# (kind, id) -> (the hash read before the write, the hash to store): worked out off the writer (argon2 is slow
+# on purpose), so applying the file never holds the writer, nor a cluster's routing lock, while it hashes.
+Hashes = dict[tuple[str, str], tuple[str | None, str]]
 
 
-def apply_config(tx: Tx, cfg: Config, passwords: Passwords) -> None:
+def stored_hashes(s: Session) -> dict[tuple[str, str], str]:
+    out = {("agent", a.id): a.password_hash for a in s.exec(select(Agent)).all()}
+    out.update({("admin", a.id): a.password_hash for a in s.exec(select(Admin)).all()})
+    return out
+
+
+def resolve_hashes(passwords: Passwords, cfg: Config, stored: dict[tuple[str, str], str]) -> Hashes:
+    """The hash each configured account gets: the file's own hash; the stored one while it still verifies the
+    file's password (the salt is kept); else a new hash. Blocking (argon2): run it on a worker thread."""
+    out: Hashes = {}
+    accounts = [("agent", a.id, a.password, a.password_hash) for a in cfg.agents]
+    accounts += [("admin", a.id, a.password, a.password_hash) for a in cfg.admins]
+    for kind, account_id, password, given in accounts:
+        current = stored.get((kind, account_id))
+        if given:
+            out[(kind, account_id)] = (current, given)
+        elif current and password is not None and passwords.verify(current, password):
+            out[(kind, account_id)] = (current, current)
+        else:
+            assert password is not None
+            out[(kind, account_id)] = (current, passwords.hash(password))
+    return out
+
+
+def _hash(s: Session, hashes: Hashes, kind: str, account_id: str, current: str | None) -> str:
+    seen, new = hashes[(kind, account_id)]
+    if current is not None and current != seen:
+        return current  # another node applied the file in between (its own salt): keep what it stored
+    return new
+
+
+def apply_config(tx: Tx, cfg: Config, hashes: Hashes) -> None:
+    """Upsert what the file names. Every node applies it at start, one after the other (the routing lock), so
+    it must be idempotent; hashes come from resolve_hashes."""
     s = tx.session
     for q in cfg.queues:
         s.merge(Queue(id=q.id, display_name=q.display_name, wrap_up_required=q.wrap_up_required))
@@ -83,7 +112,7 @@ def apply_config(tx: Tx, cfg: Config, passwords: Passwords) -> None:
     for a in cfg.agents:
         cur = s.get(Agent, a.id)
         old = cur.password_hash if cur else None  # merge() below updates cur in place
-        h = _hash(passwords, old, a.password, a.password_hash)
+        h = _hash(s, hashes, "agent", a.id, old)
         s.merge(
             Agent(id=a.id, display_name=a.display_name, password_hash=h, max_chats=a.max_chats, disabled=a.disabled)
         )
@@ -96,7 +125,7 @@ def apply_config(tx: Tx, cfg: Config, passwords: Passwords) -> None:
     for ad in cfg.admins:
         cur_admin = s.get(Admin, ad.id)
         old = cur_admin.password_hash if cur_admin else None
-        h = _hash(passwords, old, ad.password, ad.password_hash)
+        h = _hash(s, hashes, "admin", ad.id, old)
         s.merge(Admin(id=ad.id, password_hash=h, disabled=ad.disabled))
         if old is not None and (h != old or ad.disabled):
             s.exec(delete(AdminSession).where(col(AdminSession.admin_id) == ad.id))

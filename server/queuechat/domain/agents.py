@@ -142,14 +142,19 @@ def _lease_gone(tx: Tx, session_id: str, lost_at: datetime) -> None:
 
 
 @routing_free
-def renew_leases(tx: Tx, node_id: str, lease_seconds: float) -> int:
-    """The node is alive: its streams' leases run on. Changes no routing state (presence stays as it is)."""
-    result = tx.conn.execute(
-        update(StreamLease)
-        .where(col(StreamLease.node_id) == node_id)
-        .values(expires_at=tx.now + timedelta(seconds=lease_seconds))
-    )
-    return int(getattr(result, "rowcount", 0) or 0)
+def renew_leases(tx: Tx, node_id: str, lease_ids: list[str], lease_seconds: float) -> int:
+    """The node is alive: the leases of its open streams run on (only those: a lease no stream holds any more
+    expires and is swept). Changes no routing state (presence stays as it is). Returns how many it renewed."""
+    renewed = 0
+    until = tx.now + timedelta(seconds=lease_seconds)
+    for i in range(0, len(lease_ids), 500):
+        result = tx.conn.execute(
+            update(StreamLease)
+            .where(col(StreamLease.node_id) == node_id, col(StreamLease.id).in_(lease_ids[i : i + 500]))
+            .values(expires_at=until)
+        )
+        renewed += int(getattr(result, "rowcount", 0) or 0)
+    return renewed
 
 
 def restore_leases(tx: Tx, node_id: str, held: dict[str, str], lease_seconds: float) -> int:
@@ -169,7 +174,7 @@ def grace_expired(tx: Tx, session_id: str, lost_at: datetime) -> None:
         routing.withdraw_session_offers(tx, session_id, tx.now)
 
 
-def sweep(tx: Tx) -> int:
+def sweep(tx: Tx, expire_leases: bool = True) -> int:
     """The database's timers, for every node (the in-memory ones are only the fast path): expired leases
     (their node is dead) are removed, sessions past their grace period lose their pending offers, and
     offers past their time-out go back. Rows are claimed with SKIP LOCKED, so nodes sweeping together
@@ -177,9 +182,14 @@ def sweep(tx: Tx) -> int:
     s = tx.session
     now = tx.now
     done = 0
-    dead = s.exec(
-        select(StreamLease).where(col(StreamLease.expires_at) < now).with_for_update(skip_locked=True).limit(500)
-    ).all()
+    # The embedded single process holds every lease itself (recover cleared the others): none is a dead node's.
+    dead = (
+        s.exec(
+            select(StreamLease).where(col(StreamLease.expires_at) < now).with_for_update(skip_locked=True).limit(500)
+        ).all()
+        if expire_leases
+        else []
+    )
     for lease in dead:
         s.delete(lease)
         _lease_gone(tx, lease.session_id, lease.expires_at)
@@ -200,12 +210,13 @@ def sweep(tx: Tx) -> int:
     return done + routing.expire_due(tx)
 
 
-def sweep_due(s: Session, now: datetime, grace: float) -> bool:
+def sweep_due(s: Session, now: datetime, grace: float, expire_leases: bool = True) -> bool:
     """Whether sweep has anything to do: a cheap read first, so idle nodes take no lock."""
     grace_over = now - timedelta(seconds=grace)
-    lease = s.exec(select(StreamLease.id).where(col(StreamLease.expires_at) < now).limit(1)).first()
-    if lease is not None:
-        return True
+    if expire_leases:
+        lease = s.exec(select(StreamLease.id).where(col(StreamLease.expires_at) < now).limit(1)).first()
+        if lease is not None:
+            return True
     offer = s.exec(
         select(Offer.id).where(col(Offer.status) == "pending", col(Offer.expires_at) <= now).limit(1)
     ).first()

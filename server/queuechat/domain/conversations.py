@@ -38,7 +38,7 @@ from .log import (
     insert_event,
 )
 from .read import active_agents, conversation_view, must_get, queue_json, variables_json
-from .tx import Tx
+from .tx import Tx, routing_free
 from .views import (
     AgentPrincipal,
     ConversationView,
@@ -165,6 +165,7 @@ def _actor(who: Sender) -> str:
     return f"agent:{who.agent_id}" if isinstance(who, AgentPrincipal) else "customer"
 
 
+@routing_free  # it decides nothing routing reads; what it checks, it checks under the conversation's row lock
 def send_message(
     tx: Tx,
     who: Sender,
@@ -178,19 +179,21 @@ def send_message(
     """The hot path: a few Core statements, the ORM only for predefined messages and files."""
     c = tx.conn
     actor = _actor(who)
-    if isinstance(who, AgentPrincipal):
-        name = c.execute(_MEMBER_NAME, {"c": conversation_id, "a": who.agent_id}).scalar()
-        if name is None:
-            require_member(tx, who, conversation_id)  # raises the precise refusal
-            raise LookupError(f"agent {who.agent_id} is in {conversation_id} without a name")  # not reached
-        sender = ParticipantView("agent", who.agent_id, name)
-    elif who.conversation_id != conversation_id:
+    if isinstance(who, CustomerPrincipal) and who.conversation_id != conversation_id:
         raise denied("NOT_YOUR_CONVERSATION", "This token is not for that conversation.")
     prior = find_request(tx, conversation_id, actor, request_id)
     if prior is not None:
         return prior
-    # Take the seq and read the conversation in one statement; a refusal below rolls it back.
+    # Take the seq and read the conversation in one statement; a refusal below rolls it back. It holds the
+    # conversation's row until commit, so a close, an end or a leave committed by another node is seen below
+    # (they claim a seq too) and none can come between these checks and the message.
     conv = c.execute(_CLAIM_SEQ, {"c": conversation_id}).first()
+    if isinstance(who, AgentPrincipal):
+        name = c.execute(_MEMBER_NAME, {"c": conversation_id, "a": who.agent_id}).scalar() if conv else None
+        if name is None:
+            require_member(tx, who, conversation_id)  # raises the precise refusal
+            raise LookupError(f"agent {who.agent_id} is in {conversation_id} without a name")  # not reached
+        sender = ParticipantView("agent", who.agent_id, name)
     if conv is None:
         raise not_found("CONVERSATION_NOT_FOUND", f"No conversation {conversation_id!r}.")
     if conv.status == "closed":

@@ -209,7 +209,9 @@ class Core:
     async def start(self) -> None:
         # An empty database gets the schema; one that is behind raises SchemaBehind (serve --migrate upgrades first).
         await asyncio.get_running_loop().run_in_executor(None, self.db.ensure_schema)
-        await self.write(admin.apply_config, self.config, self.passwords)
+        stored = await self.db.read(admin.stored_hashes)
+        hashes = await asyncio.to_thread(admin.resolve_hashes, self.passwords, self.config, stored)
+        await self.write(admin.apply_config, self.config, hashes)
         self.settings, self.token_secret = await self.db.read(admin.load_settings)
         # Embedded, no other process can hold a stream; in a cluster only this node's old leases are gone.
         await self.write(agents.recover, self.node_id, self.link is None)
@@ -229,10 +231,10 @@ class Core:
         while True:
             await asyncio.sleep(seconds / 3)
             try:
-                renewed = await self.write(agents.renew_leases, self.node_id, seconds)
-                held = self.streams.leases
+                held = dict(self.streams.leases)
+                renewed = await self.write(agents.renew_leases, self.node_id, list(held), seconds)
                 if renewed < len(held):
-                    await self.write(agents.restore_leases, self.node_id, dict(held), seconds)
+                    await self.write(agents.restore_leases, self.node_id, held, seconds)
             except Exception:
                 log.exception("renewing stream leases failed")
 
@@ -243,8 +245,9 @@ class Core:
         while True:
             await asyncio.sleep(interval)
             try:
-                if await self.db.read(agents.sweep_due, utcnow(), self.settings.stream_grace):
-                    await self.write(agents.sweep)
+                cluster = self.link is not None  # only a cluster has other nodes, whose leases may be dead
+                if await self.db.read(agents.sweep_due, utcnow(), self.settings.stream_grace, cluster):
+                    await self.write(agents.sweep, cluster)
             except Exception:
                 log.exception("sweeping timers failed")
 

@@ -81,10 +81,11 @@ class Streams:
         """The session's offer feed: backlog after the cursor, then live. Offers are made while it is open."""
         sub = self._bus.subscribe([feed_topic(who.session_id)])
         lease = uuid.uuid4().hex
-        opened = False
         try:
+            # Held from before the write: a cancel during it still closes the lease the write may commit.
             self.leases[lease] = who.session_id
-            opened = await self._write(agents.stream_opened, who.session_id, lease, self.node_id, self.lease_seconds)
+            if not await self._write(agents.stream_opened, who.session_id, lease, self.node_id, self.lease_seconds):
+                raise unauthenticated("SESSION_ENDED", "This session has ended; log in again.")
             last = max(0, after_seq)
             while True:
                 page = await self._read(_feed_after, who.session_id, last)
@@ -118,8 +119,7 @@ class Streams:
         finally:
             sub.close()
             self.leases.pop(lease, None)
-            if opened:
-                self._spawn(agents.stream_closed, who.session_id, lease)
+            self._spawn(agents.stream_closed, who.session_id, lease)  # a no-op if no lease was made
 
     async def conversation(
         self, who: Who, conversation_id: str, after_seq: int
