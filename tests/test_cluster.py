@@ -219,6 +219,23 @@ async def test_customer_on_a_agent_on_b_sends_through_c_each_event_once_in_order
     assert agent.offers.events[1].offer_update.state == agent_pb.OFFER_STATE_ACCEPTED
 
 
+async def chat_streamed_from(node: Node, c: Cluster, *, calls_via: Node):
+    """agent1 takes a chat (its calls through calls_via); the agent's offer and conversation streams and the
+    customer's stream all live on `node`. (agent, customer, conversation id, customer's stream, agent's stream)"""
+    agent = await login(c.nodes, "agent1", via=calls_via)
+    agent.follow_offers(prefer=node)
+    await agent.offers.wait_live()
+    cust = await start_chat(c.nodes, via=calls_via)
+    cid = cust.conversation_id
+    stream = cust.follow(prefer=node)
+    offer = await agent.wait_offer(cid, timeout=5)
+    await agent.accept(offer.offer_id, prefer=calls_via)
+    conv = agent.follow(cid, prefer=node)
+    await conv.wait_live()
+    await stream.wait_live()
+    return agent, cust, cid, stream, conv
+
+
 # --- 2. kill -9 of the node holding the streams ----------------------------------------------------------
 
 
@@ -226,17 +243,7 @@ async def test_kill_9_of_the_node_holding_both_streams_loses_nothing(make_cluste
     config = base_config(settings={"stream_grace": 5.0})
     c = await make_cluster("a", "b", "c", config=config, env=cluster_env(lease=2.0, sweep=0.3, reconcile=1.0))
     a, b, cc = c.nodes
-    agent = await login(c.nodes, "agent1", via=b)
-    agent.follow_offers(prefer=a)
-    await agent.offers.wait_live()
-    cust = await start_chat(c.nodes, via=b)
-    cid = cust.conversation_id
-    stream = cust.follow(prefer=a)
-    offer = await agent.wait_offer(cid, timeout=5)
-    await agent.accept(offer.offer_id, prefer=b)
-    conv = agent.follow(cid, prefer=a)
-    await conv.wait_live()
-    await stream.wait_live()
+    agent, cust, cid, stream, conv = await chat_streamed_from(a, c, calls_via=b)
 
     # Both sides send through A too: sends in flight when it dies are retried elsewhere with their request id.
     talk = Talk(agent, cust, cid, prefer=a)
@@ -877,17 +884,7 @@ async def test_sigterm_drains_and_its_clients_move_with_nothing_lost(make_cluste
     config = base_config(settings={"stream_grace": 5.0, "offer_timeout": 60.0})
     c = await make_cluster("a", "b", "c", config=config, env=cluster_env(lease=10.0, sweep=0.3, reconcile=1.0))
     a, b, cc = c.nodes
-    agent = await login(c.nodes, "agent1", via=b)
-    agent.follow_offers(prefer=a)
-    await agent.offers.wait_live()
-    cust = await start_chat(c.nodes, via=b)
-    cid = cust.conversation_id
-    stream = cust.follow(prefer=a)
-    offer = await agent.wait_offer(cid, timeout=5)
-    await agent.accept(offer.offer_id, prefer=b)
-    conv = agent.follow(cid, prefer=a)
-    await conv.wait_live()
-    await stream.wait_live()
+    agent, cust, cid, stream, conv = await chat_streamed_from(a, c, calls_via=b)
     # A second chat offered to the agent and left pending across the drain.
     cust2 = await start_chat(c.nodes, via=b)
     pending = await agent.wait_offer(cust2.conversation_id, timeout=5)
