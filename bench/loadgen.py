@@ -13,15 +13,15 @@ import hashlib
 import json
 import os
 import random
+import sys
 import time
 import uuid
 
 import grpc
 
 from chat.v1 import agent_service_pb2 as apb
-from chat.v1 import agent_service_pb2_grpc
+from chat.v1 import agent_service_pb2_grpc, customer_service_pb2_grpc
 from chat.v1 import customer_service_pb2 as cpb
-from chat.v1 import customer_service_pb2_grpc
 from chat.v1 import resources_pb2 as rpb
 
 MIB = 1024 * 1024
@@ -83,12 +83,18 @@ async def start_chat(stub, queue="q") -> cpb.StartChatResponse:
 
 
 class AgentDesk:
-    """Logged-in agents that accept every offer; conversation_id -> (agent stub, token) once accepted."""
+    """Logged-in agents that accept every offer; conversation_id -> (agent stub, token) once accepted.
 
-    def __init__(self, pool: Pool, count: int):
+    `accept=False`: agents who never answer (their pending offers hold their capacity). `hold`: close
+    each accepted conversation that many seconds later (a steady state: chats end as others arrive)."""
+
+    def __init__(self, pool: Pool, count: int, *, prefix: str = "agent", profile: str = "p", accept: bool = True,
+                 hold: float | None = None):
         self.pool, self.count = pool, count
+        self.prefix, self.profile, self.accept, self.hold = prefix, profile, accept, hold
         self.offered: dict[str, float] = {}
         self.accepted: dict[str, tuple] = {}
+        self.accept_ms: dict[str, float] = {}  # conversation_id -> AcceptOffer call, ms
         self.all_accepted = asyncio.Event()
         self.expected = 0
         self.tasks: list[asyncio.Task] = []
@@ -96,27 +102,36 @@ class AgentDesk:
     async def start(self) -> None:
         async def one(i: int):
             stub = self.pool.agents()
-            login = await stub.Login(apb.LoginRequest(username=f"agent{i}", password="pw", profile_id="p", ready=True))
+            login = await stub.Login(apb.LoginRequest(username=f"{self.prefix}{i}", password="pw",
+                                                      profile_id=self.profile, ready=True))
             ready = asyncio.Event()
             self.tasks.append(asyncio.create_task(self._serve(stub, login.session_token, ready)))
             await ready.wait()
 
-        await asyncio.gather(*(one(i) for i in range(1, self.count + 1)))
+        for lo in range(1, self.count + 1, 100):  # logins in waves: argon2 has a bounded queue
+            await asyncio.gather(*(one(i) for i in range(lo, min(self.count, lo + 99) + 1)))
 
     async def _serve(self, stub, token: str, ready: asyncio.Event):
         async def accept(offer):
+            t0 = time.monotonic()
             await stub.AcceptOffer(apb.AcceptOfferRequest(offer_id=offer.offer_id), metadata=md(token))
+            self.accept_ms[offer.conversation_id] = (time.monotonic() - t0) * 1000
             self.accepted[offer.conversation_id] = (stub, token)
             if self.expected and len(self.accepted) >= self.expected:
                 self.all_accepted.set()
+            if self.hold is not None:
+                await asyncio.sleep(self.hold)
+                await stub.CloseConversation(apb.CloseConversationRequest(
+                    conversation_id=offer.conversation_id, confirm=True), metadata=md(token))
 
         async for item in stub.StreamOffers(apb.StreamOffersRequest(), metadata=md(token)):
             ready.set()
             if item.HasField("event") and item.event.HasField("offer"):
                 offer = item.event.offer
                 self.offered[offer.conversation_id] = time.monotonic()
-                # Answer in its own task: the stream keeps being read, so arrival times are true.
-                self.tasks.append(asyncio.create_task(accept(offer)))
+                if self.accept:
+                    # Answer in its own task: the stream keeps being read, so arrival times are true.
+                    self.tasks.append(asyncio.create_task(accept(offer)))
 
     def stop(self):
         for t in self.tasks:
@@ -360,9 +375,75 @@ async def phase_attachments(args) -> dict:
     return {"upload_mb_per_s": max(up_rates), "download_mb_per_s": max(down_rates)}
 
 
+async def phase_arrivals(args) -> dict:
+    """Arrivals into queue q at steady rates while `backlog` chats wait in queue w.
+
+    The backlog's own agents (`busy`, profile pw) hold pending offers they never answer, so its chats
+    keep waiting and dispatch sees them as a long queue nobody free serves. `agents` agents (profile p,
+    queue q) accept every offer at once and close the chat `hold` seconds later. For each rate in turn:
+    offer latency (StartChat sent -> offer read on the stream), StartChat and AcceptOffer call times,
+    server CPU per chat. Rates go up until offer p99 passes `stop_ms`."""
+    pool = Pool(args.target)
+    busy = AgentDesk(pool, args.busy, prefix="busy", profile="pw", accept=False)
+    await busy.start()
+    t0 = time.monotonic()
+    sem = asyncio.Semaphore(64)
+
+    async def wait_one():
+        async with sem:
+            await start_chat(pool.customers(), "w")
+
+    for lo in range(0, args.backlog, 1000):
+        await asyncio.gather(*(wait_one() for _ in range(min(1000, args.backlog - lo))))
+    fill_s = time.monotonic() - t0
+    desk = AgentDesk(pool, args.agents, hold=args.hold)
+    await desk.start()
+    steps = []
+    for rate in args.rates:
+        n = max(1, round(rate * args.step_seconds))
+        sent: dict[str, float] = {}
+        answered: list[float] = []
+        start = time.monotonic() + 0.05
+
+        async def arrive(i: int, start: float, rate: float, sent: dict, answered: list):
+            await asyncio.sleep(max(0.0, start + i / rate - time.monotonic()))
+            stub = pool.customers()
+            t = time.monotonic()
+            resp = await start_chat(stub)
+            answered.append((time.monotonic() - t) * 1000)
+            sent[resp.conversation.conversation_id] = t
+
+        cpu0 = cpu_seconds(args.server_pid) if args.server_pid else 0.0
+        await asyncio.gather(*(arrive(i, start, rate, sent, answered) for i in range(n)))
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not all(c in desk.accept_ms for c in sent):
+            await asyncio.sleep(0.05)
+        cpu = (cpu_seconds(args.server_pid) if args.server_pid else 0.0) - cpu0
+        offer_ms = [(desk.offered[c] - t) * 1000 for c, t in sent.items() if c in desk.offered]
+        accept_ms = [desk.accept_ms[c] for c in sent if c in desk.accept_ms]
+        step = {
+            "rate": rate, "chats": n, "offered": len(offer_ms),
+            "achieved_per_s": (n - 1) / max(1e-9, max(sent.values()) - min(sent.values())) if n > 1 else rate,
+            "offer_p50_ms": percentile(offer_ms, 0.5), "offer_p99_ms": percentile(offer_ms, 0.99),
+            "start_chat_p50_ms": percentile(answered, 0.5), "start_chat_p99_ms": percentile(answered, 0.99),
+            "accept_p50_ms": percentile(accept_ms, 0.5), "accept_p99_ms": percentile(accept_ms, 0.99),
+            "server_cpu_ms_per_chat": cpu / n * 1000,
+        }
+        steps.append(step)
+        print(json.dumps(step), file=sys.stderr, flush=True)
+        await asyncio.sleep(args.hold + 0.5)  # the step's chats close before the next step
+        if len(offer_ms) < n or step["offer_p99_ms"] > args.stop_ms:
+            break
+    desk.stop()
+    busy.stop()
+    await pool.close()
+    return {"agents": args.agents, "backlog": args.backlog, "busy": args.busy, "fill_s": fill_s,
+            "hold_s": args.hold, "step_s": args.step_seconds, "steps": steps}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("phase", choices=["chat", "saturation", "memory", "attachments"])
+    p.add_argument("phase", choices=["chat", "saturation", "memory", "attachments", "arrivals"])
     p.add_argument("--target", required=True)
     p.add_argument("--kind", default="queuechat", choices=["queuechat", "relay"])
     p.add_argument("--server-pid", type=int, default=0)
@@ -375,8 +456,15 @@ def main() -> None:
     p.add_argument("--loops", type=int, default=4, help="concurrent senders per conversation")
     p.add_argument("--counts", type=int, nargs="+", default=[100, 1000, 5000])
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--backlog", type=int, default=1000, help="chats waiting in queue w")
+    p.add_argument("--busy", type=int, default=10, help="agents of queue w, who never answer")
+    p.add_argument("--rates", type=float, nargs="+", default=[50.0], help="arrival rates, one step each")
+    p.add_argument("--step-seconds", type=float, default=5.0)
+    p.add_argument("--hold", type=float, default=1.0, help="seconds an accepted chat stays open")
+    p.add_argument("--stop-ms", type=float, default=1000.0, help="no higher rate once offer p99 passes this")
     args = p.parse_args()
-    phase = {"chat": phase_chat, "saturation": phase_saturation, "memory": phase_memory, "attachments": phase_attachments}
+    phase = {"chat": phase_chat, "saturation": phase_saturation, "memory": phase_memory,
+             "attachments": phase_attachments, "arrivals": phase_arrivals}
     print(json.dumps(asyncio.run(phase[args.phase](args))), flush=True)
 
 

@@ -35,6 +35,9 @@ TARGETS = {
     "message_p99_ms": ("<=", 25.0, "message latency, p99"),
     "kib_per_stream": ("<=", 30.0, "server memory per open stream"),
     "attachment_ratio": (">=", 0.5, "20 MiB transfer / raw gRPC bytes"),
+    "arrival_capacity_per_s": (">=", 300, "highest arrival rate with offer p99 <= 50 ms (chats waiting, agents answering)"),
+    "accept_p99_ms": ("<=", 20.0, "AcceptOffer p99 at that rate"),
+    "queue_growth_ratio": ("<=", 1.5, "StartChat / AcceptOffer p99, 10x waiting and 5x agents over 1x"),
 }
 # Only when the cluster phases ran (PostgreSQL and NATS reachable).
 CLUSTER_TARGETS = {
@@ -52,32 +55,46 @@ PROFILES = {
                   counts=[100, 1000], repeat=1,
                   cluster_nodes=[1], cl_sat_convs=20, cl_sat_seconds=3,
                   cross_convs=50, cross_agents=10, cross_interval=1.0, cross_duration=3,
-                  fo_nodes=2, fo_convs=2, fo_kills=2),
+                  fo_nodes=2, fo_convs=2, fo_kills=2,
+                  arr_agents=100, arr_backlog=1000, arr_rates=[50, 100, 200, 300], arr_step=2,
+                  growth_rate=50, big_agents=500, big_backlog=10000),
     # For the test suite: every phase, seconds in all; its figures mean nothing.
     "tiny": dict(agents=2, chats=6, rate=20, interval=0.5, duration=1, sat_convs=2, sat_seconds=1,
                  counts=[5, 10], repeat=1,
                  cluster_nodes=[1], cl_sat_convs=2, cl_sat_seconds=1,
-                 cross_convs=0, fo_nodes=2, fo_convs=1, fo_kills=1),
+                 cross_convs=0, fo_nodes=2, fo_convs=1, fo_kills=1,
+                 arr_agents=2, arr_backlog=10, arr_rates=[10, 20], arr_step=0.5,
+                 growth_rate=10, big_agents=4, big_backlog=30),
     "full": dict(agents=100, chats=1000, rate=40, interval=5.0, duration=30, sat_convs=50, sat_seconds=15,
                  counts=[100, 1000, 5000], repeat=3,
                  cluster_nodes=[1, 2, 4], cl_sat_convs=50, cl_sat_seconds=15,
                  cross_convs=1000, cross_agents=100, cross_interval=5.0, cross_duration=30,
-                 fo_nodes=3, fo_convs=10, fo_kills=20),
+                 fo_nodes=3, fo_convs=10, fo_kills=20,
+                 arr_agents=100, arr_backlog=1000, arr_rates=[25, 50, 100, 150, 200, 300, 400, 600], arr_step=5,
+                 growth_rate=50, big_agents=500, big_backlog=10000),
 }
 
 
-def config(agents: int, max_chats: int) -> str:
+def config(agents: int, max_chats: int, busy: int = 0) -> str:
+    """`busy` > 0 adds queue w, served by profile pw of agents busy1..busyN (one chat each): the
+    arrivals phases park their waiting chats there."""
     lines = [
         "[settings]", "offer_timeout = 600", "stream_grace = 600",
         "[security]", "argon2_time_cost = 1", "argon2_memory_kib = 1024",
-        # A load test is a flood by design.
-        "[rate_limits]", "enabled = false",
+        # A load test is a flood by design; the cap on waiting chats is raised too, in case limits are enabled.
+        "[rate_limits]", "enabled = false", "max_waiting_per_queue = 100000",
         '[[queues]]', 'id = "q"', 'display_name = "Q"',
         '[[profiles]]', 'id = "p"', 'display_name = "P"', 'queues = ["q"]',
     ]
+    if busy:
+        lines += ['[[queues]]', 'id = "w"', 'display_name = "W"',
+                  '[[profiles]]', 'id = "pw"', 'display_name = "PW"', 'queues = ["w"]']
     for i in range(1, agents + 1):
         lines += ["[[agents]]", f'id = "agent{i}"', f'display_name = "Agent {i}"', 'password = "pw"',
                   'profiles = ["p"]', f"max_chats = {max_chats}"]
+    for i in range(1, busy + 1):
+        lines += ["[[agents]]", f'id = "busy{i}"', f'display_name = "Busy {i}"', 'password = "pw"',
+                  'profiles = ["pw"]', "max_chats = 1"]
     return "\n".join(lines) + "\n"
 
 
@@ -102,10 +119,10 @@ def process(cmd: list[str], ready: str):
 
 
 @contextmanager
-def queuechat(agents: int = 1, max_chats: int = 60):
+def queuechat(agents: int = 1, max_chats: int = 60, busy: int = 0):
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "bench.toml"
-        cfg.write_text(config(agents, max_chats))
+        cfg.write_text(config(agents, max_chats, busy))
         cmd = [sys.executable, "-m", "queuechat", "serve", "--config", str(cfg), "--data-dir", f"{tmp}/data",
                "--listen", "127.0.0.1:0"]
         if "--web-listen" in subprocess.run(cmd[:3] + ["serve", "--help"], capture_output=True, text=True).stdout:
@@ -173,6 +190,52 @@ def run_cluster(p: dict, res: dict) -> None:
                                         kills=p["fo_kills"], interval=0.1)
 
 
+ARRIVAL_BUSY = 10  # agents of the waiting queue, each holding one offer they never answer
+ARRIVAL_HOLD = 1.0  # seconds an accepted chat stays open before its agent closes it
+
+
+def run_arrivals(p: dict, res: dict) -> None:
+    """The arrival curve with arr_backlog chats waiting, then the same first steps with big_backlog and big_agents."""
+    hold = ARRIVAL_HOLD
+    # Capacity never binds: the server's cost is measured, not the agents' seats.
+    seats = math.ceil(max(p["arr_rates"]) * (hold + 1) / p["arr_agents"]) + 5
+    print(f"bench: arrivals ({p['arr_backlog']} waiting, {p['arr_agents']} agents) at {p['arr_rates']}/s ...", flush=True)
+    with queuechat(p["arr_agents"], seats, busy=ARRIVAL_BUSY) as (pid, port):
+        res["arrivals"] = load("arrivals", pid, port, agents=p["arr_agents"], backlog=p["arr_backlog"], busy=ARRIVAL_BUSY,
+                               rates=p["arr_rates"], step_seconds=p["arr_step"], hold=hold)
+    rates = [r for r in p["arr_rates"] if r <= p["growth_rate"]]
+    print(f"bench: arrivals ({p['big_backlog']} waiting, {p['big_agents']} agents) at {rates}/s ...", flush=True)
+    with queuechat(p["big_agents"], seats, busy=ARRIVAL_BUSY) as (pid, port):
+        res["arrivals_big"] = load("arrivals", pid, port, agents=p["big_agents"], backlog=p["big_backlog"],
+                                   busy=ARRIVAL_BUSY, rates=rates, step_seconds=p["arr_step"], hold=hold)
+    res["growth_rate"] = p["growth_rate"]
+
+
+def arrival_summary(res: dict) -> dict:
+    a = res["arrivals"]
+    steps = a["steps"]
+    ok = [st for st in steps if st["offered"] == st["chats"] and st["offer_p99_ms"] <= 50.0]
+    at = max(ok, key=lambda st: st["rate"]) if ok else steps[0]
+    small = next(st for st in steps if st["rate"] == res["growth_rate"])
+    big = next(st for st in res["arrivals_big"]["steps"] if st["rate"] == res["growth_rate"])
+    ratios = {k: big[f"{k}_p99_ms"] / small[f"{k}_p99_ms"] for k in ("start_chat", "accept")}
+    return {
+        "arrival_capacity_per_s": at["rate"] if ok else 0,
+        "accept_p99_ms": at["accept_p99_ms"],
+        "accept_p99_at_per_s": at["rate"],
+        "arrival_curve": [{k: (round(v, 2) if isinstance(v, float) else v) for k, v in st.items()} for st in steps],
+        "queue_growth_ratio": max(ratios.values()),
+        "queue_growth_start_chat_ratio": ratios["start_chat"],
+        "queue_growth_accept_ratio": ratios["accept"],
+        "queue_growth_p50_ratios": {k: big[f"{k}_p50_ms"] / small[f"{k}_p50_ms"] for k in ("start_chat", "accept", "offer")},
+        "queue_growth_cpu_ratio": big["server_cpu_ms_per_chat"] / small["server_cpu_ms_per_chat"],
+        "queue_growth_at_per_s": res["growth_rate"],
+        "arrival_setups": {"small": [a["backlog"], a["agents"]],
+                           "big": [res["arrivals_big"]["backlog"], res["arrivals_big"]["agents"]]},
+        "backlog_fill_s": {"small": round(a["fill_s"], 1), "big": round(res["arrivals_big"]["fill_s"], 1)},
+    }
+
+
 def run(profile: str, with_cluster: bool = True) -> dict:
     p = PROFILES[profile]
     t0 = time.monotonic()
@@ -181,6 +244,7 @@ def run(profile: str, with_cluster: bool = True) -> dict:
     with queuechat(p["agents"], math.ceil(p["chats"] / p["agents"]) + 1) as (pid, port):
         res["chat"] = load("chat", pid, port, agents=p["agents"], chats=p["chats"], rate=p["rate"],
                            interval=p["interval"], duration=p["duration"])
+    run_arrivals(p, res)
     print("bench: saturation ...", flush=True)
     with relay() as (pid, port):
         res["relay"] = load("saturation", pid, port, kind="relay", conversations=p["sat_convs"],
@@ -225,6 +289,7 @@ def summary(res: dict) -> dict:
         "raw_download_mb_per_s": raw["download_mb_per_s"],
         "attachment_ratio": ratio,
     }
+    out.update(arrival_summary(res))
     targets = dict(TARGETS)
     if any(k in res for k in CLUSTER_PHASES):
         out.update(cluster_summary(res))
@@ -281,6 +346,7 @@ def markdown(res: dict, s: dict) -> str:
         ("  customer -> agent p50 / p99, ms", f"{c['customer_to_agent_p50_ms']:.1f} / {c['customer_to_agent_p99_ms']:.1f}"),
         ("  agent -> customer p50 / p99, ms", f"{c['agent_to_customer_p50_ms']:.1f} / {c['agent_to_customer_p99_ms']:.1f}"),
     ]
+    rows += arrival_rows(res, s)
     rows += [(f"Server memory per open stream at {n} chats, KiB", f"{v:.1f}") for n, v in s["kib_per_stream_at"].items()]
     rows += [
         ("20 MiB upload / raw gRPC bytes, MB/s",
@@ -297,6 +363,31 @@ def markdown(res: dict, s: dict) -> str:
     lines += ["", "| target | value | met |", "|---|---|---|"]
     lines += [f"| {k} {t['target']} | {t['value']} | {'yes' if t['met'] else '**no**'} |" for k, t in s["targets"].items()]
     return "\n".join(lines) + "\n"
+
+
+def arrival_rows(res: dict, s: dict) -> list[tuple[str, str]]:
+    a, big = res["arrivals"], res["arrivals_big"]
+    rows = [(f"arrival_capacity_per_s ({a['backlog']} chats waiting, {a['agents']} agents accepting, each chat closed "
+             f"{a['hold_s']:g} s after; highest rate with offer p99 <= 50 ms)", f"{s['arrival_capacity_per_s']:g}")]
+    for st in a["steps"]:
+        rows.append((f"  arrivals at {st['rate']:g}/s ({st['achieved_per_s']:.0f} achieved): offer p50 / p99, "
+                     "StartChat p99, AcceptOffer p99 (ms); server CPU ms per chat",
+                     f"{st['offer_p50_ms']:.1f} / {st['offer_p99_ms']:.1f}, {st['start_chat_p99_ms']:.1f}, "
+                     f"{st['accept_p99_ms']:.1f}; {st['server_cpu_ms_per_chat']:.1f}"))
+    rows.append((f"accept_p99_ms (at {s['accept_p99_at_per_s']:g}/s)", f"{s['accept_p99_ms']:.1f}"))
+    small = next(st for st in a["steps"] if st["rate"] == s["queue_growth_at_per_s"])
+    bst = next(st for st in big["steps"] if st["rate"] == s["queue_growth_at_per_s"])
+    for st, x in ((small, a), (bst, big)):
+        rows.append((f"  {x['backlog']} waiting, {x['agents']} agents, {st['rate']:g}/s: StartChat p50 / p99, "
+                     "AcceptOffer p50 / p99, offer p99 (ms); server CPU ms per chat",
+                     f"{st['start_chat_p50_ms']:.1f} / {st['start_chat_p99_ms']:.1f}, {st['accept_p50_ms']:.1f} / "
+                     f"{st['accept_p99_ms']:.1f}, {st['offer_p99_ms']:.1f}; {st['server_cpu_ms_per_chat']:.1f}"))
+    p50 = s["queue_growth_p50_ratios"]
+    rows.append(("queue_growth_ratio: StartChat p99 ratio / AcceptOffer p99 ratio (max); p50 ratios; CPU per chat ratio",
+                 f"{s['queue_growth_start_chat_ratio']:.2f} / {s['queue_growth_accept_ratio']:.2f} "
+                 f"({s['queue_growth_ratio']:.2f}); {p50['start_chat']:.2f} / {p50['accept']:.2f}; "
+                 f"{s['queue_growth_cpu_ratio']:.2f}"))
+    return rows
 
 
 def cluster_rows(res: dict, s: dict) -> list[tuple[str, str]]:
@@ -346,7 +437,16 @@ def plot(s: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     cl = s.get("cluster_cpu_s_per_1000_msgs")
-    fig, axes = plt.subplots(1, 4 if cl else 3, figsize=(16 if cl else 12, 3.6))
+    fig, axes = plt.subplots(1, 5 if cl else 4, figsize=(20 if cl else 16, 3.6))
+    curve = s["arrival_curve"]
+    ax = axes[-1]
+    for key, style in (("offer_p50_ms", "o-"), ("offer_p99_ms", "s-"), ("start_chat_p99_ms", "^--"), ("accept_p99_ms", "v:")):
+        ax.plot([st["rate"] for st in curve], [st[key] for st in curve], style, label=key.replace("_ms", ""))
+    ax.axhline(50, color="#c33", ls="--", lw=1)
+    ax.set_yscale("log")
+    ax.set_xlabel("arrivals/s")
+    ax.legend(fontsize=7)
+    ax.set_title(f"Arrivals, ms (capacity {s['arrival_capacity_per_s']:g}/s)")
     axes[0].bar(["queuechat", "relay"], [s["saturation_msgs_per_s"], s["baseline_msgs_per_s"]], color=["#2a6", "#999"])
     axes[0].set_title(f"Saturation, msgs/s (ratio {s['relay_ratio']:.2f})")
     axes[1].bar(["offer p50", "offer p99", "msg p50", "msg p99"],

@@ -23,8 +23,15 @@ KEYS = {
     "message_p99_ms",
     "kib_per_stream",
     "attachment_mb_per_s",
+    "arrival_capacity_per_s",
+    "accept_p99_ms",
+    "arrival_curve",
+    "queue_growth_ratio",
+    "queue_growth_start_chat_ratio",
+    "queue_growth_accept_ratio",
 }
-SINGLE_TARGETS = {"relay_ratio", "offer_p99_ms", "message_p99_ms", "kib_per_stream", "attachment_ratio"}
+SINGLE_TARGETS = {"relay_ratio", "offer_p99_ms", "message_p99_ms", "kib_per_stream", "attachment_ratio",
+                  "arrival_capacity_per_s", "accept_p99_ms", "queue_growth_ratio"}  # fmt: skip
 # What the tiny profile's cluster phases give (the cross-node phase and 2/4-node runs are quick/full only).
 CLUSTER_KEYS = {"cluster_msgs_per_s_1", "cluster_cost_ratio", "failover_p99_s", "lost", "duplicated",
                 "over_capacity", "double_offers"}  # fmt: skip
@@ -51,6 +58,12 @@ def test_bench_runs_every_phase_and_writes_latest_json(bench):
     assert set(latest["targets"]) >= SINGLE_TARGETS
     assert all(isinstance(t["met"], bool) for t in latest["targets"].values())
     assert "| relay_ratio >= 0.5 |" in result.stdout
+    # The arrival curve: every step's chats were offered and accepted; the growth ratios are positive.
+    curve = latest["arrival_curve"]
+    assert curve and all(st["offered"] == st["chats"] > 0 and st["accept_p99_ms"] > 0 for st in curve)
+    assert latest["arrival_capacity_per_s"] in {0} | {st["rate"] for st in curve}
+    assert latest["queue_growth_ratio"] == max(latest["queue_growth_start_chat_ratio"], latest["queue_growth_accept_ratio"]) > 0
+    assert "| arrival_capacity_per_s >= 300 |" in result.stdout
 
 
 def test_bench_cluster_phases_on_postgresql_and_nats(bench):
