@@ -398,6 +398,7 @@ async def phase_arrivals(args) -> dict:
     fill_s = time.monotonic() - t0
     desk = AgentDesk(pool, args.agents, hold=args.hold)
     await desk.start()
+    print("arrivals: steps begin", file=sys.stderr, flush=True)  # a profiler may attach now
     steps = []
     for rate in args.rates:
         n = max(1, round(rate * args.step_seconds))

@@ -194,24 +194,47 @@ def last_public_seq(s: Session, conversation_id: str) -> int:
     return seq or 0
 
 
+# Up to this many agents, their open conversations are found from their own participant rows (every chat
+# they ever had, closed ones too: a close leaves left_at empty); past it, from the open conversations.
+_FEW_AGENTS = 8
+
+
 def agent_loads(s: Session, agent_ids: Iterable[str] | None = None) -> dict[str, int]:
-    """Open conversations plus pending offers, per agent: what counts against max_chats."""
+    """Open conversations plus pending offers, per agent: what counts against max_chats.
+
+    An agent is a participant only of active or closed conversations (accept, invite and barge-in all need
+    the chat answered), so "open" is status active. For many agents (routing asks for every live one) the
+    query starts from the active conversations, so it reads the seats in use, not the agents' history, and
+    neither query carries the agents' ids (pending offers are read by status and filtered here)."""
     ids = list(agent_ids) if agent_ids is not None else None
-    q1 = (
-        select(Participant.agent_id, func.count())
-        .join(Conversation, col(Conversation.id) == Participant.conversation_id)
-        .where(col(Participant.left_at).is_(None), Conversation.status != "closed")
-        .group_by(Participant.agent_id)
-    )
-    q2 = select(Offer.agent_id, func.count()).where(Offer.status == "pending").group_by(Offer.agent_id)
-    if ids is not None:
-        q1 = q1.where(col(Participant.agent_id).in_(ids))
-        q2 = q2.where(col(Offer.agent_id).in_(ids))
+    few = ids is not None and len(ids) <= _FEW_AGENTS
+    if few:
+        q1 = _OWN_LOADS.where(col(Participant.agent_id).in_(ids or ()))
+        q2 = _PENDING_LOADS.where(col(Offer.agent_id).in_(ids or ()))
+    else:
+        q1, q2 = _ACTIVE_LOADS, _PENDING_LOADS
     loads: dict[str, int] = {agent_id: 0 for agent_id in ids or ()}
     c = connection(s)
     for agent_id, n in list(c.execute(q1)) + list(c.execute(q2)):
-        loads[agent_id] = loads.get(agent_id, 0) + n
+        if ids is None or agent_id in loads:
+            loads[agent_id] = loads.get(agent_id, 0) + n
     return loads
+
+
+_OWN_LOADS = (
+    select(Participant.agent_id, func.count())
+    .join(Conversation, col(Conversation.id) == Participant.conversation_id)
+    .where(col(Participant.left_at).is_(None), Conversation.status != "closed")
+    .group_by(Participant.agent_id)
+)
+_PENDING_LOADS = select(Offer.agent_id, func.count()).where(Offer.status == "pending").group_by(Offer.agent_id)
+_ACTIVE_LOADS = (
+    select(Participant.agent_id, func.count())
+    .select_from(Conversation)
+    .join(Participant, col(Participant.conversation_id) == Conversation.id)
+    .where(Conversation.status == "active", col(Participant.left_at).is_(None))
+    .group_by(Participant.agent_id)
+)
 
 
 def profile_queues(s: Session) -> dict[str, set[str]]:
@@ -219,4 +242,3 @@ def profile_queues(s: Session) -> dict[str, set[str]]:
     for profile_id, queue_id in connection(s).execute(select(ProfileQueue.profile_id, ProfileQueue.queue_id)):
         out.setdefault(profile_id, set()).add(queue_id)
     return out
-

@@ -64,53 +64,63 @@ def dispatch(tx: Tx, now: datetime | None = None) -> int:
     queue that has waiting chats has a free agent left."""
     c = tx.conn
     now = now or tx.now
-    live = [dict(r._mapping) for r in c.execute(_LIVE_AGENTS)]
+    # Plain lists, not dicts: one per live agent per dispatch (see _LIVE_AGENTS for the fields).
+    live: list[list[Any]] = [list(r) for r in c.execute(_LIVE_AGENTS)]
     if not live:
         return 0
-    loads = agent_loads(tx.session, [a["agent_id"] for a in live])
+    loads = agent_loads(tx.session, [a[_AGENT] for a in live])
     pq = profile_queues(tx.session)
-    free = [a for a in live if loads.get(a["agent_id"], 0) < a["max_chats"]]
-    served = set().union(*(pq.get(a["profile_id"], set()) for a in free))
+    free = [a for a in live if loads.get(a[_AGENT], 0) < a[_MAX]]
+    served = set().union(*(pq.get(a[_PROFILE], set()) for a in free))
     if not served:
         return 0
-    cutoff = now - timedelta(seconds=tx.settings.reject_cooldown)
-    cooling = {
-        tuple(r)
-        for r in c.execute(
-            select(Offer.conversation_id, Offer.agent_id).where(
-                Offer.kind == "chat",
-                col(Offer.status).in_(("rejected", "timed_out")),
-                col(Offer.resolved_at) > cutoff,
-                col(Offer.agent_id).in_([a["agent_id"] for a in free]),
-            )
-        )
-    }
+    cooling: set[tuple[str, str]] | None = None  # read once a chat is found to offer
     made = 0
     after: tuple[datetime, str] | tuple[()] = ()
     while served:
         page = c.execute(_waiting_page(served, after)).all()
+        shrunk = False
         for conv_id, queue_id, enqueued_at in page:
-            after = (enqueued_at, conv_id)
-            if queue_id not in served:
-                continue
-            candidates = [
-                a for a in free if queue_id in pq.get(a["profile_id"], ()) and loads[a["agent_id"]] < a["max_chats"]
-            ]
+            candidates = [a for a in free if queue_id in pq.get(a[_PROFILE], ()) and loads[a[_AGENT]] < a[_MAX]]
             if not candidates:
-                served.discard(queue_id)  # nobody left for this queue in this round
-                continue
-            preferred = [a for a in candidates if (conv_id, a["agent_id"]) not in cooling] or candidates
-            pick = min(preferred, key=lambda a: (a["last_offer_at"], a["created_at"]))
-            make_offer(tx, must_get(tx.session, Conversation, conv_id), pick["id"], pick["agent_id"], now)
-            pick["last_offer_at"] = now
-            loads[pick["agent_id"]] = loads.get(pick["agent_id"], 0) + 1
+                # Nobody left for this queue in this round: read again without it, from this chat on, so a
+                # long queue nobody can take is not paged through to reach the next queue's chats.
+                served.discard(queue_id)
+                shrunk = True
+                break
+            after = (enqueued_at, conv_id)
+            if cooling is None:
+                cooling = _cooling(tx, free, now)
+            preferred = [a for a in candidates if (conv_id, a[_AGENT]) not in cooling] or candidates
+            pick = min(preferred, key=lambda a: (a[_LAST_OFFER], a[_CREATED]))
+            make_offer(tx, must_get(tx.session, Conversation, conv_id), pick[_SESSION], pick[_AGENT], now)
+            pick[_LAST_OFFER] = now
+            loads[pick[_AGENT]] = loads.get(pick[_AGENT], 0) + 1
             made += 1
-        if len(page) < _PAGE:
+        if not shrunk and len(page) < _PAGE:
             break
     return made
 
 
+def _cooling(tx: Tx, free: list[list[Any]], now: datetime) -> set[tuple[str, str]]:
+    """(chat, agent) pairs in their cool-down: the agent rejected the chat (or let it time out) lately."""
+    cutoff = now - timedelta(seconds=tx.settings.reject_cooldown)
+    return {
+        (r[0], r[1])
+        for r in tx.conn.execute(
+            select(Offer.conversation_id, Offer.agent_id).where(
+                Offer.kind == "chat",
+                col(Offer.status).in_(("rejected", "timed_out")),
+                col(Offer.resolved_at) > cutoff,
+                col(Offer.agent_id).in_([a[_AGENT] for a in free]),
+            )
+        )
+    }
+
+
 _PAGE = 200
+# The fields of a _LIVE_AGENTS row, by position.
+_SESSION, _AGENT, _PROFILE, _LAST_OFFER, _CREATED, _MAX = range(6)
 # Six columns: more than sqlmodel's select is typed for, so SQLAlchemy's (the same statement).
 _LIVE_AGENTS = (
     core_select(
