@@ -16,6 +16,7 @@ from pgutil import pg_url  # noqa: F401  (fixture)
 from chat.v1 import admin_service_pb2 as admin_pb
 from chat.v1 import agent_service_pb2 as agent_pb
 from chat.v1 import customer_service_pb2 as cust_pb
+from chat.v1 import resources_pb2 as rpb
 from queuechat.domain.views import Behind
 
 NATS = os.environ.get("QC_NATS_URL", "nats://127.0.0.1:4222")
@@ -256,3 +257,19 @@ async def test_a_stopping_node_ends_its_streams_with_unavailable_at_once(nodes):
     moved.open_offers(after_seq=0)
     again = await moved.wait_offer(cust.id)
     assert again.offer_id == offer.offer_id  # still pending, kept through the move
+
+
+async def test_a_read_receipt_notification_lost_on_the_way_is_made_good(nodes):
+    a, b = await nodes(2)
+    agent = await b.agent("agent1")
+    cust = await a.customer("sales")
+    await agent.take(cust.id)
+    stream = agent.streams[cust.id]
+    await stream.wait_for(lambda r: r.HasField("heartbeat"))
+    hello = await cust.send("hello")
+    a.core.link.send = lambda item: None  # node a's NATS messages vanish from here
+    await cust.stub.MarkRead(
+        cust_pb.CustomerServiceMarkReadRequest(conversation_id=cust.id, up_to_seq=hello.seq), metadata=cust.md
+    )
+    got = await stream.wait_for(lambda r: r.HasField("read_cursor") and r.read_cursor.read_seq == hello.seq)
+    assert got.read_cursor.participant.kind == rpb.PARTICIPANT_KIND_CUSTOMER

@@ -352,6 +352,7 @@ class Reconciler:
         self._read_seqs = read_seqs
         self._also = also
         self.interval = interval
+        self.settle = min(0.2, interval / 4)
         self._highest: dict[Hashable, int] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -361,6 +362,11 @@ class Reconciler:
     def saw(self, topic: Hashable, seq: int) -> None:
         if seq > self._highest.get(topic, 0):
             self._highest[topic] = seq
+
+    def seed(self, topic: Hashable, seq: int) -> None:
+        """A stream here has read its backlog up to seq: where this topic stands, if nothing here knew yet.
+        (Never raised by a later stream: an older one on the topic may be short of it.)"""
+        self._highest.setdefault(topic, seq)
 
     def now(self) -> None:
         """Reconcile at once (NATS is back: what it dropped meanwhile is in the database)."""
@@ -395,6 +401,9 @@ class Reconciler:
         convs = [t[1] for t in topics if t[0] == "conv"]
         feeds = [t[1] for t in topics if t[0] == "feed"]
         conv_seqs, feed_seqs, ended = await self._read_seqs(convs, feeds)
+        # Commits just read may still be on their way over NATS (a millisecond or so): give them a moment,
+        # rather than send streams to the database for events that are arriving anyway.
+        await asyncio.sleep(self.settle)
         for session_id in ended:  # its end's notification was lost: its streams here end now
             self._bus.publish(("feed", session_id), SessionEnded(session_id))
         behind = 0

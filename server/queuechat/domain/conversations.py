@@ -38,7 +38,7 @@ from .log import (
     insert_event,
 )
 from .read import active_agents, conversation_view, must_get, queue_json, variables_json
-from .tx import Tx, routing_free
+from .tx import Tx, locks_conversation, routing_free
 from .views import (
     AgentPrincipal,
     ConversationView,
@@ -166,6 +166,7 @@ def _actor(who: Sender) -> str:
 
 
 @routing_free  # it decides nothing routing reads; what it checks, it checks under the conversation's row lock
+@locks_conversation
 def send_message(
     tx: Tx,
     who: Sender,

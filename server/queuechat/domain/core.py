@@ -156,6 +156,8 @@ class Core:
             self.node_id,
             config.cluster.lease_seconds,
         )
+        if self.reconciler is not None:
+            self.streams.caught_up = self.reconciler.seed
         self.stats = QueueStats(db.read, self.limits.heartbeat_interval, self.limits.service_level_target)
         self._sweeper: asyncio.Task[None] | None = None
         self._loops: list[asyncio.Task[None]] = []
@@ -197,7 +199,9 @@ class Core:
         for queue_id in self.positions.watched():
             self.positions.mark(queue_id)
         convs = [t[1] for t in self.bus.topics() if isinstance(t, tuple) and t[0] == "conv"]
-        for signal in await self.db.read(receipts.standing, convs):
+        # Cursors moved in the last few rounds (with room for other machines' clocks): older ones were sent then.
+        since = utcnow() - timedelta(seconds=3 * self.config.cluster.reconcile_interval + 5)
+        for signal in await self.db.read(receipts.standing, convs, since):
             self.bus.publish(conv_topic(signal.conversation_id), signal)
 
     def _forget_session(self, session_id: str) -> None:

@@ -14,6 +14,8 @@ clamped the same way, and it may not name a seq above the last public one (it ca
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from sqlalchemy import func
 from sqlmodel import Session, col, select
 
@@ -96,14 +98,21 @@ def shown_to(item: ReadSignal, who: Reader | None) -> ReadCursorView | None:
     return ReadCursorView(item.participant, item.seq, item.read_at)
 
 
-def standing(s: Session, conversation_ids: list[str]) -> list[ReadSignal]:
-    """Every stored cursor of these conversations as a signal: a cluster's reconciler sends them again, so a
-    signal NATS lost is made good (streams pass on only cursors that moved forward)."""
+def standing(s: Session, conversation_ids: list[str], since: datetime) -> list[ReadSignal]:
+    """The cursors of these conversations that moved since `since`, as signals: a cluster's reconciler sends
+    them again, so a signal NATS lost is made good (streams pass on only cursors that moved forward)."""
     out: list[ReadSignal] = []
-    if not conversation_ids:
+    rows: list[ReadCursor] = []
+    for i in range(0, len(conversation_ids), 500):
+        rows += s.exec(
+            select(ReadCursor).where(
+                col(ReadCursor.conversation_id).in_(conversation_ids[i : i + 500]), col(ReadCursor.read_at) >= since
+            )
+        ).all()
+    if not rows:
         return out
-    convs = {c.id: c for c in s.exec(select(Conversation).where(col(Conversation.id).in_(conversation_ids))).all()}
-    rows = s.exec(select(ReadCursor).where(col(ReadCursor.conversation_id).in_(list(convs)))).all()
+    ids = list({r.conversation_id for r in rows})
+    convs = {c.id: c for c in s.exec(select(Conversation).where(col(Conversation.id).in_(ids))).all()}
     for r in rows:
         who = reader_participant(s, convs[r.conversation_id], r.reader)
         out.append(ReadSignal(r.conversation_id, who, r.seq, r.read_at, r.public_seq, r.public_read_at, True))

@@ -59,6 +59,8 @@ class Writer:
             return result, tx.carry_out(effects)
 
         job.routing = lock is not None  # type: ignore[attr-defined]  # group commit takes the lock first
+        if getattr(fn, "locks_conversation", False) and len(args) > 1:
+            job.conversation = args[1]  # type: ignore[attr-defined]  # locked in order with its batch's others
 
         try:
             if self.around is None:

@@ -76,6 +76,8 @@ class Streams:
         self.node_id = node_id
         self.lease_seconds = lease_seconds
         self.leases: dict[str, str] = {}  # lease id -> session id: the offer streams open on this node
+        # Told where a stream stands once it has read its backlog (a cluster's reconciler starts from there).
+        self.caught_up: Callable[[tuple[str, str], int], None] = lambda topic, seq: None
 
     async def offer_feed(self, who: AgentPrincipal, after_seq: int) -> AsyncIterator[FeedEventView | Heartbeat]:
         """The session's offer feed: backlog after the cursor, then live. Offers are made while it is open."""
@@ -95,6 +97,7 @@ class Streams:
                 if len(page) < _PAGE:
                     break
             del page
+            self.caught_up(feed_topic(who.session_id), last)
             yield Heartbeat(last)  # caught up: live from here
             while True:
                 item = await sub.get(self._limits.heartbeat_interval)
@@ -146,6 +149,7 @@ class Streams:
                 if len(page) < _PAGE:
                     break
             del page  # a stream lives for hours: keep no backlog alive
+            self.caught_up(conv_topic(conversation_id), seen)
             yield Heartbeat(sent if customer else seen)  # caught up: live from here
             pos = await self._read(_position, conversation_id)
             shown: tuple[int, int] | None = None  # the position and count this stream shows
@@ -233,6 +237,7 @@ class Streams:
                 if len(page) < _PAGE:
                     break
             del page
+            self.caught_up(conv_topic(conversation_id), seen)
             yield Heartbeat(seen)
             reads: dict[ParticipantKey, int] = {}
             for cursor in await self._read(_cursors, None, conversation_id):

@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 from sqlalchemy import event
 from sqlalchemy import text as sql_text
 from sqlalchemy.engine import Engine
-from sqlmodel import Session, SQLModel, create_engine
+from sqlmodel import Session, SQLModel, col, create_engine, select
 
 from . import migrations, models  # noqa: F401  (models registers the tables)
 
@@ -105,8 +105,21 @@ def _pg_routing_lock(session: Session) -> None:
     session.info["routing_locked"] = True
 
 
+def _lock_conversations(session: Session, batch: list) -> None:
+    """The conversation rows the batch's writes will lock, locked now in id order (PostgreSQL): batches of
+    two nodes that touch the same conversations then queue instead of deadlocking."""
+    ids = sorted({c for item in batch if isinstance(c := getattr(item[1], "conversation", None), str)})
+    if len(ids) > 1:
+        session.connection().execute(
+            select(models.Conversation.id)
+            .where(col(models.Conversation.id).in_(ids))
+            .order_by(col(models.Conversation.id))
+            .with_for_update()
+        )
+
+
 class Database:
-    def __init__(self, url: str, *, readers: int = 2, max_batch: int = 64):
+    def __init__(self, url: str, *, readers: int | None = None, max_batch: int = 64):
         self.url = url
         self.engine = make_engine(url)
         # SQLite has one process and one writer thread: routing is serialized already.
@@ -121,6 +134,9 @@ class Database:
         self.batches: collections.deque[int] = collections.deque(maxlen=1024)
         self._writer = threading.Thread(target=self._write_loop, name="db-write", daemon=True)
         self._writer.start()
+        # SQLite reads are CPU in this process: two threads. PostgreSQL's are round trips: more overlap well
+        # (a cluster node's streams read what they missed from it).
+        readers = readers or (8 if self.engine.dialect.name == "postgresql" else 2)
         self._readers = ThreadPoolExecutor(readers, thread_name_prefix="db-read")
 
     def ensure_schema(self, *, migrate: bool = False) -> None:
@@ -175,9 +191,11 @@ class Database:
         done = []
         try:
             with Session(self.engine, expire_on_commit=False) as session:
-                if self.routing_lock is not None and any(getattr(item[1], "routing", False) for item in batch):
-                    # Before any row lock of the batch: a node never holds a row while it waits for the lock.
-                    self.routing_lock(session)
+                if self.routing_lock is not None:
+                    if any(getattr(item[1], "routing", False) for item in batch):
+                        # Before any row lock of the batch: a node never holds a row while it waits for the lock.
+                        self.routing_lock(session)
+                    _lock_conversations(session, batch)
                 for name, job, loop, fut in batch:
                     result, after = self._timed(name, job, session)
                     done.append((name, loop, fut, result, after))
