@@ -244,10 +244,20 @@ def arrival_summary(res: dict) -> dict:
     }
 
 
-def run(profile: str, with_cluster: bool = True) -> dict:
+def run(profile: str, with_cluster: bool = True, out: Path = OUT) -> dict:
+    res: dict = {"profile": profile, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    try:
+        return _run(profile, with_cluster, res)
+    except BaseException:
+        # A phase failed: what the others measured is kept (raw/partial-*.json) before the error propagates.
+        (out / "raw").mkdir(parents=True, exist_ok=True)
+        (out / "raw" / f"partial-{profile}-{res['started']}.json").write_text(json.dumps(res, indent=2))
+        raise
+
+
+def _run(profile: str, with_cluster: bool, res: dict) -> dict:
     p = PROFILES[profile]
     t0 = time.monotonic()
-    res: dict = {"profile": profile, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     print(f"bench ({profile}): offers and messages ...", flush=True)
     with queuechat(p["agents"], math.ceil(p["chats"] / p["agents"]) + 1) as (pid, port):
         res["chat"] = load("chat", pid, port, agents=p["agents"], chats=p["chats"], rate=p["rate"],
@@ -492,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-cluster", action="store_true", help="skip the cluster phases (PostgreSQL + NATS)")
     args = ap.parse_args(argv)
     profile = args.profile or ("quick" if args.quick else "full")
-    res = run(profile, with_cluster=not args.no_cluster)
+    res = run(profile, with_cluster=not args.no_cluster, out=args.out)
     s = summary(res)
     out = args.out
     (out / "raw").mkdir(parents=True, exist_ok=True)
