@@ -531,8 +531,12 @@ async def send_any(cluster: Cluster, prefer: Node, fn, timeout: float = 20.0, at
             node = random.choice(cluster.alive() or [node])
         try:
             return await asyncio.wait_for(fn(node), attempt)
-        except (grpc.aio.AioRpcError, TimeoutError) as e:
-            if isinstance(e, grpc.aio.AioRpcError) and e.code() not in RESUMABLE:
+        except (grpc.aio.AioRpcError, TimeoutError, asyncio.CancelledError) as e:
+            if isinstance(e, asyncio.CancelledError):
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # this send is being cancelled, not a call that died with its node's channel
+            elif isinstance(e, grpc.aio.AioRpcError) and e.code() not in RESUMABLE:
                 raise
             if time.monotonic() > deadline:
                 raise
