@@ -171,17 +171,7 @@ async def test_customer_on_a_agent_on_b_sends_through_c_each_event_once_in_order
     # The reconciler every 30 s: within the waits below only the NATS fan-out can deliver.
     c = await make_cluster("a", "b", "c", env=cluster_env(reconcile=30.0))
     a, b, cc = c.nodes
-    agent = await login(c.nodes, "agent1", via=cc)
-    agent.follow_offers(prefer=b)
-    await agent.offers.wait_live()
-    cust = await start_chat(c.nodes, via=cc)
-    cid = cust.conversation_id
-    stream = cust.follow(prefer=a)
-    await stream.wait_live()
-    offer = await agent.wait_offer(cid, timeout=5)
-    await agent.accept(offer.offer_id, prefer=cc)
-    conv = agent.follow(cid, prefer=b)
-    await conv.wait_live()
+    agent, cust, cid, stream, conv = await chat_across(c, customer_on=a, agent_on=b, calls_via=cc)
     await stream.wait_event(lambda e: e.WhichOneof("kind") == "participant_joined", "the agent joining", 5)
 
     texts: list[str] = []
@@ -219,18 +209,18 @@ async def test_customer_on_a_agent_on_b_sends_through_c_each_event_once_in_order
     assert agent.offers.events[1].offer_update.state == agent_pb.OFFER_STATE_ACCEPTED
 
 
-async def chat_streamed_from(node: Node, c: Cluster, *, calls_via: Node):
-    """agent1 takes a chat (its calls through calls_via); the agent's offer and conversation streams and the
-    customer's stream all live on `node`. (agent, customer, conversation id, customer's stream, agent's stream)"""
+async def chat_across(c: Cluster, *, customer_on: Node, agent_on: Node, calls_via: Node):
+    """agent1 takes a chat, its calls through calls_via; the customer's stream lives on customer_on, the agent's
+    offer and conversation streams on agent_on. (agent, customer, conversation id, customer's stream, agent's)"""
     agent = await login(c.nodes, "agent1", via=calls_via)
-    agent.follow_offers(prefer=node)
+    agent.follow_offers(prefer=agent_on)
     await agent.offers.wait_live()
     cust = await start_chat(c.nodes, via=calls_via)
     cid = cust.conversation_id
-    stream = cust.follow(prefer=node)
+    stream = cust.follow(prefer=customer_on)
     offer = await agent.wait_offer(cid, timeout=5)
     await agent.accept(offer.offer_id, prefer=calls_via)
-    conv = agent.follow(cid, prefer=node)
+    conv = agent.follow(cid, prefer=agent_on)
     await conv.wait_live()
     await stream.wait_live()
     return agent, cust, cid, stream, conv
@@ -243,7 +233,7 @@ async def test_kill_9_of_the_node_holding_both_streams_loses_nothing(make_cluste
     config = base_config(settings={"stream_grace": 5.0})
     c = await make_cluster("a", "b", "c", config=config, env=cluster_env(lease=2.0, sweep=0.3, reconcile=1.0))
     a, b, cc = c.nodes
-    agent, cust, cid, stream, conv = await chat_streamed_from(a, c, calls_via=b)
+    agent, cust, cid, stream, conv = await chat_across(c, customer_on=a, agent_on=a, calls_via=b)
 
     # Both sides send through A too: sends in flight when it dies are retried elsewhere with their request id.
     talk = Talk(agent, cust, cid, prefer=a)
@@ -699,17 +689,7 @@ async def test_nats_unreachable_for_seconds_then_back_streams_catch_up(make_clus
         c = await make_cluster("a", "b", "c", nats=proxy.url, env=cluster_env(reconcile=20.0))
         a, b, cc = c.nodes
         assert proxy.connections >= 3, "the nodes did not connect to NATS through the proxy"
-        agent = await login(c.nodes, "agent1", via=cc)
-        agent.follow_offers(prefer=b)
-        await agent.offers.wait_live()
-        cust = await start_chat(c.nodes, via=cc)
-        cid = cust.conversation_id
-        stream = cust.follow(prefer=a)
-        offer = await agent.wait_offer(cid, timeout=5)
-        await agent.accept(offer.offer_id, prefer=cc)
-        conv = agent.follow(cid, prefer=b)
-        await conv.wait_live()
-        await stream.wait_live()
+        agent, cust, cid, stream, conv = await chat_across(c, customer_on=a, agent_on=b, calls_via=cc)
         sent: list[str] = []
 
         async def both(tag: str) -> None:
@@ -884,7 +864,7 @@ async def test_sigterm_drains_and_its_clients_move_with_nothing_lost(make_cluste
     config = base_config(settings={"stream_grace": 5.0, "offer_timeout": 60.0})
     c = await make_cluster("a", "b", "c", config=config, env=cluster_env(lease=10.0, sweep=0.3, reconcile=1.0))
     a, b, cc = c.nodes
-    agent, cust, cid, stream, conv = await chat_streamed_from(a, c, calls_via=b)
+    agent, cust, cid, stream, conv = await chat_across(c, customer_on=a, agent_on=a, calls_via=b)
     # A second chat offered to the agent and left pending across the drain.
     cust2 = await start_chat(c.nodes, via=b)
     pending = await agent.wait_offer(cust2.conversation_id, timeout=5)

@@ -17,7 +17,6 @@ from chat.v1 import admin_service_pb2 as admin_pb
 from chat.v1 import agent_service_pb2 as agent_pb
 from chat.v1 import customer_service_pb2 as cust_pb
 from chat.v1 import resources_pb2 as rpb
-from queuechat.domain.views import Behind
 
 NATS = os.environ.get("QC_NATS_URL", "nats://127.0.0.1:4222")
 
@@ -188,10 +187,6 @@ def _value(fn):
         return fn()
 
     return get
-
-
-def test_behind_names_its_topic():
-    assert Behind(("conv", "x"), 3).topic == ("conv", "x")
 
 
 async def test_a_node_reports_its_cluster_link_in_metrics_and_its_id_in_health(nodes):

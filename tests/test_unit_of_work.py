@@ -204,3 +204,38 @@ async def test_a_payload_that_is_not_its_contract_message_fails_the_write(core):
         with pytest.raises(ValueError):
             await core.write(fn)
     assert await core.db.read(lambda s: len(s.exec(Event.__table__.select().where(Event.conversation_id == cid)).all())) == 2
+
+
+async def test_a_write_that_meets_another_nodes_conflict_runs_again(tmp_path):
+    """A deadlock, serialization failure or unique violation (as PostgreSQL reports them when another node got
+    there first) reruns the write on a fresh transaction; any other database error is the caller's at once."""
+
+    class Orig(Exception):
+        def __init__(self, sqlstate: str):
+            self.sqlstate = sqlstate
+
+    class Conflict(Exception):
+        def __init__(self, sqlstate: str):
+            self.orig = Orig(sqlstate)
+
+    db = Database(sqlite_url(tmp_path))
+    try:
+        for sqlstate, fails, expect in (("40P01", 2, "done"), ("23505", 1, "done"), ("42P01", 1, Conflict)):
+            runs = []
+
+            def job(session, sqlstate=sqlstate, fails=fails, runs=runs):
+                runs.append(1)
+                if len(runs) <= fails:
+                    raise Conflict(sqlstate)
+                return "done", None
+
+            if expect is Conflict:
+                with pytest.raises(Conflict):
+                    await db.transact("test.conflict", job)
+                assert len(runs) == 1  # not a conflict to wait out
+            else:
+                assert await db.transact("test.conflict", job) == expect
+                assert len(runs) == fails + 1
+        assert db.retries == 3
+    finally:
+        db.close()
