@@ -37,7 +37,7 @@ from .log import (
     find_request,
     insert_event,
 )
-from .read import active_agents, conversation_view, must_get, queue_json, variables_json
+from .read import active_agents, conversation_view, must_get, variables_json
 from .tx import Tx, locks_conversation, routing_free
 from .views import (
     AgentPrincipal,
@@ -66,13 +66,16 @@ def start_chat(
     """A retry (same request_id) returns the chat it made, before any other check: a full queue or a
     used identity token does not turn a retry into a refusal."""
     s = tx.session
+    c = tx.conn  # Core statements throughout: every chat starts here
     if request_id:
-        prior = s.exec(select(Conversation).where(Conversation.start_request_id == request_id)).first()
-        if prior is not None:
+        prior_id = c.execute(_BY_START_REQUEST, {"request_id": request_id}).scalar()
+        if prior_id is not None:
+            prior = must_get(s, Conversation, prior_id)
             if prior.queue_id != queue_id:
                 raise invalid("REQUEST_ID_REUSED", "This request_id was used for a chat in another queue.")
             return conversation_view(s, prior, for_agent=False)
-    if not queue_id or s.get(Queue, queue_id) is None:
+    queue_name = c.execute(_QUEUE_NAME, {"queue": queue_id}).scalar() if queue_id else None
+    if queue_name is None:
         raise not_found("QUEUE_NOT_FOUND", f"There is no queue {short(queue_id)!r}.", queue_id=queue_id)
     now = tx.now
     if max_waiting and _waiting(tx, queue_id) >= max_waiting:
@@ -88,40 +91,43 @@ def start_chat(
     variables = tuple(merged[k] for k in sorted(merged))
     name = merged["name"].value if "name" in merged else ""
     # A new log: its first two events take seq 1 and 2 directly.
-    conv = Conversation(
-        id=conversation_id,
-        queue_id=queue_id,
-        status="queued",
-        customer_connected=True,
-        customer_name=name,
-        created_at=now,
-        enqueued_at=now,
-        last_seq=2,
-        start_request_id=request_id or None,
+    c = tx.conn  # the identity token's row, if any, goes in first
+    c.execute(
+        _INSERT_CONVERSATION,
+        {
+            "id": conversation_id,
+            "queue_id": queue_id,
+            "status": "queued",
+            "customer_connected": True,
+            "customer_name": name,
+            "created_at": now,
+            "enqueued_at": now,
+            "last_seq": 2,
+            "start_request_id": request_id or None,
+        },
     )
-    s.add(conv)
-    c = tx.conn
     if variables:
         c.execute(
             insert(CustomerVariable),
             [
-                {"conversation_id": conv.id, "name": v.name, "value": v.value, "authenticated": v.authenticated}
+                {"conversation_id": conversation_id, "name": v.name, "value": v.value, "authenticated": v.authenticated}
                 for v in variables
             ],
         )
-    queue = queue_json(s, queue_id)
-    insert_event(tx, conv.id, 1, "chat_started", {"queue": queue, "variables": variables_json(variables)},
+    queue = {"queue_id": queue_id, "display_name": queue_name}
+    customer = ParticipantView("customer", display_name=name or "Customer")
+    insert_event(tx, conversation_id, 1, "chat_started", {"queue": queue, "variables": variables_json(variables)},
                  actor="customer", now=now)
-    insert_event(tx, conv.id, 2, "participant_joined", {"participant": customer_participant(conv).to_json()},
+    insert_event(tx, conversation_id, 2, "participant_joined", {"participant": customer.to_json()},
                  actor="customer", now=now)
     tx.needs_dispatch()
     tx.queue_changed(queue_id)  # those waiting see the count grow
     tx.count("chats_started", queue=queue_id)
-    tx.log("chat.started", conversation_id=conv.id, queue_id=queue_id, identified=bool(verified))
+    tx.log("chat.started", conversation_id=conversation_id, queue_id=queue_id, identified=bool(verified))
     return ConversationView(
-        id=conv.id,
+        id=conversation_id,
         queue_id=queue_id,
-        queue_name=queue["display_name"],
+        queue_name=queue_name,
         status="queued",
         customer_connected=True,
         variables=variables,
@@ -130,6 +136,11 @@ def start_chat(
         created_at=now,
         closed_at=None,
     )
+
+
+_BY_START_REQUEST = select(Conversation.id).where(Conversation.start_request_id == bindparam("request_id"))
+_QUEUE_NAME = select(Queue.display_name).where(Queue.id == bindparam("queue"))
+_INSERT_CONVERSATION = insert(Conversation)
 
 
 def forget_identity_tokens(tx: Tx) -> int:

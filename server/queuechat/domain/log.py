@@ -12,7 +12,7 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import insert, update
+from sqlalchemy import bindparam, insert, update
 from sqlalchemy.orm import Mapped
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlmodel import col
@@ -92,10 +92,17 @@ _INSERT_EVENT = insert(Event)
 
 def next_seq(tx: Tx, model: type[Conversation] | type[AgentSession], row_id: str, column: str) -> int:
     """Atomically take the next seq of a row; the row stays locked until commit."""
-    counter: Mapped[int] = getattr(model, column)
-    return tx.conn.execute(
-        update(model).where(col(model.id) == row_id).values({column: counter + 1}).returning(counter)
-    ).scalar_one()
+    stmt = _NEXT_SEQ.get((model, column))
+    if stmt is None:  # built once per counter: building a statement costs more than running it
+        counter: Mapped[int] = getattr(model, column)
+        stmt = update(model).where(col(model.id) == bindparam("row_id")).values({column: counter + 1})
+        stmt = stmt.returning(counter)
+        _NEXT_SEQ[(model, column)] = stmt
+    seq: int = tx.conn.execute(stmt, {"row_id": row_id}).scalar_one()
+    return seq
+
+
+_NEXT_SEQ: dict[tuple[type, str], Any] = {}
 
 
 def event_view(row: Any) -> EventView:
@@ -126,13 +133,16 @@ def append_feed(
         tx.check_event("offer", kind, payload)
     seq = next_seq(tx, AgentSession, session_id, "feed_seq")
     tx.conn.execute(
-        insert(FeedEvent),
+        _INSERT_FEED,
         {"session_id": session_id, "seq": seq, "kind": kind, "created_at": now,
          "payload": json.dumps(payload, separators=(",", ":"))},
     )
     view = FeedEventView(session_id, seq, kind, now, payload)
     tx.publish(feed_topic(session_id), view)
     return view
+
+
+_INSERT_FEED = insert(FeedEvent)
 
 
 def feed_view(row: FeedEvent) -> FeedEventView:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, TypeVar
 
-from sqlalchemy import func
+from sqlalchemy import bindparam, func
+from sqlalchemy import select as core_select
 from sqlalchemy.engine import Connection
 from sqlmodel import Session, SQLModel, col, select
 
@@ -42,12 +43,15 @@ def connection(s: Session) -> Connection:
 
 
 def variables(s: Session, conversation_id: str) -> tuple[VariableView, ...]:
-    rows = s.exec(
-        select(CustomerVariable)
-        .where(CustomerVariable.conversation_id == conversation_id)
-        .order_by(CustomerVariable.name)
-    ).all()
-    return tuple(VariableView(v.name, v.value, v.authenticated) for v in rows)
+    rows = connection(s).execute(_VARIABLES, {"conversation_id": conversation_id})
+    return tuple(VariableView(name, value, authenticated) for name, value, authenticated in rows)
+
+
+_VARIABLES = (
+    select(CustomerVariable.name, CustomerVariable.value, CustomerVariable.authenticated)
+    .where(CustomerVariable.conversation_id == bindparam("conversation_id"))
+    .order_by(col(CustomerVariable.name))
+)
 
 
 def variables_json(vs: Iterable[VariableView]) -> list[dict[str, Any]]:
@@ -70,18 +74,32 @@ def active_agents(s: Session, conversation_id: str) -> list[Agent]:
     )
 
 
-def is_participant(s: Session, conversation_id: str, agent_id: str) -> Participant | None:
-    return s.exec(
-        select(Participant).where(
-            Participant.conversation_id == conversation_id,
-            Participant.agent_id == agent_id,
-            col(Participant.left_at).is_(None),
-        )
-    ).first()
+_ACTIVE_AGENT_NAMES = (
+    select(Agent.id, Agent.display_name)
+    .join(Participant, col(Participant.agent_id) == Agent.id)
+    .where(Participant.conversation_id == bindparam("c"), col(Participant.left_at).is_(None))
+    .order_by(col(Participant.joined_at))
+)
+
+
+def is_participant(s: Session, conversation_id: str, agent_id: str) -> bool:
+    return connection(s).execute(_IS_PARTICIPANT, {"c": conversation_id, "a": agent_id}).first() is not None
+
+
+_IS_PARTICIPANT = select(Participant.agent_id).where(
+    Participant.conversation_id == bindparam("c"),
+    Participant.agent_id == bindparam("a"),
+    col(Participant.left_at).is_(None),
+)
 
 
 def pending_invite(s: Session, conversation_id: str) -> Invite | None:
-    return s.exec(select(Invite).where(Invite.conversation_id == conversation_id, Invite.status == "pending")).first()
+    # Most conversations have none: a Core look first, the ORM object only when there is one.
+    invite_id = connection(s).execute(_PENDING_INVITE, {"c": conversation_id}).scalar()
+    return s.get(Invite, invite_id) if invite_id else None
+
+
+_PENDING_INVITE = select(Invite.id).where(Invite.conversation_id == bindparam("c"), Invite.status == "pending").limit(1)
 
 
 def has_pending_invite_for(s: Session, conversation_id: str, agent_id: str) -> bool:
@@ -133,13 +151,26 @@ def reader_participant(s: Session, conv: Conversation, reader: str) -> Participa
 
 def read_cursors(s: Session, conv: Conversation, *, for_agent: bool) -> tuple[ReadCursorView, ...]:
     """Everyone's cursor for agents; for the customer, the agents' clamped to public seqs (none while that is 0)."""
-    rows = s.exec(select(ReadCursor).where(ReadCursor.conversation_id == conv.id).order_by(ReadCursor.reader)).all()
     out = []
-    for r in rows:
-        seq, at = (r.seq, r.read_at) if for_agent else (r.public_seq, r.public_read_at)
+    for reader, seq, at, public_seq, public_at in connection(s).execute(_READ_CURSORS, {"c": conv.id}):
+        if not for_agent:
+            seq, at = public_seq, public_at
         if seq > 0:
-            out.append(ReadCursorView(reader_participant(s, conv, r.reader), seq, at))
+            out.append(ReadCursorView(reader_participant(s, conv, reader), seq, at))
     return tuple(out)
+
+
+_READ_CURSORS = (
+    core_select(
+        col(ReadCursor.reader),
+        col(ReadCursor.seq),
+        col(ReadCursor.read_at),
+        col(ReadCursor.public_seq),
+        col(ReadCursor.public_read_at),
+    )
+    .where(col(ReadCursor.conversation_id) == bindparam("c"))
+    .order_by(col(ReadCursor.reader))
+)
 
 
 def wrap_up_view(s: Session, conv: Conversation) -> WrapUpView | None:
@@ -172,7 +203,10 @@ def conversation_view(s: Session, conv: Conversation, *, for_agent: bool = True)
         status=conv.status,
         customer_connected=conv.customer_connected,
         variables=variables(s, conv.id),
-        agents=tuple(ParticipantView("agent", a.id, a.display_name) for a in active_agents(s, conv.id)),
+        agents=tuple(
+            ParticipantView("agent", agent_id, name)
+            for agent_id, name in connection(s).execute(_ACTIVE_AGENT_NAMES, {"c": conv.id})
+        ),
         last_seq=conv.last_seq if for_agent else last_public_seq(s, conv.id),
         created_at=conv.created_at,
         closed_at=conv.closed_at,
@@ -208,14 +242,14 @@ def agent_loads(s: Session, agent_ids: Iterable[str] | None = None) -> dict[str,
     neither query carries the agents' ids (pending offers are read by status and filtered here)."""
     ids = list(agent_ids) if agent_ids is not None else None
     few = ids is not None and len(ids) <= _FEW_AGENTS
-    if few:
-        q1 = _OWN_LOADS.where(col(Participant.agent_id).in_(ids or ()))
-        q2 = _PENDING_LOADS.where(col(Offer.agent_id).in_(ids or ()))
-    else:
-        q1, q2 = _ACTIVE_LOADS, _PENDING_LOADS
-    loads: dict[str, int] = {agent_id: 0 for agent_id in ids or ()}
     c = connection(s)
-    for agent_id, n in list(c.execute(q1)) + list(c.execute(q2)):
+    if few:
+        params = {"ids": ids}
+        rows = list(c.execute(_OWN_LOADS_OF, params)) + list(c.execute(_PENDING_LOADS_OF, params))
+    else:
+        rows = list(c.execute(_ACTIVE_LOADS)) + list(c.execute(_PENDING_LOADS))
+    loads: dict[str, int] = {agent_id: 0 for agent_id in ids or ()}
+    for agent_id, n in rows:
         if ids is None or agent_id in loads:
             loads[agent_id] = loads.get(agent_id, 0) + n
     return loads
@@ -228,6 +262,8 @@ _OWN_LOADS = (
     .group_by(Participant.agent_id)
 )
 _PENDING_LOADS = select(Offer.agent_id, func.count()).where(Offer.status == "pending").group_by(Offer.agent_id)
+_OWN_LOADS_OF = _OWN_LOADS.where(col(Participant.agent_id).in_(bindparam("ids", expanding=True)))
+_PENDING_LOADS_OF = _PENDING_LOADS.where(col(Offer.agent_id).in_(bindparam("ids", expanding=True)))
 _ACTIVE_LOADS = (
     select(Participant.agent_id, func.count())
     .select_from(Conversation)
@@ -237,8 +273,11 @@ _ACTIVE_LOADS = (
 )
 
 
+_PROFILE_QUEUES = select(ProfileQueue.profile_id, ProfileQueue.queue_id)
+
+
 def profile_queues(s: Session) -> dict[str, set[str]]:
     out: dict[str, set[str]] = {}
-    for profile_id, queue_id in connection(s).execute(select(ProfileQueue.profile_id, ProfileQueue.queue_id)):
+    for profile_id, queue_id in connection(s).execute(_PROFILE_QUEUES):
         out.setdefault(profile_id, set()).add(queue_id)
     return out

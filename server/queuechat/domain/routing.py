@@ -17,11 +17,14 @@ what an answered invite means for the conversation is in invites.py.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
-from sqlalchemy import Select, update
+from sqlalchemy import bindparam, exists, insert, text, update
 from sqlalchemy import select as core_select
+from sqlalchemy.engine import Connection
+from sqlalchemy.orm.attributes import set_committed_value
 from sqlmodel import col, select
 
 from ..errors import not_found, precondition
@@ -64,71 +67,92 @@ def dispatch(tx: Tx, now: datetime | None = None) -> int:
     queue that has waiting chats has a free agent left."""
     c = tx.conn
     now = now or tx.now
-    # Plain lists, not dicts: one per live agent per dispatch (see _LIVE_AGENTS for the fields).
-    live: list[list[Any]] = [list(r) for r in c.execute(_LIVE_AGENTS)]
+    # Plain lists, not dicts: one per live agent per dispatch (see _LIVE_AGENTS for the fields). They come
+    # idle-longest first, so an agent's rank is its place in that order: no timestamps are read.
+    live: list[list[Any]] = [[*r, i] for i, r in enumerate(c.execute(_LIVE_AGENTS))]
     if not live:
         return 0
+    next_rank = len(live)
     loads = agent_loads(tx.session, [a[_AGENT] for a in live])
     pq = profile_queues(tx.session)
     free = [a for a in live if loads.get(a[_AGENT], 0) < a[_MAX]]
     served = set().union(*(pq.get(a[_PROFILE], set()) for a in free))
     if not served:
         return 0
+    # Seats each served queue could fill: no queue is read further than that (plus one, to find it full).
+    seats = dict.fromkeys(served, 0)
+    for a in free:
+        for q in pq.get(a[_PROFILE], ()):
+            if q in seats:
+                seats[q] += a[_MAX] - loads.get(a[_AGENT], 0)
     cooling: set[tuple[str, str]] | None = None  # read once a chat is found to offer
     made = 0
-    after: tuple[datetime, str] | tuple[()] = ()
+    after: dict[str, tuple[datetime, str]] = {}
     while served:
-        page = c.execute(_waiting_page(served, after)).all()
-        shrunk = False
-        for conv_id, queue_id, enqueued_at in page:
+        # Each queue's oldest chats by its own index order, merged oldest first: no sort of a whole queue.
+        heads: list[Any] = []
+        full: set[str] = set()  # queues with a whole page read: maybe more behind it
+        cutoff: tuple[datetime, str] | None = None  # nothing after the earliest full page's last row, yet
+        for q in served:
+            limit = min(seats[q] + 1, _PAGE)
+            rows = _waiting_page(c, q, after.get(q), limit)
+            heads.extend(rows)
+            if len(rows) == _PAGE:
+                full.add(q)
+                last = (rows[-1][2], rows[-1][0])
+                cutoff = last if cutoff is None else min(cutoff, last)
+        heads.sort(key=lambda r: (r[2], r[0]))
+        more: set[str] = set()
+        for conv_id, queue_id, enqueued_at in heads:
+            if cutoff is not None and (enqueued_at, conv_id) > cutoff:
+                more.add(queue_id)
+                continue
+            if queue_id not in served:
+                continue
             candidates = [a for a in free if queue_id in pq.get(a[_PROFILE], ()) and loads[a[_AGENT]] < a[_MAX]]
             if not candidates:
-                # Nobody left for this queue in this round: read again without it, from this chat on, so a
-                # long queue nobody can take is not paged through to reach the next queue's chats.
-                served.discard(queue_id)
-                shrunk = True
-                break
-            after = (enqueued_at, conv_id)
+                served.discard(queue_id)  # nobody left for this queue: its other chats keep waiting
+                continue
+            after[queue_id] = (enqueued_at, conv_id)
             if cooling is None:
                 cooling = _cooling(tx, free, now)
             preferred = [a for a in candidates if (conv_id, a[_AGENT]) not in cooling] or candidates
-            pick = min(preferred, key=lambda a: (a[_LAST_OFFER], a[_CREATED]))
-            make_offer(tx, must_get(tx.session, Conversation, conv_id), pick[_SESSION], pick[_AGENT], now)
-            pick[_LAST_OFFER] = now
+            pick = min(preferred, key=lambda a: a[_RANK])
+            make_offer(tx, _WaitingRow(conv_id, queue_id, enqueued_at), pick[_SESSION], pick[_AGENT], now)
+            pick[_RANK] = next_rank  # offered last: idle the shortest
+            next_rank += 1
             loads[pick[_AGENT]] = loads.get(pick[_AGENT], 0) + 1
             made += 1
-        if not shrunk and len(page) < _PAGE:
-            break
+        # Another round only for queues with chats left unread or held back by the cutoff.
+        served &= full | more
     return made
 
 
 def _cooling(tx: Tx, free: list[list[Any]], now: datetime) -> set[tuple[str, str]]:
     """(chat, agent) pairs in their cool-down: the agent rejected the chat (or let it time out) lately."""
     cutoff = now - timedelta(seconds=tx.settings.reject_cooldown)
-    return {
-        (r[0], r[1])
-        for r in tx.conn.execute(
-            select(Offer.conversation_id, Offer.agent_id).where(
-                Offer.kind == "chat",
-                col(Offer.status).in_(("rejected", "timed_out")),
-                col(Offer.resolved_at) > cutoff,
-                col(Offer.agent_id).in_([a[_AGENT] for a in free]),
-            )
-        )
-    }
+    rows = tx.conn.execute(_COOLING, {"cutoff": cutoff, "agents": [a[_AGENT] for a in free]})
+    return {(r[0], r[1]) for r in rows}
+
+
+# Statements built once (building one costs more than SQLite takes to run it); lists are expanding parameters.
+_COOLING = select(Offer.conversation_id, Offer.agent_id).where(
+    Offer.kind == "chat",
+    col(Offer.status).in_(("rejected", "timed_out")),
+    col(Offer.resolved_at) > bindparam("cutoff"),
+    col(Offer.agent_id).in_(bindparam("agents", expanding=True)),
+)
 
 
 _PAGE = 200
-# The fields of a _LIVE_AGENTS row, by position.
-_SESSION, _AGENT, _PROFILE, _LAST_OFFER, _CREATED, _MAX = range(6)
-# Six columns: more than sqlmodel's select is typed for, so SQLAlchemy's (the same statement).
+# The fields of a _LIVE_AGENTS row, by position, and the rank dispatch adds.
+_SESSION, _AGENT, _PROFILE, _MAX, _RANK = range(5)
+# Idle longest first: the oldest last offer (a login counts as one), then the oldest session.
 _LIVE_AGENTS = (
     core_select(
         col(AgentSession.id),
         col(AgentSession.agent_id),
         col(AgentSession.profile_id),
-        col(AgentSession.last_offer_at),
-        col(AgentSession.created_at),
         col(Agent.max_chats),
     )
     .join(Agent, col(Agent.id) == AgentSession.agent_id)
@@ -137,72 +161,116 @@ _LIVE_AGENTS = (
         col(AgentSession.ready) == True,  # noqa: E712
         col(AgentSession.stream_count) > 0,
     )
+    .order_by(
+        col(AgentSession.last_offer_at),
+        col(AgentSession.created_at),
+        col(AgentSession.id),
+    )
 )
 
 
-def _waiting_page(queues: set[str], after: tuple[datetime, str] | tuple[()]) -> Select[str, str, datetime]:
-    """The next waiting chats not on offer, oldest first, after the keyset `after`."""
-    offered = select(Offer.conversation_id).where(Offer.kind == "chat", Offer.status == "pending")
-    q = select(Conversation.id, Conversation.queue_id, Conversation.enqueued_at).where(
-        Conversation.status == "queued", col(Conversation.queue_id).in_(queues), col(Conversation.id).not_in(offered)
-    )
-    if after:
-        enqueued_at, conv_id = after
-        q = q.where(
-            (col(Conversation.enqueued_at) > enqueued_at)
-            | ((col(Conversation.enqueued_at) == enqueued_at) & (col(Conversation.id) > conv_id))
-        )
-    return q.order_by(col(Conversation.enqueued_at), col(Conversation.id)).limit(_PAGE)
+def _waiting_page(c: Connection, queue_id: str, after: tuple[datetime, str] | None, limit: int) -> Sequence[Any]:
+    """A queue's next waiting chats not on offer, oldest first, after the keyset `after`."""
+    if after is None:
+        return c.execute(_WAITING_FIRST, {"queue": queue_id, "limit": limit}).all()
+    return c.execute(_WAITING_AFTER, {"queue": queue_id, "at": after[0], "id": after[1], "limit": limit}).all()
+
+
+# Not on offer: the partial unique index on pending chat offers answers it per chat, if its condition is
+# written as literally as the index's (a bound parameter would not prove it).
+_NOT_OFFERED = ~exists().where(
+    col(Offer.conversation_id) == col(Conversation.id), text("offer.kind = 'chat' AND offer.status = 'pending'")
+)
+_WAITING_FIRST = (
+    select(Conversation.id, Conversation.queue_id, Conversation.enqueued_at)
+    .where(Conversation.status == "queued", Conversation.queue_id == bindparam("queue"), _NOT_OFFERED)
+    .order_by(col(Conversation.enqueued_at), col(Conversation.id))
+    .limit(bindparam("limit"))
+)
+_WAITING_AFTER = _WAITING_FIRST.where(
+    (col(Conversation.enqueued_at) > bindparam("at"))
+    | ((col(Conversation.enqueued_at) == bindparam("at")) & (col(Conversation.id) > bindparam("id")))
+)
+
+
+class Waiting(Protocol):
+    """What an offer needs of its conversation (a Conversation, or a waiting-page row)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def queue_id(self) -> str: ...
+    @property
+    def enqueued_at(self) -> datetime: ...
+
+
+class _WaitingRow(NamedTuple):
+    id: str
+    queue_id: str
+    enqueued_at: datetime
 
 
 def make_offer(
     tx: Tx,
-    conv: Conversation,
+    conv: Waiting,
     session_id: str,
     agent_id: str,
     now: datetime,
     invite_payload: dict[str, Any] | None = None,
-) -> Offer:
-    s = tx.session
-    offer = Offer(
-        id=uuid.uuid4().hex,
-        session_id=session_id,
-        agent_id=agent_id,
-        conversation_id=conv.id,
-        kind="invite" if invite_payload else "chat",
-        invite_id=invite_payload["invite_id"] if invite_payload else None,
-        status="pending",
-        created_at=now,
-        expires_at=now + timedelta(seconds=tx.settings.offer_timeout),
+) -> str:
+    """Offer conv to the agent's session (Core statements: this runs for every chat routed). Returns its id."""
+    c = tx.conn
+    offer_id = uuid.uuid4().hex
+    kind = "invite" if invite_payload else "chat"
+    expires_at = now + timedelta(seconds=tx.settings.offer_timeout)
+    c.execute(
+        _INSERT_OFFER,
+        {
+            "id": offer_id,
+            "session_id": session_id,
+            "agent_id": agent_id,
+            "conversation_id": conv.id,
+            "kind": kind,
+            "invite_id": invite_payload["invite_id"] if invite_payload else None,
+            "status": "pending",
+            "created_at": now,
+            "expires_at": expires_at,
+        },
     )
-    s.add(offer)
-    tx.conn.execute(update(AgentSession).where(col(AgentSession.id) == session_id).values(last_offer_at=now))
+    c.execute(_OFFERED_AT, {"session": session_id, "now": now})
     payload = {
-        "offer_id": offer.id,
+        "offer_id": offer_id,
         "kind": "OFFER_KIND_INVITE" if invite_payload else "OFFER_KIND_CHAT",
         "conversation_id": conv.id,
-        "queue": queue_json(s, conv.queue_id),
-        "variables": variables_json(variables(s, conv.id)),
+        "queue": queue_json(tx.session, conv.queue_id),
+        "variables": variables_json(variables(tx.session, conv.id)),
         "enqueue_time": ts(conv.enqueued_at),
         "waiting_time": f"{(now - conv.enqueued_at).total_seconds():.6f}s",
         "create_time": ts(now),
-        "expire_time": ts(offer.expires_at),
+        "expire_time": ts(expires_at),
     }
     if invite_payload:
         payload["invite"] = invite_payload
     append_feed(tx, session_id, "offer", payload, now)
-    tx.schedule(offer.expires_at, expire_offer, offer.id)
-    tx.count("offers_made", kind=offer.kind)
-    tx.log("offer.made", offer_id=offer.id, kind=offer.kind, conversation_id=conv.id, agent_id=agent_id)
-    return offer
+    tx.schedule(expires_at, expire_offer, offer_id)
+    tx.count("offers_made", kind=kind)
+    tx.log("offer.made", offer_id=offer_id, kind=kind, conversation_id=conv.id, agent_id=agent_id)
+    return offer_id
+
+
+_INSERT_OFFER = insert(Offer)
+_OFFERED_AT = (
+    update(AgentSession).where(col(AgentSession.id) == bindparam("session")).values(last_offer_at=bindparam("now"))
+)
 
 
 def close_offer(tx: Tx, offer: Offer, state: str, now: datetime, reason: str | None = None) -> None:
     """Record the outcome on the offer and on its session's feed."""
-    offer.status = state
-    offer.resolved_at = now
-    offer.withdraw_reason = reason
-    tx.session.add(offer)
+    # A Core UPDATE (every chat's offer ends here), and the loaded object told, so no flush repeats it.
+    tx.conn.execute(_CLOSE_OFFER, {"offer": offer.id, "state": state, "at": now, "reason": reason})
+    set_committed_value(offer, "status", state)
+    set_committed_value(offer, "resolved_at", now)
+    set_committed_value(offer, "withdraw_reason", reason)
     update = {"offer_id": offer.id, "state": _OFFER_STATES[state]}
     if reason:
         update["withdraw_reason"] = _WITHDRAW_REASONS[reason]
@@ -211,6 +279,13 @@ def close_offer(tx: Tx, offer: Offer, state: str, now: datetime, reason: str | N
     tx.observe("offer_answer_seconds", (now - offer.created_at).total_seconds(), outcome=state)
     ids = {"offer_id": offer.id, "conversation_id": offer.conversation_id, "agent_id": offer.agent_id}
     tx.log(f"offer.{state}", **ids, reason=reason)
+
+
+_CLOSE_OFFER = (
+    update(Offer)
+    .where(col(Offer.id) == bindparam("offer"))
+    .values(status=bindparam("state"), resolved_at=bindparam("at"), withdraw_reason=bindparam("reason"))
+)
 
 
 def _own_pending_offer(tx: Tx, who: AgentPrincipal, offer_id: str, answer: str) -> Offer | None:
@@ -247,9 +322,10 @@ def accept_offer(tx: Tx, who: AgentPrincipal, offer_id: str) -> ConversationView
     if offer.kind == "invite":
         invites.on_accepted(tx, offer, conv, agent, now)
     else:
-        conv.status = "active"
-        s.add(conv)
-        s.add(Participant(conversation_id=conv.id, agent_id=agent.id, joined_at=now))
+        c = tx.conn
+        c.execute(_ACTIVATE, {"conv": conv.id})
+        set_committed_value(conv, "status", "active")
+        c.execute(_JOIN, {"conversation_id": conv.id, "agent_id": agent.id, "joined_at": now})
         append_event(
             tx,
             conv,
@@ -260,8 +336,11 @@ def accept_offer(tx: Tx, who: AgentPrincipal, offer_id: str) -> ConversationView
         )
         tx.queue_changed(conv.queue_id)
         tx.observe("chat_wait_seconds", (now - conv.enqueued_at).total_seconds(), queue=conv.queue_id)
-    s.flush()
     return conversation_view(s, conv)
+
+
+_ACTIVATE = update(Conversation).where(col(Conversation.id) == bindparam("conv")).values(status="active")
+_JOIN = insert(Participant)
 
 
 def reject_offer(tx: Tx, who: AgentPrincipal, offer_id: str) -> None:
@@ -298,12 +377,17 @@ def withdraw_session_offers(tx: Tx, session_id: str, now: datetime) -> None:
 
 def withdraw_conversation_offers(tx: Tx, conversation_id: str, reason: str, now: datetime) -> None:
     """The conversation ended or was taken: nobody may still accept an offer for it."""
+    if tx.conn.execute(_ANY_PENDING, {"c": conversation_id}).first() is None:
+        return  # the common case at a close: a Core look, no ORM query
     for offer in tx.session.exec(
         select(Offer).where(Offer.conversation_id == conversation_id, Offer.status == "pending")
     ).all():
         close_offer(tx, offer, "withdrawn", now, reason)
         if offer.kind == "invite":
             invites.on_offer_closed(tx, offer, "withdrawn", now)
+
+
+_ANY_PENDING = select(Offer.id).where(Offer.conversation_id == bindparam("c"), Offer.status == "pending").limit(1)
 
 
 def _give_back(tx: Tx, offer: Offer, state: str, now: datetime, reason: str | None = None) -> None:

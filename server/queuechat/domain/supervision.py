@@ -12,7 +12,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from sqlalchemy import func
+from sqlalchemy import bindparam, func
 from sqlmodel import Session, col, select
 
 from ..errors import denied, not_found, precondition, short
@@ -138,12 +138,21 @@ def _stop(tx: Tx, conv: Conversation, monitor: MonitorSession) -> None:
 
 def stop_monitors(tx: Tx, conv: Conversation) -> None:
     """The conversation is closing: its monitors stop first, so that their stops are in the log before chat_closed."""
+    if tx.conn.execute(_ANY_MONITOR, {"c": conv.id}).first() is None:
+        return  # the common case: a Core look, no ORM query
     for monitor in tx.session.exec(
         select(MonitorSession)
         .where(MonitorSession.conversation_id == conv.id, col(MonitorSession.ended_at).is_(None))
         .order_by(col(MonitorSession.started_at))
     ).all():
         _stop(tx, conv, monitor)
+
+
+_ANY_MONITOR = (
+    select(MonitorSession.id)
+    .where(MonitorSession.conversation_id == bindparam("c"), col(MonitorSession.ended_at).is_(None))
+    .limit(1)
+)
 
 
 def recover(tx: Tx, node_id: str = "", exclusive: bool = True) -> None:

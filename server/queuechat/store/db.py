@@ -15,6 +15,12 @@ committed once and reported back to the loop in one wake-up. If any of them
 fails, the batch is rolled back and each job runs again on its own, so a
 refusal only ever undoes its own write. Jobs must therefore be safe to run
 twice: they touch nothing outside their transaction.
+
+Work that many writes of a batch would each do at their end (routing after
+every arrival and every freed seat) can be done once: a job of a batch
+registers a finisher (`defer(session, key, fn)`), and the batch runs each
+key's finisher once after its last job, in the same transaction. A job that
+runs alone is told so (`batched(session)` is false) and does the work itself.
 """
 
 from __future__ import annotations
@@ -85,6 +91,24 @@ def make_engine(url: str) -> Engine:
 RETRYABLE = {"40001", "40P01", "23505"}
 ATTEMPTS = 5
 ROUTING_LOCK_CLASS = 0x51430001  # pg_advisory_xact_lock(class, schema): one routing lock per schema
+
+
+# A finisher: fn(session) -> (what it did after commit or None); run once per key after a batch's last job.
+Finisher = Callable[[Session], AfterCommit | None]
+
+
+def batched(session: Session) -> bool:
+    """Whether this job runs in a batch of several, so work deferred with defer() is done at its end."""
+    return bool(session.info.get("batched"))
+
+
+def defer(session: Session, key: str, fn: Finisher) -> None:
+    """Run fn once, after the batch's last job, in the same transaction (the first job's fn for each key)."""
+    session.info.setdefault("finishers", {}).setdefault(key, fn)
+
+
+def _as_job(fn: Finisher) -> Job[None]:
+    return lambda session: (None, fn(session))
 
 
 def retryable(e: BaseException) -> bool:
@@ -196,9 +220,16 @@ class Database:
                         # Before any row lock of the batch: a node never holds a row while it waits for the lock.
                         self.routing_lock(session)
                     _lock_conversations(session, batch)
+                session.info["batched"] = True
                 for name, job, loop, fut in batch:
                     result, after = self._timed(name, job, session)
                     done.append((name, loop, fut, result, after))
+                # Their effects follow every job's in the batch, as their rows' seqs do.
+                loop = batch[-1][2]
+                finishers: dict[str, Finisher] = session.info.pop("finishers", {})
+                for key, fn in finishers.items():
+                    _, after = self._timed(key, _as_job(fn), session)
+                    done.append((key, loop, None, None, after))
                 session.commit()
         except BaseException:
             return False
@@ -258,7 +289,7 @@ def _deliver(done: list) -> None:
 def _complete(items: list) -> None:
     for name, fut, outcome, after in items:
         if after is _FAILED:
-            if not fut.done():
+            if fut is not None and not fut.done():
                 fut.set_exception(outcome)
             continue
         if after is not None:
@@ -269,5 +300,5 @@ def _complete(items: list) -> None:
             for failure in failures:
                 # Committed all the same: the caller gets its result; the lost effect is logged.
                 log.error("after commit of write %s: an effect failed", name, exc_info=failure)
-        if not fut.done():
+        if fut is not None and not fut.done():
             fut.set_result(outcome)
