@@ -100,8 +100,9 @@ class Bare:
         with Session(self.engine, expire_on_commit=False) as session:
             tx = Tx(session, self.context, now)
             result = fn(tx, *args)
-            if tx.take_dispatch():
-                routing.dispatch(tx)
+            needed, queues = tx.take_dispatch_queues()
+            if needed:
+                routing.dispatch(tx, queues=queues)
             session.commit()
         effects = tx.effects
         self.timers.extend(args for name, args in effects if name == "schedule")

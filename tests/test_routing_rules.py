@@ -502,7 +502,7 @@ def test_dispatch_runs_once_at_the_end_of_the_write(make, monkeypatch):
 
     calls = []
     real = routing.dispatch
-    monkeypatch.setattr(routing, "dispatch", lambda tx, *a: calls.append(tx) or real(tx, *a))
+    monkeypatch.setattr(routing, "dispatch", lambda tx, *a, **kw: calls.append(tx) or real(tx, *a, **kw))
     seen = []
 
     def close_both(tx):
@@ -588,3 +588,29 @@ def test_a_customer_leaving_the_queue_frees_the_offered_slot(make):
     b.write(conversations.end_chat, b.customer(c1), c1, now=at(3))
     assert status(b, c1) == "closed" and b.offered_to(c1) is None
     assert b.offered_to(c2) == "agent1"
+
+
+# --- where routing looks ---------------------------------------------------------------
+
+
+def test_a_close_looks_only_at_its_agents_queues(make, monkeypatch):
+    """A close asks routing about the queues of its agents' profiles: with nobody waiting there, routing
+    reads no agents at all (however long another queue is); with a chat waiting there, it is offered."""
+    bare = make(max_chats={"agent1": 1})
+    sales = bare.agent("agent1", "sales")
+    cid = bare.chat("sales")
+    bare.accept(sales, bare.pending(cid)[0].id)
+    for _ in range(3):
+        bare.chat("support")  # nobody serves support: these wait
+    looked = []
+    real = routing.agent_loads
+    monkeypatch.setattr(routing, "agent_loads", lambda *a: looked.append(a) or real(*a))
+    bare.write(conversations.close, sales, cid, True)
+    assert looked == []
+
+    cid = bare.chat("sales")
+    bare.accept(sales, bare.pending(cid)[0].id)
+    waiting = bare.chat("sales", now=bare.advance(1))
+    assert bare.offered_to(waiting) is None  # agent1 is full
+    bare.write(conversations.close, sales, cid, True)
+    assert looked and bare.offered_to(waiting) == "agent1"

@@ -158,9 +158,9 @@ async def test_routing_runs_once_at_the_end_of_the_write(core, monkeypatch):
     calls: list[Tx] = []
     real = runner.routing.dispatch
 
-    def counting(tx: Tx, now=None) -> int:
+    def counting(tx: Tx, now=None, queues=None) -> int:
         calls.append(tx)
-        return real(tx, now)
+        return real(tx, now, queues)
 
     monkeypatch.setattr(runner.routing, "dispatch", counting)
 
@@ -173,6 +173,60 @@ async def test_routing_runs_once_at_the_end_of_the_write(core, monkeypatch):
     assert len(calls) == 1
     await core.write(lambda tx: None)
     assert len(calls) == 1  # nobody asked
+
+
+async def test_a_group_commit_dispatches_once_over_what_its_writes_changed(core, monkeypatch):
+    calls: list[frozenset[str] | None] = []
+    real = runner.routing.dispatch
+
+    def counting(tx: Tx, now=None, queues=None) -> int:
+        calls.append(queues)
+        return real(tx, now, queues)
+
+    monkeypatch.setattr(runner.routing, "dispatch", counting)
+    # Hold the writer so that the next writes queue up and commit as one batch.
+    release, holding = threading.Event(), threading.Event()
+
+    def hold(session):
+        holding.set()
+        release.wait(WAIT)
+        return None, None
+
+    held = asyncio.ensure_future(core.db.transact("test.hold", hold))
+    assert await asyncio.to_thread(holding.wait, WAIT)
+
+    def arrival(tx: Tx, queue_id: str) -> str:
+        tx.needs_dispatch([queue_id])
+        return queue_id
+
+    writes = [asyncio.ensure_future(core.write(arrival, q)) for q in ("sales", "support", "sales")]
+    deadline = asyncio.get_running_loop().time() + WAIT
+    while core.db._jobs.qsize() < len(writes):
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.01)
+    release.set()
+    await held
+    assert await asyncio.gather(*writes) == ["sales", "support", "sales"]
+    assert calls == [frozenset({"sales", "support"})]  # one dispatch, after the batch's last write
+
+    # One write that asks without naming queues makes it a dispatch over all of them.
+    calls.clear()
+    holding.clear()
+    release.clear()
+    held = asyncio.ensure_future(core.db.transact("test.hold", hold))
+    assert await asyncio.to_thread(holding.wait, WAIT)
+
+    def anything(tx: Tx) -> None:
+        tx.needs_dispatch()
+
+    writes = [asyncio.ensure_future(core.write(arrival, "sales")), asyncio.ensure_future(core.write(anything))]
+    while core.db._jobs.qsize() < len(writes):
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.01)
+    release.set()
+    await held
+    await asyncio.gather(*writes)
+    assert calls == [None]
 
 
 async def test_writes_carry_their_names_in_stats_and_failure_logs(core, caplog):

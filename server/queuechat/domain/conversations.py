@@ -9,6 +9,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import bindparam, delete, func, insert, update
+from sqlalchemy.orm.attributes import set_committed_value
 from sqlmodel import Session, col, or_, select
 
 from ..config import Limits
@@ -37,7 +38,7 @@ from .log import (
     find_request,
     insert_event,
 )
-from .read import active_agents, conversation_view, must_get, variables_json
+from .read import active_agents, agent_view, conversation_view, must_get, variables_json
 from .tx import Tx, locks_conversation, routing_free
 from .views import (
     AgentPrincipal,
@@ -120,7 +121,7 @@ def start_chat(
                  actor="customer", now=now)
     insert_event(tx, conversation_id, 2, "participant_joined", {"participant": customer.to_json()},
                  actor="customer", now=now)
-    tx.needs_dispatch()
+    tx.needs_dispatch([queue_id])
     tx.queue_changed(queue_id)  # those waiting see the count grow
     tx.count("chats_started", queue=queue_id)
     tx.log("chat.started", conversation_id=conversation_id, queue_id=queue_id, identified=bool(verified))
@@ -527,33 +528,42 @@ def close(
             conversation_id=conversation_id,
         )
     now = tx.now
-    agent = agent_participant(must_get(s, Agent, who.agent_id)).to_json()
+    agent = agent_view(s, who.agent_id).to_json()
     if conv.customer_connected:
-        conv.customer_connected = False
-        conv.ended_at = now
+        _set(tx, conv, customer_connected=False, ended_at=now)
         append_event(tx, conv, "chat_ended", {"ended_by": agent}, actor=f"agent:{who.agent_id}", now=now)
     note = wrap_up_note.strip()
     if code is not None or note:
-        conv.wrap_up_code_id = code.id if code else None
-        conv.wrap_up_code_name = code.display_name if code else None
-        conv.wrap_up_note = note or None
-        conv.wrap_up_agent_id = who.agent_id
-        conv.wrap_up_at = now
+        _set(
+            tx, conv,
+            wrap_up_code_id=code.id if code else None,
+            wrap_up_code_name=code.display_name if code else None,
+            wrap_up_note=note or None,
+            wrap_up_agent_id=who.agent_id,
+            wrap_up_at=now,
+        )  # fmt: skip
+    freed = routing.freed_queues(tx, conv.id)  # while its agents are still in it
     _close(tx, conv, agent, f"agent:{who.agent_id}", now)
-    tx.needs_dispatch()
+    tx.needs_dispatch(freed)
     return conversation_view(s, conv)
 
 
 def _close(tx: Tx, conv: Conversation, by: dict[str, Any], actor: str, now: datetime) -> None:
     routing.withdraw_conversation_offers(tx, conv.id, "taken_elsewhere", now)
     supervision.stop_monitors(tx, conv)  # their stops go in the log before chat_closed
-    conv.ended_at = conv.ended_at or now
-    conv.status = "closed"
-    conv.closed_at = now
-    tx.session.add(conv)
+    _set(tx, conv, ended_at=conv.ended_at or now, status="closed", closed_at=now)
     append_event(tx, conv, "chat_closed", {"closed_by": by}, actor=actor, now=now)
     tx.count("chats_closed", queue=conv.queue_id)
     tx.log("chat.closed", conversation_id=conv.id, queue_id=conv.queue_id, closed_by=actor)
+
+
+def _set(tx: Tx, conv: Conversation, **values: Any) -> None:
+    """Change the conversation's row with one Core UPDATE, and the loaded object with it (no ORM flush)."""
+    if conv in tx.session.dirty:
+        tx.session.flush()  # an earlier ORM change goes first, so this one is not overwritten
+    tx.conn.execute(update(Conversation).where(col(Conversation.id) == conv.id).values(**values))
+    for name, value in values.items():
+        set_committed_value(conv, name, value)
 
 
 # --- reads -----------------------------------------------------------------

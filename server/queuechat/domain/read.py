@@ -42,6 +42,15 @@ def connection(s: Session) -> Connection:
     return s.connection()
 
 
+def agent_view(s: Session, agent_id: str) -> ParticipantView:
+    """An agent as a participant (a Core read: no ORM object is needed for a name)."""
+    name = connection(s).execute(_AGENT_NAME, {"agent": agent_id}).scalar()
+    return ParticipantView("agent", agent_id, name if name is not None else agent_id)
+
+
+_AGENT_NAME = select(Agent.display_name).where(Agent.id == bindparam("agent"))
+
+
 def variables(s: Session, conversation_id: str) -> tuple[VariableView, ...]:
     rows = connection(s).execute(_VARIABLES, {"conversation_id": conversation_id})
     return tuple(VariableView(name, value, authenticated) for name, value, authenticated in rows)

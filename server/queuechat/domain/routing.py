@@ -17,7 +17,7 @@ what an answered invite means for the conversation is in invites.py.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple, Protocol
 
@@ -28,11 +28,12 @@ from sqlalchemy.orm.attributes import set_committed_value
 from sqlmodel import col, select
 
 from ..errors import not_found, precondition
-from ..store.models import Agent, AgentSession, Conversation, Offer, Participant
+from ..store.models import Agent, AgentSession, Conversation, Offer, Participant, ProfileQueue
 from . import invites
-from .log import agent_participant, append_event, append_feed, ts
+from .log import append_event, append_feed, ts
 from .read import (
     agent_loads,
+    agent_view,
     conversation_view,
     is_participant,
     must_get,
@@ -59,14 +60,20 @@ _WITHDRAW_REASONS = {
 }
 
 
-def dispatch(tx: Tx, now: datetime | None = None) -> int:
+def dispatch(tx: Tx, now: datetime | None = None, queues: Collection[str] | None = None) -> int:
     """Offer waiting chats to free agents until either runs out. Returns offers made.
 
     Runs after every change that may free capacity or add work, so it must stay cheap with
-    a long queue: plain rows, waiting chats read a page at a time, and a stop as soon as no
-    queue that has waiting chats has a free agent left."""
+    a long queue: plain rows, each queue read only as far as its free seats, and a stop as soon
+    as no queue that has waiting chats has a free agent left.
+
+    `queues`: only these changed. Every dispatch runs until no queue has both a chat not on
+    offer and a free agent, so a change to some queues can only make work in those: when none
+    of them has a chat to offer (a close in a queue with nobody waiting), nothing is read."""
     c = tx.conn
     now = now or tx.now
+    if queues is not None and (not queues or c.execute(_ANY_WAITING, {"queues": list(queues)}).first() is None):
+        return 0
     # Plain lists, not dicts: one per live agent per dispatch (see _LIVE_AGENTS for the fields). They come
     # idle-longest first, so an agent's rank is its place in that order: no timestamps are read.
     live: list[list[Any]] = [[*r, i] for i, r in enumerate(c.execute(_LIVE_AGENTS))]
@@ -77,6 +84,8 @@ def dispatch(tx: Tx, now: datetime | None = None) -> int:
     pq = profile_queues(tx.session)
     free = [a for a in live if loads.get(a[_AGENT], 0) < a[_MAX]]
     served = set().union(*(pq.get(a[_PROFILE], set()) for a in free))
+    if queues is not None:
+        served &= set(queues)
     if not served:
         return 0
     # Seats each served queue could fill: no queue is read further than that (plus one, to find it full).
@@ -85,7 +94,6 @@ def dispatch(tx: Tx, now: datetime | None = None) -> int:
         for q in pq.get(a[_PROFILE], ()):
             if q in seats:
                 seats[q] += a[_MAX] - loads.get(a[_AGENT], 0)
-    cooling: set[tuple[str, str]] | None = None  # read once a chat is found to offer
     made = 0
     after: dict[str, tuple[datetime, str]] = {}
     while served:
@@ -114,9 +122,8 @@ def dispatch(tx: Tx, now: datetime | None = None) -> int:
                 served.discard(queue_id)  # nobody left for this queue: its other chats keep waiting
                 continue
             after[queue_id] = (enqueued_at, conv_id)
-            if cooling is None:
-                cooling = _cooling(tx, free, now)
-            preferred = [a for a in candidates if (conv_id, a[_AGENT]) not in cooling] or candidates
+            cooling = _cooling(tx, conv_id, now) if len(candidates) > 1 else ()
+            preferred = [a for a in candidates if a[_AGENT] not in cooling] or candidates
             pick = min(preferred, key=lambda a: a[_RANK])
             make_offer(tx, _WaitingRow(conv_id, queue_id, enqueued_at), pick[_SESSION], pick[_AGENT], now)
             pick[_RANK] = next_rank  # offered last: idle the shortest
@@ -128,19 +135,37 @@ def dispatch(tx: Tx, now: datetime | None = None) -> int:
     return made
 
 
-def _cooling(tx: Tx, free: list[list[Any]], now: datetime) -> set[tuple[str, str]]:
-    """(chat, agent) pairs in their cool-down: the agent rejected the chat (or let it time out) lately."""
+def freed_queues(tx: Tx, conversation_id: str) -> set[str]:
+    """The queues whose chats the conversation's agents may take once it frees their seats (the queues of
+    their sessions' profiles): what a close or a leave asks routing to look at."""
+    return set(tx.conn.execute(_FREED_QUEUES, {"conv": conversation_id}).scalars())
+
+
+_FREED_QUEUES = (
+    select(ProfileQueue.queue_id)
+    .join(AgentSession, col(AgentSession.profile_id) == ProfileQueue.profile_id)
+    .join(Participant, col(Participant.agent_id) == AgentSession.agent_id)
+    .where(
+        Participant.conversation_id == bindparam("conv"),
+        col(Participant.left_at).is_(None),
+        col(AgentSession.ended_at).is_(None),
+    )
+    .distinct()
+)
+
+
+def _cooling(tx: Tx, conversation_id: str, now: datetime) -> set[str]:
+    """Agents in their cool-down for this chat: they rejected it (or let it time out) lately."""
     cutoff = now - timedelta(seconds=tx.settings.reject_cooldown)
-    rows = tx.conn.execute(_COOLING, {"cutoff": cutoff, "agents": [a[_AGENT] for a in free]})
-    return {(r[0], r[1]) for r in rows}
+    return set(tx.conn.execute(_COOLING, {"conv": conversation_id, "cutoff": cutoff}).scalars())
 
 
-# Statements built once (building one costs more than SQLite takes to run it); lists are expanding parameters.
-_COOLING = select(Offer.conversation_id, Offer.agent_id).where(
+# Statements built once: building one costs more than SQLite takes to run it.
+_COOLING = select(Offer.agent_id).where(
+    Offer.conversation_id == bindparam("conv"),
     Offer.kind == "chat",
     col(Offer.status).in_(("rejected", "timed_out")),
     col(Offer.resolved_at) > bindparam("cutoff"),
-    col(Offer.agent_id).in_(bindparam("agents", expanding=True)),
 )
 
 
@@ -181,6 +206,9 @@ def _waiting_page(c: Connection, queue_id: str, after: tuple[datetime, str] | No
 _NOT_OFFERED = ~exists().where(
     col(Offer.conversation_id) == col(Conversation.id), text("offer.kind = 'chat' AND offer.status = 'pending'")
 )
+_ANY_WAITING = select(Conversation.id).where(
+    Conversation.status == "queued", col(Conversation.queue_id).in_(bindparam("queues", expanding=True)), _NOT_OFFERED
+).limit(1)
 _WAITING_FIRST = (
     select(Conversation.id, Conversation.queue_id, Conversation.enqueued_at)
     .where(Conversation.status == "queued", Conversation.queue_id == bindparam("queue"), _NOT_OFFERED)
@@ -317,21 +345,20 @@ def accept_offer(tx: Tx, who: AgentPrincipal, offer_id: str) -> ConversationView
             raise precondition("OFFER_NO_LONGER_VALID", "You accepted this offer and have left the conversation since.")
         return conversation_view(s, conv)
     conv = must_get(s, Conversation, offer.conversation_id)
-    agent = must_get(s, Agent, who.agent_id)
     close_offer(tx, offer, "accepted", now)
     if offer.kind == "invite":
-        invites.on_accepted(tx, offer, conv, agent, now)
+        invites.on_accepted(tx, offer, conv, must_get(s, Agent, who.agent_id), now)
     else:
         c = tx.conn
         c.execute(_ACTIVATE, {"conv": conv.id})
         set_committed_value(conv, "status", "active")
-        c.execute(_JOIN, {"conversation_id": conv.id, "agent_id": agent.id, "joined_at": now})
+        c.execute(_JOIN, {"conversation_id": conv.id, "agent_id": who.agent_id, "joined_at": now})
         append_event(
             tx,
             conv,
             "participant_joined",
-            {"participant": agent_participant(agent).to_json()},
-            actor=f"agent:{agent.id}",
+            {"participant": agent_view(s, who.agent_id).to_json()},
+            actor=f"agent:{who.agent_id}",
             now=now,
         )
         tx.queue_changed(conv.queue_id)

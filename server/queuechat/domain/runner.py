@@ -37,6 +37,9 @@ def write_name(fn: Callable[..., Any]) -> str:
     return f"{module.rsplit('.', 1)[-1]}.{getattr(fn, '__name__', 'write')}"
 
 
+_NONE: frozenset[str] = frozenset()
+
+
 class Writer:
     def __init__(
         self, db: Database, context: Callable[[], Context], effects: Effects, around: Around | None = None
@@ -59,16 +62,20 @@ class Writer:
                 lock(session)  # first: everything this write reads is then another node's committed state
             tx = Tx(session, context)  # a rerun starts afresh: nothing recorded
             result = fn(tx, *args, **kwargs)
-            if tx.take_dispatch():
+            needed, queues = tx.take_dispatch_queues()
+            if needed:
                 if batched(session):
+                    # One dispatch for the batch, over the union of what its writes changed.
+                    pending = session.info.get("dispatch", _NONE)
+                    session.info["dispatch"] = None if queues is None or pending is None else pending | queues
                     defer(session, "routing.dispatch", dispatch_at_end)
                 else:
-                    routing.dispatch(tx)
+                    routing.dispatch(tx, queues=queues)
             return result, tx.carry_out(effects)
 
         def dispatch_at_end(session: Session) -> Callable[[], list[BaseException]]:
             tx = Tx(session, context)
-            routing.dispatch(tx)
+            routing.dispatch(tx, queues=session.info.pop("dispatch", None))
             return tx.carry_out(effects)
 
         job.routing = lock is not None  # type: ignore[attr-defined]  # group commit takes the lock first

@@ -18,7 +18,7 @@ The effects are carried out by an `Effects` implementation: in-process today
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
@@ -109,7 +109,7 @@ class Reader(Protocol):
 class Tx:
     """One write's transaction and its recorded effects."""
 
-    __slots__ = ("session", "settings", "limits", "now", "check_event", "_effects", "_queues", "_dispatch")
+    __slots__ = ("session", "settings", "limits", "now", "check_event", "_effects", "_queues", "_dispatch", "_only")
 
     def __init__(self, session: Session, context: Context, now: datetime | None = None):
         self.session = session
@@ -121,6 +121,7 @@ class Tx:
         self._effects: list[tuple[str, tuple[Any, ...]]] = []
         self._queues: set[str] = set()
         self._dispatch = False
+        self._only: set[str] | None = set()  # the queues routing must look at (None: all of them)
 
     @property
     def conn(self) -> Connection:
@@ -162,9 +163,20 @@ class Tx:
     def log(self, event: str, **fields: object) -> None:
         self._effects.append(("log", (event, fields)))
 
-    def needs_dispatch(self) -> None:
-        """Routing must run: the runner dispatches once, at the end of this same transaction."""
+    def needs_dispatch(self, queues: Iterable[str] | None = None) -> None:
+        """Routing must run: the runner dispatches once, at the end of this same transaction (or of its
+        group commit). `queues`: only these can have changed (a chat arrived in one, seats freed for agents
+        serving them), so routing may look at them alone; without, it looks at every queue."""
         self._dispatch = True
+        if queues is None:
+            self._only = None
+        elif self._only is not None:
+            self._only.update(queues)
+
+    @property
+    def dispatch_queues(self) -> frozenset[str] | None:
+        """The queues routing must look at, if only some (see needs_dispatch)."""
+        return None if self._only is None else frozenset(self._only)
 
     @property
     def dispatch_needed(self) -> bool:
@@ -174,6 +186,12 @@ class Tx:
         """For the runner: whether to dispatch now (and forget the request)."""
         needed, self._dispatch = self._dispatch, False
         return needed
+
+    def take_dispatch_queues(self) -> tuple[bool, frozenset[str] | None]:
+        """For the runner: whether to dispatch now, and over which queues (None: all); forgets the request."""
+        queues = self.dispatch_queues
+        self._only = set()
+        return self.take_dispatch(), queues
 
     @property
     def effects(self) -> tuple[tuple[str, tuple[Any, ...]], ...]:
