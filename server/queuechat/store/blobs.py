@@ -64,11 +64,14 @@ class Scanner:
         self.size += len(block)
         self.tail = (self.tail + block[-self._tail_size :])[-self._tail_size :]
         if self.utf8:
-            try:
-                self._decoder.decode(block)
-                self.utf8 = b"\x00" not in block
-            except UnicodeDecodeError:
-                self.utf8 = False
+            if block.isascii() and not self._decoder.getstate()[0]:
+                self.utf8 = b"\x00" not in block  # ASCII between whole characters: UTF-8, nothing to decode
+            else:
+                try:
+                    self._decoder.decode(block)
+                    self.utf8 = b"\x00" not in block
+                except UnicodeDecodeError:
+                    self.utf8 = False
         if not self._sniffed and len(self.head) >= 4:
             # What filetypes.classify will call a PDF: "%PDF" at the very start.
             self._sniffed = True
@@ -113,7 +116,9 @@ class Scanner:
 
 _D = rb"\x00\t\n\x0c\r ()<>\[\]{}/%"  # whitespace and delimiters, for a character class
 _NAME_END = rb"(?![^" + _D + rb"])"
-_ESCAPED = rb"/[^" + _D + rb"#]{0,64}#[0-9A-Fa-f]{2}(?:[^" + _D + rb"#]|#[0-9A-Fa-f]{2}){0,64}" + _NAME_END
+# Possessive: giving back a character never helps (none of them is the "#" or the delimiter that must
+# follow), and a run that would be given back is most of what the regex does over binary data.
+_ESCAPED = rb"/[^" + _D + rb"#]{0,64}+#[0-9A-Fa-f]{2}(?:[^" + _D + rb"#]|#[0-9A-Fa-f]{2}){0,64}+" + _NAME_END
 _ACTIVE = frozenset(
     {
         b"JavaScript", b"JS", b"Rendition", b"Launch", b"AA",
@@ -148,6 +153,7 @@ _EOL = re.compile(rb"[\r\n]")
 _NOT_WS = re.compile(rb"[^\x00\t\n\x0c\r ]")
 _HEX_ESCAPE = re.compile(rb"#([0-9A-Fa-f]{2})")
 _CARRY = 320  # longer than any token above: a token cut by a piece's end is read with the next piece
+_SKIP_FAST = 64  # pieces longer than this skip stream data without being copied
 _INFLATE_PIECE = 1024 * 1024
 _INFLATE_BUDGET = 64 * 1024 * 1024
 
@@ -174,24 +180,41 @@ def _active(name: bytes) -> _Problem:
 
 
 class _Raw:
-    """The markers of _RAW anywhere in a sequence of pieces."""
+    """The markers of _RAW anywhere in a sequence of pieces.
+
+    Read as if the pieces were one string: each feed looks at the matches that start before its last
+    _CARRY bytes (a match is shorter than that) and keeps those bytes for the next. Matches never overlap
+    (one starts at a slash; inside a match a slash only begins the name after /S, which no match starts
+    with), so the matches starting in the carried bytes and those starting in the new piece are found
+    apart: the piece itself is scanned where it lies, never copied."""
 
     def __init__(self) -> None:
         self._carry = b""
 
     def feed(self, data: bytes, final: bool = False) -> None:
-        buf = self._carry + data
-        limit = len(buf) if final else len(buf) - _CARRY
+        carry = self._carry
+        c = len(carry)
+        limit = c + len(data) if final else c + len(data) - _CARRY
         if limit <= 0:
-            self._carry = buf
+            self._carry = carry + data
             return
+        if c:
+            # Matches that start in the carried bytes: each lies within the next _CARRY bytes.
+            self._check(carry + data[:_CARRY], min(c, limit))
+        if limit > c:
+            self._check(data, limit - c)
+            self._carry = data[limit - c :]
+        else:
+            self._carry = carry[limit:] + data
+
+    @staticmethod
+    def _check(buf: bytes, limit: int) -> None:
         for m in _RAW.finditer(buf):
             if m.start() >= limit:
                 break
             name = m["name"] or _decode_name(m[0])
             if _is_active(name):
                 raise _active(name)
-        self._carry = buf[limit:]
 
 
 class _Syntax:
@@ -215,6 +238,16 @@ class _Syntax:
         self._inflate: zlib._Decompress | None = None
 
     def feed(self, data: bytes, final: bool = False) -> None:
+        if self._state == self.SKIP and len(data) > _SKIP_FAST and not self._ends_stream(data):
+            # Inside a stream's data (an image, a font...) with no "endstream" in this piece: nothing
+            # to read, and no copy of the piece. What the steps below would keep: the last bytes, where
+            # a keyword cut by the piece's end may begin.
+            if final:
+                self._carry = data[-1:]
+                self._finish()
+            else:
+                self._carry = data[-9:]
+            return
         buf = self._carry + data
         pos, end = 1, len(buf)
         while pos < end:
@@ -225,6 +258,11 @@ class _Syntax:
         if final:
             self._finish()
         self._carry = buf[pos - 1 :]
+
+    def _ends_stream(self, data: bytes) -> bool:
+        """Whether "endstream" begins in this piece or in the bytes carried before it (the first of
+        which is context only)."""
+        return b"endstream" in data or b"endstream" in (self._carry + data[:16])[1:]
 
     def _finish(self) -> None:
         if self._state == self.INFLATE and self._inflate is not None:
@@ -456,13 +494,22 @@ class BlobStore:
         return self._blobs / sha256[:2] / sha256
 
     def write_chunk(self, upload_id: str, offset: int, data: bytes) -> None:
-        """Write at offset and cut what lies beyond (left by a write whose commit never happened)."""
+        """Write at offset and cut what lies beyond (left by a write whose commit never happened).
+        Straight from the caller's bytes: no buffer, no copy, four system calls."""
         path = self.part_path(upload_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "r+b" if path.exists() else "wb") as f:
-            f.seek(offset)
-            f.write(data)
-            f.truncate()
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o666)
+        except FileNotFoundError:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o666)
+        try:
+            view = memoryview(data)
+            done = 0
+            while done < len(view):
+                done += os.pwrite(fd, view[done:], offset + done)
+            os.ftruncate(fd, offset + len(view))
+        finally:
+            os.close(fd)
 
     def part_size(self, upload_id: str) -> int:
         try:
