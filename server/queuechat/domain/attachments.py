@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlmodel import Session, col, func, select
+from sqlmodel import Session, col, func, select, update
 
 from ..config import Limits
 from ..errors import ChatError, exhausted, invalid, not_found, precondition, short
@@ -34,7 +34,7 @@ from ..store.models import Attachment, Conversation
 from . import filetypes
 from .access import can_read, readable_conversation, require_member
 from .log import ts, utcnow
-from .tx import Reader, Tx, Writes
+from .tx import Reader, Tx, Writes, routing_free
 from .views import AgentPrincipal, CustomerPrincipal
 
 Who = AgentPrincipal | CustomerPrincipal
@@ -165,21 +165,30 @@ def _own_upload(s: Session, who: Who, upload_id: str) -> Attachment:
     return row
 
 
+@routing_free  # an upload's own row: nothing routing reads
 def _record_chunk(tx: Tx, upload_id: str, stored: int, received: int) -> int:
-    row = tx.session.get(Attachment, upload_id)
-    if row is None or row.status != "uploading" or row.received_bytes != stored:
+    """One UPDATE, on the condition that the row is as this node last left it."""
+    done = tx.conn.execute(
+        update(Attachment)
+        .where(
+            col(Attachment.id) == upload_id,
+            col(Attachment.status) == "uploading",
+            col(Attachment.received_bytes) == stored,
+        )
+        .values(received_bytes=received, expires_at=tx.now + timedelta(seconds=tx.limits.upload_ttl))
+    )
+    if done.rowcount != 1:
         raise precondition("UPLOAD_CHANGED", "The upload changed meanwhile; ask GetUpload where it stands.")
-    row.received_bytes = received
-    row.expires_at = tx.now + timedelta(seconds=tx.limits.upload_ttl)
-    tx.session.add(row)
     return received
 
 
+@routing_free
 def _complete(tx: Tx, upload_id: str, sha256: str, content_type: str) -> dict[str, Any]:
     row = tx.session.get(Attachment, upload_id)
     if row is None or row.status != "uploading":  # expired meanwhile (the sweeper takes no upload lock)
         raise not_found("UPLOAD_NOT_FOUND", f"No upload {upload_id!r} of yours.", upload_id=upload_id)
     row.status = "complete"
+    row.received_bytes = row.size_bytes  # the stored count was a lower bound until now
     row.sha256 = sha256
     row.content_type = content_type
     # Clients save the file under this name: its extension must open it as what it is.
@@ -261,11 +270,24 @@ class _Live:
     stored: int  # what the database has
     scanner: Scanner | None
     received: int = -1
-    hashing: asyncio.Future[None] | None = None
+    scanning: asyncio.Future[None] | None = None  # the last chunk's scan
+    recording: asyncio.Future[int] | None = None  # the last write of the stored count, if not seen done
 
     def __post_init__(self) -> None:
         if self.received < 0:
             self.received = self.stored
+
+    def recorded(self) -> bool:
+        """Takes in the outcome of the last record if it is done: False if it failed (the row changed
+        meanwhile: deleted, expired or written by another node)."""
+        fut = self.recording
+        if fut is None or not fut.done():
+            return True
+        self.recording = None
+        if fut.cancelled() or fut.exception() is not None:
+            return False
+        self.stored = fut.result()
+        return True
 
     def owned_by(self, who: Who) -> bool:
         return self.uploader == actor(who) and (
@@ -322,6 +344,9 @@ class Attachments:
             raise invalid("CHUNK_TOO_LARGE", f"A chunk may have at most {limits.upload_chunk_bytes:,} bytes.")
         async with self._lock(upload_id):
             live = self._live.get(upload_id)
+            if live is not None and not live.recorded():
+                del self._live[upload_id]  # the row changed meanwhile: ask the database where it stands
+                live = None
             if live is None or not live.owned_by(who):
                 row = await self.read(_own_upload, who, upload_id)
                 if row.status != "uploading":
@@ -343,18 +368,33 @@ class Attachments:
                     "OFFSET_MISMATCH", f"Send the chunk at offset {live.received}.", expected_offset=live.received
                 )
             self._live.pop(upload_id, None)  # until this chunk is on disk
-            if live.hashing is not None:
-                await live.hashing  # the previous chunk's: at most one in flight, in order
+            # Written while the previous chunk is still being scanned: the scan reads that chunk's
+            # bytes in memory, not the file.
             await self._io(self.blobs.write_chunk, upload_id, offset, data)
+            if live.scanning is not None:
+                # The previous chunk's scan: at most one in flight, in order.
+                await asyncio.wait((live.scanning,))
+                if live.scanning.cancelled() or live.scanning.exception() is not None:
+                    live.scanner = None  # the file is scanned whole at the end instead
+                live.scanning = None
             if live.scanner is not None:
-                # Hashed while the next chunk travels (hashlib runs without the GIL).
-                live.hashing = asyncio.ensure_future(self._io(live.scanner.update, data))
+                # Hashed and checked while the next chunk travels (hashlib runs without the GIL).
+                live.scanning = asyncio.ensure_future(self._io(live.scanner.update, data))
             received = offset + len(data)
-            # The stored count is a lower bound written every few MiB: resuming from it is always
-            # safe (a chunk write cuts what lies beyond), and most chunks skip a database write.
-            if received // _RECORD_EVERY != live.stored // _RECORD_EVERY or received == live.size:
-                await self.write(_record_chunk, upload_id, live.stored, received)
-                live.stored = received
+            # The stored count is a lower bound written every few MiB (completing writes the last):
+            # resuming from it is always safe (a chunk write cuts what lies beyond), and most chunks
+            # skip a database write. It is written after the answer, while the next chunk travels:
+            # what has arrived is known from the bytes stored (GetUpload, CompleteUpload and other
+            # nodes ask the store), and the next record, completing or deleting waits for it first.
+            if received // _RECORD_EVERY != live.stored // _RECORD_EVERY and received < live.size:
+                if live.recording is not None:
+                    await asyncio.wait((live.recording,))
+                    if not live.recorded():
+                        raise precondition(
+                            "UPLOAD_CHANGED", "The upload changed meanwhile; ask GetUpload where it stands."
+                        )
+                live.recording = asyncio.ensure_future(self.write(_record_chunk, upload_id, live.stored, received))
+                live.recording.add_done_callback(_consume)
             live.received = received
             self._live[upload_id] = live
             return received
@@ -371,22 +411,29 @@ class Attachments:
 
     async def _finish(self, who: Who, upload_id: str, sha256: str) -> dict[str, Any]:
         async with self._lock(upload_id):
+            live = self._live.get(upload_id)
+            if live is not None and live.recording is not None:
+                await asyncio.wait((live.recording,))  # the row read next has it (or is gone)
+                live.recorded()
             row = await self.read(_own_upload, who, upload_id)
             if row.status != "uploading":
                 if row.sha256 == sha256:
                     return upload_json(row, self.limits.upload_chunk_bytes)  # a retry
                 raise precondition("UPLOAD_COMPLETED", "This upload is already complete.", upload_id=upload_id)
-            live = self._live.get(upload_id)
-            if row.received_bytes != row.size_bytes:
-                # The stored count is a lower bound: tell what has arrived, as GetUpload does.
-                received = live.received if live is not None else await self._on_disk(row)
+            # What has arrived (the stored count is a lower bound): all of it, as this node confirmed
+            # it, or as the store holds it (another node may have taken the upload on).
+            if live is not None and live.received == row.size_bytes:
+                received = live.received
+            else:
+                received = await self._on_disk(row)
+            if received != row.size_bytes:
                 raise precondition(
                     "UPLOAD_INCOMPLETE",
                     f"{received:,} of {row.size_bytes:,} bytes received.",
                     received_bytes=received,
                 )
-            if live is not None and live.hashing is not None:
-                await asyncio.gather(live.hashing, return_exceptions=True)  # a failure falls back to a scan
+            if live is not None and live.scanning is not None:
+                await asyncio.gather(live.scanning, return_exceptions=True)  # a failure falls back to a scan
             if live is not None and live.scanner is not None and live.scanner.size == row.size_bytes:
                 scan = await self._io(live.scanner.result)
             else:
@@ -422,6 +469,9 @@ class Attachments:
 
     async def delete(self, who: Who, upload_id: str) -> None:
         async with self._lock(upload_id):
+            live = self._live.get(upload_id)
+            if live is not None and live.recording is not None:
+                await asyncio.wait((live.recording,))
             await self._remove(*await self.write(delete_upload, who, upload_id))
 
     async def sweep(self) -> None:
