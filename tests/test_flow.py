@@ -94,6 +94,18 @@ async def test_send_message_request_id_is_idempotent_and_text_is_checked(server)
     texts = [e.message.text for e in transcript.events if e.HasField("message")]
     assert texts.count("once") == 1 and "x" * 4000 in texts
 
+    # A retry is answered as its first try was, whatever happened since: the customer ended the chat,
+    # the agent closed it. A new request is refused, and no seq is used up by any of these.
+    last = await alice.send(cust.id, "bye", request_id="req-2")
+    await cust.end()
+    assert (await cust.send("once", request_id="req-1")).seq == a.seq
+    await expect_error(cust.send("again", request_id="req-3"), grpc.StatusCode.FAILED_PRECONDITION, "CHAT_ENDED")
+    await alice.close(cust.id, confirm=True)
+    assert (await alice.send(cust.id, "bye", request_id="req-2")).seq == last.seq
+    await expect_error(alice.send(cust.id, "more"), grpc.StatusCode.FAILED_PRECONDITION, "CONVERSATION_CLOSED")
+    seqs = [e.seq for e in (await cust.transcript()).events]
+    assert seqs == list(range(1, len(seqs) + 1))  # gap-free: no retry kept a seq
+
 
 async def test_predefined_messages(server):
     alice = await server.agent("agent1", "sales")

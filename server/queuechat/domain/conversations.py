@@ -8,12 +8,12 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, delete, func, insert, update
+from sqlalchemy import String, bindparam, column, delete, func, insert, text, update
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlmodel import Session, col, or_, select
 
 from ..config import Limits
-from ..errors import denied, exhausted, invalid, not_found, precondition, short, unauthenticated
+from ..errors import ChatError, denied, exhausted, invalid, not_found, precondition, short, unauthenticated
 from ..store.models import (
     Agent,
     Conversation,
@@ -37,6 +37,7 @@ from .log import (
     event_view,
     find_request,
     insert_event,
+    insert_event_once,
 )
 from .read import active_agents, agent_view, conversation_view, must_get, variables_json
 from .tx import Tx, locks_conversation, routing_free
@@ -189,48 +190,72 @@ def send_message(
     predefined_id: str,
     attachment_ids: Sequence[str] = (),
 ) -> EventView:
-    """The hot path: a few Core statements, the ORM only for predefined messages and files."""
+    """The hot path: two Core statements (the seq claim, which also reads the conversation and the agent's
+    name, and the insert, which also tells a retry), the ORM only for predefined messages and files."""
     c = tx.conn
     actor = _actor(who)
     if isinstance(who, CustomerPrincipal) and who.conversation_id != conversation_id:
         raise denied("NOT_YOUR_CONVERSATION", "This token is not for that conversation.")
-    prior = find_request(tx, conversation_id, actor, request_id)
-    if prior is not None:
-        return prior
     # Take the seq and read the conversation in one statement; a refusal below rolls it back. It holds the
     # conversation's row until commit, so a close, an end or a leave committed by another node is seen below
     # (they claim a seq too) and none can come between these checks and the message.
-    conv = c.execute(_CLAIM_SEQ, {"c": conversation_id}).first()
-    if isinstance(who, AgentPrincipal):
-        name = c.execute(_MEMBER_NAME, {"c": conversation_id, "a": who.agent_id}).scalar() if conv else None
-        if name is None:
+    agent_id = who.agent_id if isinstance(who, AgentPrincipal) else ""
+    conv = c.execute(_CLAIM_SEQ, {"c": conversation_id, "a": agent_id}).first()
+
+    def refuse(error: ChatError) -> EventView:
+        # A retry of a request that went through is answered as it was, whatever has changed since.
+        prior = find_request(tx, conversation_id, actor, request_id)
+        if prior is None:
+            raise error
+        if conv is not None:
+            c.execute(_UNCLAIM_SEQ, {"c": conversation_id})
+        return prior
+
+    if isinstance(who, AgentPrincipal) and (conv is None or conv.agent_name is None):
+        try:
             require_member(tx, who, conversation_id)  # raises the precise refusal
-            raise LookupError(f"agent {who.agent_id} is in {conversation_id} without a name")  # not reached
-        sender = ParticipantView("agent", who.agent_id, name)
+        except ChatError as e:
+            return refuse(e)
+        raise LookupError(f"agent {who.agent_id} is in {conversation_id} without a name")  # not reached
     if conv is None:
-        raise not_found("CONVERSATION_NOT_FOUND", f"No conversation {conversation_id!r}.")
+        return refuse(not_found("CONVERSATION_NOT_FOUND", f"No conversation {conversation_id!r}."))
+    if isinstance(who, AgentPrincipal):
+        sender = ParticipantView("agent", who.agent_id, conv.agent_name)
     if conv.status == "closed":
-        raise precondition("CONVERSATION_CLOSED", "The conversation is closed.", conversation_id=conversation_id)
+        return refuse(
+            precondition("CONVERSATION_CLOSED", "The conversation is closed.", conversation_id=conversation_id)
+        )
     if isinstance(who, CustomerPrincipal):
         if not conv.customer_connected:
-            raise precondition("CHAT_ENDED", "You have ended this chat.")
+            return refuse(precondition("CHAT_ENDED", "You have ended this chat."))
         sender = ParticipantView("customer", display_name=conv.customer_name or "Customer")
     if predefined_id:
         if not isinstance(who, AgentPrincipal):  # not reached: the customer API has no predefined messages
             raise TypeError("only agents send predefined messages")
         pm = _available_predefined(tx.session, who, tx.session.get(Conversation, conversation_id)).get(predefined_id)
         if pm is None:
-            raise not_found(
-                "PREDEFINED_MESSAGE_NOT_FOUND",
-                f"No predefined message {predefined_id!r} is available to you here.",
-                predefined_message_id=predefined_id,
+            return refuse(
+                not_found(
+                    "PREDEFINED_MESSAGE_NOT_FOUND",
+                    f"No predefined message {predefined_id!r} is available to you here.",
+                    predefined_message_id=predefined_id,
+                )
             )
         text = text or pm.body
+    if request_id and (attachment_ids or predefined_id):
+        # Files are attached by this write: a retry must be found before, not after.
+        prior = find_request(tx, conversation_id, actor, request_id)
+        if prior is not None:
+            c.execute(_UNCLAIM_SEQ, {"c": conversation_id})
+            return prior
     files = []
     if attachment_ids:
         files = attachments.attach(tx, who, conversation_id, list(attachment_ids), "agents" if private else "all")
     if not files or text:
-        check_text(tx.limits, text)
+        try:
+            check_text(tx.limits, text)
+        except ChatError as e:
+            return refuse(e)
     message: dict[str, Any] = {
         "message_id": uuid.uuid4().hex,
         "sender": sender.to_json(),
@@ -241,19 +266,24 @@ def send_message(
         message["predefined_message_id"] = predefined_id
     if files:
         message["attachments"] = [attachments.attachment_json(f) for f in files]
-    event = insert_event(
-        tx,
-        conversation_id,
-        conv.last_seq,
-        "message",
-        message,
-        actor=actor,
-        visibility="agents" if private else "all",
-        request_id=request_id,
-    )
+    visibility = "agents" if private else "all"
+    if request_id:
+        once = insert_event_once(
+            tx, conversation_id, conv.last_seq, "message", message,
+            actor=actor, visibility=visibility, request_id=request_id,
+        )  # fmt: skip
+        if once is None:  # a retry: the request went through before
+            c.execute(_UNCLAIM_SEQ, {"c": conversation_id})
+            prior = find_request(tx, conversation_id, actor, request_id)
+            if prior is None:  # not reached: the conflict was that row
+                raise LookupError(f"request {request_id} of {actor} conflicted with no event")
+            return prior
+        event = once
+    else:
+        event = insert_event(tx, conversation_id, conv.last_seq, "message", message, actor=actor, visibility=visibility)
     for f in files:
         f.event_seq = event.seq
-    tx.count("messages", sender=actor.partition(":")[0], visibility="agents" if private else "all")
+    tx.count("messages", sender=actor.partition(":")[0], visibility=visibility)
     return event
 
 
@@ -266,6 +296,11 @@ _MEMBER_NAME = (
         col(Participant.left_at).is_(None),
     )
 )
+# Written out: SQLAlchemy names RETURNING's columns without their tables, which would make `id` ambiguous.
+_MEMBER_NAME_IN_RETURNING = text(
+    "SELECT a.display_name FROM agent a JOIN participant p ON p.agent_id = a.id"
+    " WHERE p.conversation_id = :c AND p.agent_id = :a AND p.left_at IS NULL"
+).columns(column("display_name", String))
 _CLAIM_SEQ = (
     update(Conversation)
     .where(col(Conversation.id) == bindparam("c"))
@@ -275,7 +310,13 @@ _CLAIM_SEQ = (
         col(Conversation.status),
         col(Conversation.customer_connected),
         col(Conversation.customer_name),
+        _MEMBER_NAME_IN_RETURNING.scalar_subquery().label("agent_name"),  # NULL: a customer, or no member
     )
+)
+# Gives back a seq this write claimed and does not use (a retry, found after the claim). The row is still
+# locked by this transaction, so nobody has claimed a seq after it.
+_UNCLAIM_SEQ = (
+    update(Conversation).where(col(Conversation.id) == bindparam("c")).values(last_seq=Conversation.last_seq - 1)
 )
 
 

@@ -90,6 +90,57 @@ def insert_event(
 _INSERT_EVENT = insert(Event)
 
 
+def insert_event_once(
+    tx: Tx,
+    conversation_id: str,
+    seq: int,
+    kind: str,
+    payload: dict[str, Any],
+    *,
+    actor: str,
+    visibility: str,
+    request_id: str,
+) -> EventView | None:
+    """insert_event for a request with an id: None (and nothing stored) if this actor's request_id is in
+    the conversation's log already, so a retry costs no statement of its own on the common path."""
+    if tx.check_event is not None:
+        tx.check_event("event", kind, payload)
+    c = tx.conn
+    stmt = _INSERT_ONCE.get(c.dialect.name)
+    if stmt is None:
+        from sqlalchemy.dialects import postgresql, sqlite
+
+        dialect_insert = postgresql.insert if c.dialect.name == "postgresql" else sqlite.insert
+        stmt = (
+            dialect_insert(Event)
+            .on_conflict_do_nothing(index_elements=["conversation_id", "actor", "request_id"])
+            .returning(col(Event.seq))
+        )
+        _INSERT_ONCE[c.dialect.name] = stmt
+    now = tx.now
+    row = c.execute(
+        stmt,
+        {
+            "conversation_id": conversation_id,
+            "seq": seq,
+            "kind": kind,
+            "visibility": visibility,
+            "created_at": now,
+            "actor": actor,
+            "request_id": request_id,
+            "payload": json.dumps(payload, separators=(",", ":")),
+        },
+    ).first()
+    if row is None:
+        return None
+    view = EventView(conversation_id, seq, kind, visibility, now, payload)
+    tx.publish(conv_topic(conversation_id), view)
+    return view
+
+
+_INSERT_ONCE: dict[str, Any] = {}
+
+
 def next_seq(tx: Tx, model: type[Conversation] | type[AgentSession], row_id: str, column: str) -> int:
     """Atomically take the next seq of a row; the row stays locked until commit."""
     stmt = _NEXT_SEQ.get((model, column))
