@@ -14,6 +14,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 
+from sqlalchemy import and_, case, func, or_
 from sqlmodel import Session, col, select
 
 from ..store.models import Conversation
@@ -35,9 +36,18 @@ def waiting_ids(s: Session, queue_id: str) -> list[str]:
 
 
 def position_of(s: Session, conv: Conversation) -> QueuePositionView:
-    ids = waiting_ids(s, conv.queue_id)
-    pos = ids.index(conv.id) + 1 if conv.id in ids else 0
-    return QueuePositionView(conv.id, pos, len(ids), conv.queue_id)
+    """The chat's place in its queue, counted by the database (one statement: the two numbers agree);
+    no list of the waiting chats is read."""
+    ahead = and_(
+        col(Conversation.enqueued_at) <= conv.enqueued_at,
+        or_(col(Conversation.enqueued_at) < conv.enqueued_at, col(Conversation.id) < conv.id),
+    )
+    count, before = s.exec(
+        select(func.count(), func.count(case((ahead, 1)))).where(
+            Conversation.status == "queued", Conversation.queue_id == conv.queue_id
+        )
+    ).one()
+    return QueuePositionView(conv.id, before + 1 if conv.status == "queued" else 0, count, conv.queue_id)
 
 
 class QueuePositions:
@@ -65,8 +75,9 @@ class QueuePositions:
         self._counts_sent: dict[str, float] = {}  # queue -> when count-only updates last went out
         self._dirty: set[str] = set()
         self._task: asyncio.Task[None] | None = None
-        self._watchers: dict[str, dict[str, int]] = {}  # queue -> waiting conversation -> its streams watching
-        self._last: dict[str, dict[str, tuple[int, int]]] = {}  # queue -> conversation -> (position, count) sent
+        # queue -> waiting conversation -> [its streams watching, position sent, count sent] (0, 0: none sent).
+        # One small list per watched chat, keyed by the stream's own id string: no second table, no tuples.
+        self._watchers: dict[str, dict[str, list[int]]] = {}
 
     def watch(self, queue_id: str, conversation_id: str) -> None:
         """A stream that showed the position it read follows it from here.
@@ -74,26 +85,25 @@ class QueuePositions:
         The queue is refreshed once (within `interval`) and this conversation gets what it finds even if it
         was sent before: a change that committed between the stream's read and this call is not lost."""
         streams = self._watchers.setdefault(queue_id, {})
-        streams[conversation_id] = streams.get(conversation_id, 0) + 1
-        last = self._last.get(queue_id)
-        if last is not None:
-            last.pop(conversation_id, None)
+        entry = streams.get(conversation_id)
+        if entry is None:
+            streams[conversation_id] = [1, 0, 0]
+        else:
+            entry[0] += 1
+            entry[1] = entry[2] = 0
         self.mark(queue_id)
 
     def unwatch(self, queue_id: str, conversation_id: str) -> None:
         streams = self._watchers.get(queue_id)
-        if streams is None or conversation_id not in streams:
+        entry = streams.get(conversation_id) if streams is not None else None
+        if streams is None or entry is None:
             return
-        if streams[conversation_id] > 1:
-            streams[conversation_id] -= 1
+        if entry[0] > 1:
+            entry[0] -= 1
             return
         del streams[conversation_id]
-        last = self._last.get(queue_id)
-        if last is not None:
-            last.pop(conversation_id, None)
         if not streams:
             del self._watchers[queue_id]
-            self._last.pop(queue_id, None)
 
     def watched(self) -> list[str]:
         """The queues someone here watches."""
@@ -122,7 +132,6 @@ class QueuePositions:
                 watchers = self._watchers.get(queue_id)  # again: streams came and went during the read
                 if not watchers:
                     continue
-                last = self._last.setdefault(queue_id, {})
                 count = len(ids)
                 # A move in the queue goes out at once; a new count alone (arrivals behind everyone
                 # watching) at most every count_interval: under a surge that is one update per
@@ -131,15 +140,13 @@ class QueuePositions:
                 counts_due = now - self._counts_sent.get(queue_id, 0.0) >= self._count_interval
                 held = False
                 for i, cid in enumerate(ids, 1):
-                    if cid not in watchers:
+                    entry = watchers.get(cid)
+                    if entry is None or (entry[1] == i and entry[2] == count):
                         continue
-                    sent = last.get(cid)
-                    if sent == (i, count):
-                        continue
-                    if sent is not None and sent[0] == i and not counts_due:
+                    if entry[1] == i and not counts_due:
                         held = True
                         continue
-                    last[cid] = (i, count)
+                    entry[1], entry[2] = i, count
                     self._publish(conv_topic(cid), QueuePositionView(cid, i, count, queue_id))
                 if counts_due:
                     self._counts_sent[queue_id] = now

@@ -96,7 +96,7 @@ class Streams:
                     yield ev
                 if len(page) < _PAGE:
                     break
-            del page
+            page = ev = None  # type: ignore[assignment]  # keep no backlog alive
             self.caught_up(feed_topic(who.session_id), last)
             yield Heartbeat(last)  # caught up: live from here
             while True:
@@ -130,11 +130,12 @@ class Streams:
         """Backlog after the cursor, then live. Customers never get private events; an agent's
         stream ends with their session, when they leave, or when the invite that let them look ends."""
         customer = isinstance(who, CustomerPrincipal)
-        watching: QueuePositionView | None = None
-        topics = [conv_topic(conversation_id)]
-        if isinstance(who, AgentPrincipal):
-            topics.append(feed_topic(who.session_id))  # carries the end of the session
+        watching: str | None = None  # the queue whose positions this stream shows, while the chat waits
+        topic = conv_topic(conversation_id)
+        # An agent's stream hears its session's feed too: it carries the end of the session.
+        topics = (topic,) if isinstance(who, CustomerPrincipal) else (topic, feed_topic(who.session_id))
         sub = self._bus.subscribe(topics)
+        del topics
         try:
             # Checked after subscribing, so no change of access can fall in between.
             watching_invite = await self._read(stream_access, who, conversation_id)
@@ -148,22 +149,26 @@ class Streams:
                         return
                 if len(page) < _PAGE:
                     break
-            del page  # a stream lives for hours: keep no backlog alive
-            self.caught_up(conv_topic(conversation_id), seen)
+            # A stream lives for hours: keep no backlog alive (not even its last event, read for this stream alone).
+            page = ev = None  # type: ignore[assignment]
+            self.caught_up(topic, seen)
             yield Heartbeat(sent if customer else seen)  # caught up: live from here
             pos = await self._read(_position, conversation_id)
             shown: tuple[int, int] | None = None  # the position and count this stream shows
             if pos is not None:
-                watching = pos  # while it waits, this stream gets position updates
-                self._positions.watch(pos.queue_id, conversation_id)
+                watching = pos.queue_id  # while it waits, this stream gets position updates
+                self._positions.watch(watching, conversation_id)
                 shown = (pos.position, pos.waiting_count)
                 yield pos
+                pos = None
             # The others' read cursors as they stand: then only those that move forward.
             reads: dict[ParticipantKey, int] = {}
             for cursor in await self._read(_cursors, who, conversation_id):
                 reads[_key(cursor)] = cursor.seq
                 yield cursor
+            cursor = None  # type: ignore[assignment]
             while True:
+                item: Any = None  # nothing of the last item stays alive while the stream waits (for hours, maybe)
                 item = await sub.get(self._limits.heartbeat_interval)
                 if item is None:
                     # Customers' cursors count only what they may see: private activity stays invisible.
@@ -202,7 +207,7 @@ class Streams:
                                 "NOT_A_PARTICIPANT", "The invite that let you see this conversation has ended."
                             )
                         if watching is not None and ev.kind in ("participant_joined", "chat_ended", "chat_closed"):
-                            self._positions.unwatch(watching.queue_id, conversation_id)  # out of the queue now
+                            self._positions.unwatch(watching, conversation_id)  # out of the queue now
                             watching = None
                         sent = ev.seq
                         yield ev
@@ -211,7 +216,7 @@ class Streams:
         finally:
             sub.close()
             if watching is not None:
-                self._positions.unwatch(watching.queue_id, conversation_id)
+                self._positions.unwatch(watching, conversation_id)
 
     async def monitor(
         self, who: AgentPrincipal, conversation_id: str, after_seq: int
@@ -236,7 +241,7 @@ class Streams:
                         return
                 if len(page) < _PAGE:
                     break
-            del page
+            page = ev = None  # type: ignore[assignment]  # keep no backlog alive
             self.caught_up(conv_topic(conversation_id), seen)
             yield Heartbeat(seen)
             reads: dict[ParticipantKey, int] = {}
