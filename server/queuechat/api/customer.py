@@ -57,6 +57,7 @@ class CustomerService(customer_service_pb2_grpc.CustomerServiceServicer):
         who = await _customer(self, request, context)
         async for item in self.core.conversation_stream(who, request.conversation_id, request.after_seq):
             yield stream_item(pb.CustomerServiceStreamConversationResponse, item)
+            del item  # not held while the stream waits for the next one
 
     @customer_call
     async def SetTyping(self, request, context, who: CustomerPrincipal):

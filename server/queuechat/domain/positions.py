@@ -23,6 +23,7 @@ from .tx import Reader, Topic
 from .views import QueuePositionView
 
 log = logging.getLogger(__name__)
+_BURST = 200  # position updates sent before the refresh lets the streams run
 
 
 def waiting_ids(s: Session, queue_id: str) -> list[str]:
@@ -139,6 +140,7 @@ class QueuePositions:
                 now = asyncio.get_running_loop().time()
                 counts_due = now - self._counts_sent.get(queue_id, 0.0) >= self._count_interval
                 held = False
+                sent = 0
                 for i, cid in enumerate(ids, 1):
                     entry = watchers.get(cid)
                     if entry is None or (entry[1] == i and entry[2] == count):
@@ -148,6 +150,11 @@ class QueuePositions:
                         continue
                     entry[1], entry[2] = i, count
                     self._publish(conv_topic(cid), QueuePositionView(cid, i, count, queue_id))
+                    sent += 1
+                    if sent % _BURST == 0:
+                        # Let the streams woken so far send theirs before waking more: thousands of
+                        # updates at once would all be in flight together (memory that stays taken).
+                        await asyncio.sleep(0)
                 if counts_due:
                     self._counts_sent[queue_id] = now
                 if held:
