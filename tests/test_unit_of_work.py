@@ -11,7 +11,6 @@ import uuid
 
 import pytest
 from harness import base_config
-from pgutil import pg_url  # noqa: F401  (fixture)
 
 from queuechat.api.convert import check_payload
 from queuechat.config import parse_config
@@ -293,41 +292,4 @@ async def test_a_write_that_meets_another_nodes_conflict_runs_again(tmp_path):
                 assert len(runs) == fails + 1
         assert db.retries == 3
     finally:
-        db.close()
-
-
-async def test_on_postgresql_routing_free_writes_overlap_and_routing_stays_on_one_writer(pg_url):  # noqa: F811
-    """Routing-free writes (messages, ...) run on writers of their own, so a slow one does not hold up the
-    next; every other write runs on the one routing writer, in order."""
-    db = Database(pg_url)
-    db.ensure_schema()
-    try:
-        threads: list[tuple[str, str]] = []
-        release = threading.Event()
-
-        def job(name: str, routing: bool, wait: bool = False):
-            def run(session):
-                threads.append((name, threading.current_thread().name))
-                if wait:
-                    assert release.wait(WAIT)
-                return name, None
-
-            run.routing = routing  # type: ignore[attr-defined]  # as runner.Writer marks its jobs
-            return run
-
-        slow = asyncio.ensure_future(db.transact("slow", job("slow", False, wait=True)))
-        while not threads:
-            await asyncio.sleep(0.01)
-        # The slow routing-free write holds one writer: another one still commits, and routing writes too.
-        assert await asyncio.wait_for(db.transact("quick", job("quick", False)), WAIT) == "quick"
-        assert await asyncio.wait_for(db.transact("route", job("route", True)), WAIT) == "route"
-        release.set()
-        assert await slow == "slow"
-        named = dict(threads)
-        assert named["route"] == "db-write"
-        assert named["slow"] != named["quick"] and {named["slow"], named["quick"]} <= {
-            f"db-write-{i}" for i in range(1, 10)
-        }
-    finally:
-        release.set()
         db.close()

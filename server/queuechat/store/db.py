@@ -5,14 +5,6 @@ gets which offer, who has capacity) are serialized without locks, and the
 event loop never waits on disk or on the network. Reads run on a small pool
 of their own.
 
-On PostgreSQL, where a statement is a network round trip and several nodes
-write at once anyway, writes that routing does not depend on (marked
-routing-free: messages, read cursors, ...) go to a few writer threads of
-their own, so their round trips overlap instead of queueing behind each
-other and behind routing. They are exactly what another node's writes are
-to this one: a conversation's row lock orders its seqs, streams deliver by
-seq, conflicts are retried.
-
 A write is a named job: job(session) returns its result and what to do once
 it has committed (the domain's recorded effects). Those run on the event
 loop, in commit order, before the caller is told; one that fails is logged
@@ -98,7 +90,6 @@ def make_engine(url: str) -> Engine:
 # unique violation (two nodes inserted the same key; the rerun finds the other's row and answers from it).
 RETRYABLE = {"40001", "40P01", "23505"}
 ATTEMPTS = 5
-FREE_WRITERS = 3  # PostgreSQL: writer threads for routing-free writes, besides the one for the rest
 ROUTING_LOCK_CLASS = 0x51430001  # pg_advisory_xact_lock(class, schema): one routing lock per schema
 
 
@@ -165,18 +156,8 @@ class Database:
         self.stats: dict[str, WriteStats] = {}
         # Sizes of recent group commits (kept short: for metrics and benchmarks).
         self.batches: collections.deque[int] = collections.deque(maxlen=1024)
-        self._writers = [threading.Thread(target=self._write_loop, args=(self._jobs,), name="db-write", daemon=True)]
-        # PostgreSQL: routing-free writes on writers of their own (see the module's docstring).
-        self._free_jobs: queue.SimpleQueue | None = None
-        free_writers = FREE_WRITERS if self.engine.dialect.name == "postgresql" else 0
-        if free_writers:
-            self._free_jobs = queue.SimpleQueue()
-            self._writers += [
-                threading.Thread(target=self._write_loop, args=(self._free_jobs,), name=f"db-write-{i}", daemon=True)
-                for i in range(1, free_writers + 1)
-            ]
-        for t in self._writers:
-            t.start()
+        self._writer = threading.Thread(target=self._write_loop, name="db-write", daemon=True)
+        self._writer.start()
         # SQLite reads are CPU in this process: two threads. PostgreSQL's are round trips: more overlap well
         # (a cluster node's streams read what they missed from it).
         readers = readers or (8 if self.engine.dialect.name == "postgresql" else 2)
@@ -202,22 +183,19 @@ class Database:
         on this loop before the result is returned."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
-        jobs = self._jobs
-        if self._free_jobs is not None and getattr(job, "routing", True) is False:
-            jobs = self._free_jobs
-        jobs.put((name, job, loop, fut))
+        self._jobs.put((name, job, loop, fut))
         return await fut
 
-    def _write_loop(self, jobs: queue.SimpleQueue) -> None:
-        while (job := jobs.get()) is not None:
+    def _write_loop(self) -> None:
+        while (job := self._jobs.get()) is not None:
             batch = [job]
             while len(batch) < self.max_batch:
                 try:
-                    job = jobs.get_nowait()
+                    job = self._jobs.get_nowait()
                 except queue.Empty:
                     break
                 if job is None:
-                    jobs.put(None)  # stop after this batch
+                    self._jobs.put(None)  # stop after this batch
                     break
                 batch.append(job)
             if len(batch) == 1 or not self._run_batch(batch):
@@ -290,11 +268,7 @@ class Database:
 
     def close(self) -> None:
         self._jobs.put(None)
-        if self._free_jobs is not None:
-            for _ in self._writers[1:]:
-                self._free_jobs.put(None)
-        for t in self._writers:
-            t.join()
+        self._writer.join()
         self._readers.shutdown(wait=True)
         self.engine.dispose()
 
