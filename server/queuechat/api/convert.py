@@ -139,10 +139,10 @@ def _message_fast(p: dict, body: pb.Message) -> bool:
         return False
     body.message_id = p.get("message_id", "")
     body.text = p.get("text", "")
-    body.visibility = pb.Visibility.Value(p.get("visibility", "VISIBILITY_UNSPECIFIED"))
+    body.visibility = pb.Visibility.Value(p.get("visibility", "VISIBILITY_UNSPECIFIED"))  # type: ignore[assignment]
     body.predefined_message_id = p.get("predefined_message_id", "")
     body.whisper = bool(p.get("whisper", False))
-    body.sender.kind = pb.ParticipantKind.Value(sender.get("kind", "PARTICIPANT_KIND_UNSPECIFIED"))
+    body.sender.kind = pb.ParticipantKind.Value(sender.get("kind", "PARTICIPANT_KIND_UNSPECIFIED"))  # type: ignore[assignment]
     body.sender.agent_id = sender.get("agent_id", "")
     body.sender.display_name = sender.get("display_name", "")
     return True

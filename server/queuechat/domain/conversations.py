@@ -9,7 +9,6 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import String, bindparam, column, delete, func, insert, text, update
-from sqlalchemy.orm.attributes import set_committed_value
 from sqlmodel import Session, col, or_, select
 
 from ..config import Limits
@@ -571,40 +570,34 @@ def close(
     now = tx.now
     agent = agent_view(s, who.agent_id).to_json()
     if conv.customer_connected:
-        _set(tx, conv, customer_connected=False, ended_at=now)
-        append_event(tx, conv, "chat_ended", {"ended_by": agent}, actor=f"agent:{who.agent_id}", now=now)
+        also = {"customer_connected": False, "ended_at": now}
+        append_event(tx, conv, "chat_ended", {"ended_by": agent}, actor=f"agent:{who.agent_id}", now=now, also=also)
     note = wrap_up_note.strip()
+    wrap_up: dict[str, Any] = {}
     if code is not None or note:
-        _set(
-            tx, conv,
-            wrap_up_code_id=code.id if code else None,
-            wrap_up_code_name=code.display_name if code else None,
-            wrap_up_note=note or None,
-            wrap_up_agent_id=who.agent_id,
-            wrap_up_at=now,
-        )  # fmt: skip
+        wrap_up = {
+            "wrap_up_code_id": code.id if code else None,
+            "wrap_up_code_name": code.display_name if code else None,
+            "wrap_up_note": note or None,
+            "wrap_up_agent_id": who.agent_id,
+            "wrap_up_at": now,
+        }
     freed = routing.freed_queues(tx, conv.id)  # while its agents are still in it
-    _close(tx, conv, agent, f"agent:{who.agent_id}", now)
+    _close(tx, conv, agent, f"agent:{who.agent_id}", now, also=wrap_up)
     tx.needs_dispatch(freed)
     return conversation_view(s, conv)
 
 
-def _close(tx: Tx, conv: Conversation, by: dict[str, Any], actor: str, now: datetime) -> None:
+def _close(
+    tx: Tx, conv: Conversation, by: dict[str, Any], actor: str, now: datetime, also: dict[str, Any] | None = None
+) -> None:
+    """Close the conversation, setting the `also` columns (a wrap-up) in the same statement."""
     routing.withdraw_conversation_offers(tx, conv.id, "taken_elsewhere", now)
     supervision.stop_monitors(tx, conv)  # their stops go in the log before chat_closed
-    _set(tx, conv, ended_at=conv.ended_at or now, status="closed", closed_at=now)
-    append_event(tx, conv, "chat_closed", {"closed_by": by}, actor=actor, now=now)
+    closed = {"ended_at": conv.ended_at or now, "status": "closed", "closed_at": now, **(also or {})}
+    append_event(tx, conv, "chat_closed", {"closed_by": by}, actor=actor, now=now, also=closed)
     tx.count("chats_closed", queue=conv.queue_id)
     tx.log("chat.closed", conversation_id=conv.id, queue_id=conv.queue_id, closed_by=actor)
-
-
-def _set(tx: Tx, conv: Conversation, **values: Any) -> None:
-    """Change the conversation's row with one Core UPDATE, and the loaded object with it (no ORM flush)."""
-    if conv in tx.session.dirty:
-        tx.session.flush()  # an earlier ORM change goes first, so this one is not overwritten
-    tx.conn.execute(update(Conversation).where(col(Conversation.id) == conv.id).values(**values))
-    for name, value in values.items():
-        set_committed_value(conv, name, value)
 
 
 # --- reads -----------------------------------------------------------------

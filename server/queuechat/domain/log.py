@@ -46,10 +46,18 @@ def agent_participant(agent: Agent) -> ParticipantView:
     return ParticipantView("agent", agent.id, agent.display_name)
 
 
-def append_event(tx: Tx, conv: Conversation, kind: str, payload: dict[str, Any], **options: Any) -> EventView:
-    """Take the conversation's next seq and store the event under it (options as for insert_event)."""
-    seq = next_seq(tx, Conversation, conv.id, "last_seq")
+def append_event(
+    tx: Tx, conv: Conversation, kind: str, payload: dict[str, Any], *, also: dict[str, Any] | None = None,
+    **options: Any,
+) -> EventView:
+    """Take the conversation's next seq and store the event under it (options as for insert_event).
+    `also`: columns of the conversation to set in the same statement (a close's status, say)."""
+    if also and conv in tx.session.dirty:
+        tx.session.flush()  # an earlier ORM change goes first, so these are not overwritten by it
+    seq = next_seq(tx, Conversation, conv.id, "last_seq", also)
     set_committed_value(conv, "last_seq", seq)  # the row is already up to date
+    for name, value in (also or {}).items():
+        set_committed_value(conv, name, value)
     return insert_event(tx, conv.id, seq, kind, payload, **options)
 
 
@@ -141,19 +149,31 @@ def insert_event_once(
 _INSERT_ONCE: dict[str, Any] = {}
 
 
-def next_seq(tx: Tx, model: type[Conversation] | type[AgentSession], row_id: str, column: str) -> int:
-    """Atomically take the next seq of a row; the row stays locked until commit."""
-    stmt = _NEXT_SEQ.get((model, column))
-    if stmt is None:  # built once per counter: building a statement costs more than running it
+def next_seq(
+    tx: Tx,
+    model: type[Conversation] | type[AgentSession],
+    row_id: str,
+    column: str,
+    also: dict[str, Any] | None = None,
+) -> int:
+    """Atomically take the next seq of a row, setting the `also` columns with it; the row stays locked
+    until commit."""
+    names = tuple(sorted(also)) if also else ()
+    stmt = _NEXT_SEQ.get((model, column, names))
+    if stmt is None:  # built once per shape: building a statement costs more than running it
         counter: Mapped[int] = getattr(model, column)
-        stmt = update(model).where(col(model.id) == bindparam("row_id")).values({column: counter + 1})
-        stmt = stmt.returning(counter)
-        _NEXT_SEQ[(model, column)] = stmt
-    seq: int = tx.conn.execute(stmt, {"row_id": row_id}).scalar_one()
+        values: dict[str, Any] = {column: counter + 1}
+        values.update({name: bindparam(f"set_{name}") for name in names})
+        stmt = update(model).where(col(model.id) == bindparam("row_id")).values(values).returning(counter)
+        _NEXT_SEQ[(model, column, names)] = stmt
+    params = {"row_id": row_id}
+    if also:
+        params.update({f"set_{name}": value for name, value in also.items()})
+    seq: int = tx.conn.execute(stmt, params).scalar_one()
     return seq
 
 
-_NEXT_SEQ: dict[tuple[type, str], Any] = {}
+_NEXT_SEQ: dict[tuple[type, str, tuple[str, ...]], Any] = {}
 
 
 def event_view(row: Any) -> EventView:

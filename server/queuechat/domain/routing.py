@@ -349,10 +349,7 @@ def accept_offer(tx: Tx, who: AgentPrincipal, offer_id: str) -> ConversationView
     if offer.kind == "invite":
         invites.on_accepted(tx, offer, conv, must_get(s, Agent, who.agent_id), now)
     else:
-        c = tx.conn
-        c.execute(_ACTIVATE, {"conv": conv.id})
-        set_committed_value(conv, "status", "active")
-        c.execute(_JOIN, {"conversation_id": conv.id, "agent_id": who.agent_id, "joined_at": now})
+        tx.conn.execute(_JOIN, {"conversation_id": conv.id, "agent_id": who.agent_id, "joined_at": now})
         append_event(
             tx,
             conv,
@@ -360,13 +357,13 @@ def accept_offer(tx: Tx, who: AgentPrincipal, offer_id: str) -> ConversationView
             {"participant": agent_view(s, who.agent_id).to_json()},
             actor=f"agent:{who.agent_id}",
             now=now,
+            also={"status": "active"},
         )
         tx.queue_changed(conv.queue_id)
         tx.observe("chat_wait_seconds", (now - conv.enqueued_at).total_seconds(), queue=conv.queue_id)
     return conversation_view(s, conv)
 
 
-_ACTIVATE = update(Conversation).where(col(Conversation.id) == bindparam("conv")).values(status="active")
 _JOIN = insert(Participant)
 
 
