@@ -90,7 +90,7 @@ def count(s, model, *where) -> int:
 def make_chat_offer(tx, conversation_id: str, session_id: str) -> str:
     conv = tx.session.get(Conversation, conversation_id)
     sess = tx.session.get(AgentSession, session_id)
-    return routing.make_offer(tx, conv, sess.id, sess.agent_id, datetime.now(UTC)).id
+    return routing.make_offer(tx, conv, sess.id, sess.agent_id, datetime.now(UTC))
 
 
 def insert_offer(tx, conversation_id: str, session_id: str, *, kind: str = "chat", status: str = "pending") -> str:

@@ -104,7 +104,9 @@ def event(v: EventView) -> pb.ConversationEvent:
     key = (v.conversation_id, v.seq)
     msg = _events.get(key)
     if msg is None:
-        if len(_events) > 4096:
+        # An event goes out to its streams within a few loop turns: a few hundred cover that, and each
+        # entry holds a converted message (about 1 KiB) for as long as it is kept.
+        if len(_events) > 512:
             _events.clear()
         msg = _events[key] = _event(v)
     return msg
