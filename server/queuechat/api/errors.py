@@ -98,9 +98,13 @@ async def _abort(context: grpc.aio.ServicerContext, err: ChatError) -> None:
 _LAGGING = ChatError(Kind.UNAVAILABLE, "STREAM_LAGGING", "The stream fell behind; resume from the last seq you saw.")
 
 
-def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
+Resolve = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]
+
+
+def rpc(method: Callable[..., Any], resolve: Resolve | None = None) -> Callable[..., Any]:
     """Wrap a servicer method (coroutine or async generator): check the request first; ChatError -> its
-    status; anything unexpected -> INTERNAL with an error id."""
+    status; anything unexpected -> INTERNAL with an error id. With `resolve` (see authenticated), the
+    method gets the caller's principal as a fourth argument."""
     name = method.__name__
     if inspect.isasyncgenfunction(method):
 
@@ -108,7 +112,11 @@ def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
         async def stream(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
             try:
                 _first_check(request)
-                async with contextlib.aclosing(method(self, request, context)) as gen:
+                # One generator for the checks, the caller and the errors: each layer is memory per open stream.
+                args: tuple[Any, ...] = (self, request, context)
+                if resolve is not None:
+                    args += (await resolve(self, request, context),)
+                async with contextlib.aclosing(method(*args)) as gen:
                     async for item in gen:
                         yield item
             except ChatError as e:
@@ -137,7 +145,6 @@ def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
     return unary
 
 
-Resolve = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
 
 def authenticated(resolve: Resolve) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -147,15 +154,7 @@ def authenticated(resolve: Resolve) -> Callable[[Callable[..., Any]], Callable[.
 
     def decorate(method: Callable[..., Any]) -> Callable[..., Any]:
         if inspect.isasyncgenfunction(method):
-
-            @functools.wraps(method)
-            async def stream(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-                who = await resolve(self, request, context)
-                async with contextlib.aclosing(method(self, request, context, who)) as gen:
-                    async for item in gen:
-                        yield item
-
-            return rpc(stream)
+            return rpc(method, resolve)
 
         @functools.wraps(method)
         async def unary(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
