@@ -74,24 +74,9 @@ def insert_event(
     now: datetime | None = None,
 ) -> EventView:
     """Store an event under a seq taken with next_seq in this transaction; publish it after commit."""
-    now = now or tx.now
-    if tx.check_event is not None:
-        tx.check_event("event", kind, payload)
-    tx.conn.execute(
-        _INSERT_EVENT,
-        {
-            "conversation_id": conversation_id,
-            "seq": seq,
-            "kind": kind,
-            "visibility": visibility,
-            "created_at": now,
-            "actor": actor,
-            "request_id": request_id or None,
-            "payload": json.dumps(payload, separators=(",", ":")),
-        },
-    )
-    view = EventView(conversation_id, seq, kind, visibility, now, payload)
-    tx.publish(conv_topic(conversation_id), view)
+    view = _store(tx, _INSERT_EVENT, conversation_id, seq, kind, payload, actor, visibility, request_id, now)
+    if view is None:  # not reached: a plain insert stores or raises
+        raise LookupError(f"event {conversation_id}/{seq} not stored")
     return view
 
 
@@ -111,22 +96,38 @@ def insert_event_once(
 ) -> EventView | None:
     """insert_event for a request with an id: None (and nothing stored) if this actor's request_id is in
     the conversation's log already, so a retry costs no statement of its own on the common path."""
-    if tx.check_event is not None:
-        tx.check_event("event", kind, payload)
-    c = tx.conn
-    stmt = _INSERT_ONCE.get(c.dialect.name)
+    dialect = tx.conn.dialect.name
+    stmt = _INSERT_ONCE.get(dialect)
     if stmt is None:
         from sqlalchemy.dialects import postgresql, sqlite
 
-        dialect_insert = postgresql.insert if c.dialect.name == "postgresql" else sqlite.insert
+        dialect_insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
         stmt = (
             dialect_insert(Event)
             .on_conflict_do_nothing(index_elements=["conversation_id", "actor", "request_id"])
             .returning(col(Event.seq))
         )
-        _INSERT_ONCE[c.dialect.name] = stmt
-    now = tx.now
-    row = c.execute(
+        _INSERT_ONCE[dialect] = stmt
+    return _store(tx, stmt, conversation_id, seq, kind, payload, actor, visibility, request_id, None)
+
+
+def _store(
+    tx: Tx,
+    stmt: Any,
+    conversation_id: str,
+    seq: int,
+    kind: str,
+    payload: dict[str, Any],
+    actor: str,
+    visibility: str,
+    request_id: str | None,
+    now: datetime | None,
+) -> EventView | None:
+    """Run an event insert; None if it stored nothing (an insert-once that met its request id)."""
+    now = now or tx.now
+    if tx.check_event is not None:
+        tx.check_event("event", kind, payload)
+    result = tx.conn.execute(
         stmt,
         {
             "conversation_id": conversation_id,
@@ -135,11 +136,11 @@ def insert_event_once(
             "visibility": visibility,
             "created_at": now,
             "actor": actor,
-            "request_id": request_id,
+            "request_id": request_id or None,
             "payload": json.dumps(payload, separators=(",", ":")),
         },
-    ).first()
-    if row is None:
+    )
+    if stmt is not _INSERT_EVENT and result.first() is None:
         return None
     view = EventView(conversation_id, seq, kind, visibility, now, payload)
     tx.publish(conv_topic(conversation_id), view)
