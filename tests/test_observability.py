@@ -137,6 +137,9 @@ async def test_metrics_after_a_chat_flow(observed):
     assert value(m, "queuechat_write_seconds_count", write="routing.accept_offer") >= 1
     assert value(m, "queuechat_write_seconds_sum", write="routing.accept_offer") > 0
     assert value(m, "queuechat_write_latency_seconds_count", write="conversations.send_message") == 4
+    # Each call's wait for the writer, once (a refused write reruns alone but waited once).
+    assert value(m, "queuechat_write_queue_seconds_count", write="conversations.send_message") == 4
+    assert value(m, "queuechat_write_queue_seconds_sum", write="conversations.send_message") >= 0
     assert value(m, "queuechat_write_batch_size", stat="max") >= 1
     assert value(m, "process_resident_memory_bytes") > 0
 

@@ -151,11 +151,19 @@ class _Collector(Collector):
         failures = CounterMetricFamily(
             "queuechat_write_failures", "Named writes that failed to commit (from Database.stats).", labels=["write"]
         )
+        queued = SummaryMetricFamily(
+            "queuechat_write_queue_seconds",
+            "Named writes: calls and the seconds they waited for the writer thread before it ran them "
+            "(from Database.stats).",
+            labels=["write"],
+        )
         for name, ws in sorted(_copy(db.stats.items)):
             seconds.add_metric([name], ws.count, ws.seconds)
             failures.add_metric([name], ws.failures)
+            queued.add_metric([name], ws.calls, ws.queued)
         yield seconds
         yield failures
+        yield queued
         batches = _copy(db.batches)
         size = GaugeMetricFamily(
             "queuechat_write_batch_size",

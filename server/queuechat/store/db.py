@@ -61,6 +61,10 @@ class WriteStats:
     count: int = 0
     failures: int = 0
     seconds: float = 0.0
+    # Calls, and the seconds they waited queued before the writer took them up (a busy or blocked writer
+    # shows here, not in `seconds`).
+    calls: int = 0
+    queued: float = 0.0
 
 
 def sqlite_url(data_dir: str | os.PathLike) -> str:
@@ -183,7 +187,7 @@ class Database:
         on this loop before the result is returned."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
-        self._jobs.put((name, job, loop, fut))
+        self._jobs.put((name, job, loop, fut, time.perf_counter()))
         return await fut
 
     def _write_loop(self) -> None:
@@ -198,9 +202,11 @@ class Database:
                     self._jobs.put(None)  # stop after this batch
                     break
                 batch.append(job)
-            if len(batch) == 1 or not self._run_batch(batch):
+            if len(batch) == 1:
+                self._run_alone(batch[0])
+            elif not self._run_batch(batch):
                 for job in batch:
-                    self._run_alone(job)
+                    self._run_alone((*job[:4], None))  # its wait was counted with the batch
 
     def _timed(self, name: str, job: Job[Any], session: Session) -> tuple[Any, AfterCommit | None]:
         t0 = time.perf_counter()
@@ -210,6 +216,16 @@ class Database:
             st = self.stats.get(name) or self.stats.setdefault(name, WriteStats())
             st.count += 1
             st.seconds += time.perf_counter() - t0
+
+    def _waited(self, batch: list) -> None:
+        """Count how long the batch's calls waited for the writer (a rerun after a failed batch: not again)."""
+        now = time.perf_counter()
+        for item in batch:
+            name, queued_at = item[0], item[4]
+            if queued_at is not None:
+                st = self.stats.get(name) or self.stats.setdefault(name, WriteStats())
+                st.calls += 1
+                st.queued += now - queued_at
 
     def _run_batch(self, batch: list) -> bool:
         done = []
@@ -221,7 +237,8 @@ class Database:
                         self.routing_lock(session)
                     _lock_conversations(session, batch)
                 session.info["batched"] = True
-                for name, job, loop, fut in batch:
+                self._waited(batch)
+                for name, job, loop, fut, _ in batch:
                     result, after = self._timed(name, job, session)
                     done.append((name, loop, fut, result, after))
                 # Their effects follow every job's in the batch, as their rows' seqs do.
@@ -238,7 +255,8 @@ class Database:
         return True
 
     def _run_alone(self, item: tuple) -> None:
-        name, job, loop, fut = item
+        name, job, loop, fut, _ = item
+        self._waited([item])
         for attempt in range(1, ATTEMPTS + 1):
             try:
                 with Session(self.engine, expire_on_commit=False) as session:
