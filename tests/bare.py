@@ -100,8 +100,8 @@ class Bare:
         with Session(self.engine, expire_on_commit=False) as session:
             tx = Tx(session, self.context, now)
             result = fn(tx, *args)
-            needed, queues = tx.take_dispatch_queues()
-            if needed:
+            queues = tx.dispatch_queues
+            if tx.take_dispatch():
                 routing.dispatch(tx, queues=queues)
             session.commit()
         effects = tx.effects

@@ -614,3 +614,18 @@ def test_a_close_looks_only_at_its_agents_queues(make, monkeypatch):
     assert bare.offered_to(waiting) is None  # agent1 is full
     bare.write(conversations.close, sales, cid, True)
     assert looked and bare.offered_to(waiting) == "agent1"
+
+
+def test_a_dispatch_past_a_page_offers_the_oldest_chats_of_all_its_queues_in_order(make):
+    """More free seats than a page (200) in two queues: chats are offered oldest first across both, the
+    pages of one queue never running ahead of the other's older chats, and no chat past the seats."""
+    bare = make(max_chats={"agent1": 450})
+    for i in range(500):  # interleaved, the two queues unevenly
+        bare.chat("sales" if i % 3 else "support", now=at(i))
+    bare.agent("agent1", "both", now=at(600))
+    offered = bare.pending(agent_id="agent1")
+    assert len(offered) == 450
+    waited = sorted(
+        bare.read(lambda s: [(c.enqueued_at, c.id) for c in s.exec(select(Conversation)).all()])
+    )
+    assert {o.conversation_id for o in offered} == {cid for _, cid in waited[:450]}

@@ -32,6 +32,7 @@ from .access import can_read, require_member
 from .log import (
     agent_participant,
     append_event,
+    customer_named,
     customer_participant,
     event_view,
     find_request,
@@ -116,7 +117,7 @@ def start_chat(
             ],
         )
     queue = {"queue_id": queue_id, "display_name": queue_name}
-    customer = ParticipantView("customer", display_name=name or "Customer")
+    customer = customer_named(name)
     insert_event(tx, conversation_id, 1, "chat_started", {"queue": queue, "variables": variables_json(variables)},
                  actor="customer", now=now)
     insert_event(tx, conversation_id, 2, "participant_joined", {"participant": customer.to_json()},
@@ -201,13 +202,18 @@ def send_message(
     agent_id = who.agent_id if isinstance(who, AgentPrincipal) else ""
     conv = c.execute(_CLAIM_SEQ, {"c": conversation_id, "a": agent_id}).first()
 
+    def retried() -> EventView | None:
+        """The event an earlier try of this request stored, if any: then the seq claimed here is given back."""
+        prior = find_request(tx, conversation_id, actor, request_id)
+        if prior is not None and conv is not None:
+            c.execute(_UNCLAIM_SEQ, {"c": conversation_id})
+        return prior
+
     def refuse(error: ChatError) -> EventView:
         # A retry of a request that went through is answered as it was, whatever has changed since.
-        prior = find_request(tx, conversation_id, actor, request_id)
+        prior = retried()
         if prior is None:
             raise error
-        if conv is not None:
-            c.execute(_UNCLAIM_SEQ, {"c": conversation_id})
         return prior
 
     if isinstance(who, AgentPrincipal) and (conv is None or conv.agent_name is None):
@@ -241,12 +247,8 @@ def send_message(
                 )
             )
         text = text or pm.body
-    if request_id and (attachment_ids or predefined_id):
-        # Files are attached by this write: a retry must be found before, not after.
-        prior = find_request(tx, conversation_id, actor, request_id)
-        if prior is not None:
-            c.execute(_UNCLAIM_SEQ, {"c": conversation_id})
-            return prior
+    if request_id and (attachment_ids or predefined_id) and (prior := retried()) is not None:
+        return prior  # files are attached by this write: a retry must be found before, not after
     files = []
     if attachment_ids:
         files = attachments.attach(tx, who, conversation_id, list(attachment_ids), "agents" if private else "all")
@@ -272,8 +274,7 @@ def send_message(
             actor=actor, visibility=visibility, request_id=request_id,
         )  # fmt: skip
         if once is None:  # a retry: the request went through before
-            c.execute(_UNCLAIM_SEQ, {"c": conversation_id})
-            prior = find_request(tx, conversation_id, actor, request_id)
+            prior = retried()
             if prior is None:  # not reached: the conflict was that row
                 raise LookupError(f"request {request_id} of {actor} conflicted with no event")
             return prior
@@ -286,15 +287,6 @@ def send_message(
     return event
 
 
-_MEMBER_NAME = (
-    select(Agent.display_name)
-    .join(Participant, col(Participant.agent_id) == Agent.id)
-    .where(
-        Participant.conversation_id == bindparam("c"),
-        Participant.agent_id == bindparam("a"),
-        col(Participant.left_at).is_(None),
-    )
-)
 # Written out: SQLAlchemy names RETURNING's columns without their tables, which would make `id` ambiguous.
 _MEMBER_NAME_IN_RETURNING = text(
     "SELECT a.display_name FROM agent a JOIN participant p ON p.agent_id = a.id"

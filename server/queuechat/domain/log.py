@@ -39,7 +39,11 @@ def feed_topic(session_id: str) -> tuple[str, str]:
 
 
 def customer_participant(conv: Conversation) -> ParticipantView:
-    return ParticipantView("customer", display_name=conv.customer_name or "Customer")
+    return customer_named(conv.customer_name)
+
+
+def customer_named(name: str | None) -> ParticipantView:
+    return ParticipantView("customer", display_name=name or "Customer")
 
 
 def agent_participant(agent: Agent) -> ParticipantView:

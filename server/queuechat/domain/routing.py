@@ -137,7 +137,7 @@ def dispatch(tx: Tx, now: datetime | None = None, queues: Collection[str] | None
 
 def freed_queues(tx: Tx, conversation_id: str) -> set[str]:
     """The queues whose chats the conversation's agents may take once it frees their seats (the queues of
-    their sessions' profiles): what a close or a leave asks routing to look at."""
+    their sessions' profiles): what a close asks routing to look at."""
     return set(tx.conn.execute(_FREED_QUEUES, {"conv": conversation_id}).scalars())
 
 

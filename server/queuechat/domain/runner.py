@@ -62,8 +62,8 @@ class Writer:
                 lock(session)  # first: everything this write reads is then another node's committed state
             tx = Tx(session, context)  # a rerun starts afresh: nothing recorded
             result = fn(tx, *args, **kwargs)
-            needed, queues = tx.take_dispatch_queues()
-            if needed:
+            queues = tx.dispatch_queues
+            if tx.take_dispatch():
                 if batched(session):
                     # One dispatch for the batch, over the union of what its writes changed.
                     pending = session.info.get("dispatch", _NONE)

@@ -183,15 +183,9 @@ class Tx:
         return self._dispatch
 
     def take_dispatch(self) -> bool:
-        """For the runner: whether to dispatch now (and forget the request)."""
-        needed, self._dispatch = self._dispatch, False
+        """For the runner: whether to dispatch now (read dispatch_queues first for where); forgets the request."""
+        needed, self._dispatch, self._only = self._dispatch, False, set()
         return needed
-
-    def take_dispatch_queues(self) -> tuple[bool, frozenset[str] | None]:
-        """For the runner: whether to dispatch now, and over which queues (None: all); forgets the request."""
-        queues = self.dispatch_queues
-        self._only = set()
-        return self.take_dispatch(), queues
 
     @property
     def effects(self) -> tuple[tuple[str, tuple[Any, ...]], ...]:
