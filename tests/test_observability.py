@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import io
 import json
 import logging
+import os
 import socket
+import subprocess
+import sys
 
 import aiohttp
 import grpc
@@ -19,6 +23,7 @@ from harness import Harness, expect_error
 from prometheus_client.parser import text_string_to_metric_families
 
 from chat.v1 import agent_service_pb2 as agent_pb
+from queuechat import gctune
 from queuechat.api import server as server_module
 from queuechat.api.server import ChatServer
 from queuechat.domain.log import conv_topic
@@ -155,6 +160,41 @@ async def test_metrics_after_a_chat_flow(observed):
     assert value(m, "queuechat_streams_open", grpc_service="chat.v1.CustomerService", grpc_method="StreamConversation") == 0
     assert value(m, "grpc_server_handled_total", **stream, grpc_code="Canceled") == 1
     assert value(m, "queuechat_offers_total", outcome="accepted", kind="chat") == 1
+
+
+async def test_garbage_collector_pauses_are_a_histogram_by_generation(observed):
+    m = await scrape(observed)
+    before = value(m, "queuechat_gc_pause_seconds_count", generation="2")
+    assert before is not None  # every generation is there from the start
+    seconds = value(m, "queuechat_gc_pause_seconds_sum", generation="2")
+    # A full pass over a heap of a million containers takes well over the 1 ms the histogram counts from.
+    gc.disable()  # no automatic pass while it is built: the one below is the only new one
+    try:
+        heap = [[i] for i in range(1_000_000)]
+        gc.collect()
+        del heap
+    finally:
+        gc.enable()
+    m = await scrape(observed)
+    assert value(m, "queuechat_gc_pause_seconds_count", generation="2") == before + 1
+    assert value(m, "queuechat_gc_pause_seconds_sum", generation="2") > seconds + 0.001
+    assert value(m, "queuechat_gc_pause_seconds_bucket", generation="2", le="+Inf") == before + 1
+
+
+def test_tune_freezes_the_heap_and_enlarges_the_young_generation():
+    """In a process of its own: the test process keeps Python's settings."""
+    probe = (
+        "import gc, json; from queuechat import gctune; before = gc.get_threshold(); "
+        "tuned = gctune.tune(); print(json.dumps([tuned, before, gc.get_threshold(), gc.get_freeze_count() > 1000]))"
+    )
+    env = {**os.environ, "QUEUECHAT_GC": ""}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout
+    tuned, before, after, frozen = json.loads(out)
+    assert tuned and frozen
+    assert before == [700, 10, 10] and after == [gctune.YOUNG, gctune.MIDDLE, gctune.OLD]
+    env["QUEUECHAT_GC"] = "default"  # Python's own settings, for comparison
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout
+    assert json.loads(out) == [False, [700, 10, 10], [700, 10, 10], False]
 
 
 async def test_offer_outcomes_and_the_answer_time(tmp_path, config, monkeypatch):

@@ -23,7 +23,7 @@ from chat.v1 import (
     customer_service_pb2_grpc,
 )
 
-from .. import __version__
+from .. import __version__, gctune
 from ..domain.core import Core
 from ..observability import logs
 from ..observability.interceptor import ServerObserver
@@ -271,6 +271,7 @@ async def serve(
             target, web_listen, web_origins, srv.metrics if on_web else None, core.link is not None
         )
         log.info("queuechat web bridge and customer page listening on port %d", bridge.port)
+    gctune.tune()  # what start-up built leaves the collector's passes (gctune.py)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -32,7 +32,13 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from google.protobuf.descriptor import ServiceDescriptor
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+    SummaryMetricFamily,
+)
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
@@ -41,6 +47,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlmodel import Session, col
 
+from .. import gctune
 from ..domain.read import agent_loads, connection, profile_queues
 from ..domain.stats import LIVE_SESSIONS
 from ..store.models import Conversation, Queue
@@ -193,6 +200,23 @@ class _Collector(Collector):
             value=db.retries,
         )
         yield from _cluster_families(m.core)
+        yield _gc_pauses()
+
+
+def _gc_pauses() -> Metric:
+    family = HistogramMetricFamily(
+        "queuechat_gc_pause_seconds",
+        "Collections of Python's cyclic garbage collector that paused the process 1 ms or more, by "
+        "generation (2: a full pass), and the seconds they took (gctune.py).",
+        labels=["generation"],
+    )
+    for gen, counts in sorted(gctune.PAUSES.buckets.items()):
+        total, buckets = 0, []
+        for bound, n in zip((*map(str, gctune.BUCKETS), "+Inf"), counts, strict=True):
+            total += n
+            buckets.append((bound, total))
+        family.add_metric([str(gen)], buckets, gctune.PAUSES.seconds[gen])
+    return family
 
 
 def _cluster_families(core: Core) -> Iterator[Metric]:
@@ -302,6 +326,7 @@ class Metrics:
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
         GCCollector(registry=r)
+        gctune.watch()  # for queuechat_gc_pause_seconds
 
         # Per RPC: the grpc-ecosystem names (go-grpc-prometheus), fed by interceptor.ServerObserver.
         self.rpc_started = Counter("grpc_server_started", "RPCs started on the server.", RPC_LABELS, registry=r)
