@@ -18,6 +18,10 @@ CPU per message is read from /proc/<pid>/stat (utime + stime) over the sending w
   the nodes' connection options) and, separately, PostgreSQL's own background processes (WAL writer,
   checkpointer, ...), which are shared with anything else using the server;
 - NATS: the nats-server process(es), also shared with anything else on this machine using it.
+
+For diagnosis (environment): BENCH_DUMP=FILE writes the cross phase's sends as JSON
+[seconds into the talk, ms to answer, side]; BENCH_KEEP_LOGS=DIR copies each node's log and final /metrics
+there; BENCH_NODE_ENV="K=V ..." adds variables to the nodes' environment (PYTHONASYNCIODEBUG=1, say).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import os
 import random
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -42,7 +47,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import grpc
-from loadgen import AgentDesk, Pool, md, percentile
+from loadgen import AgentDesk, Pool, md, percentile, timetable
 
 from chat.v1 import agent_service_pb2 as apb
 from chat.v1 import customer_service_pb2 as cpb
@@ -54,6 +59,7 @@ PG_DB = os.environ.get("QC_PG_DATABASE", "test")
 NATS_URL = os.environ.get("QC_NATS_URL", "nats://127.0.0.1:4222")
 START_TIMEOUT = 60.0
 T0 = time.monotonic()
+DUMP: list | None = [] if os.environ.get("BENCH_DUMP") else None  # the cross phase's sends (diagnosis)
 ARRIVALS: dict[str, float] = {}  # how the phase's chats arrived: StartChat and offer latency
 STEPS: dict[str, float] = {}  # seconds since start at each step of the phase (where the time goes)
 
@@ -244,6 +250,8 @@ class Node:
                "--listen", self.target, "--web-listen", "", "--metrics-listen", f"127.0.0.1:{self.metrics_port}",
                "--data-dir", str(c.tmp / f"data-{self.name}")]  # fmt: skip
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **c.env}
+        for kv in os.environ.get("BENCH_NODE_ENV", "").split():  # e.g. PYTHONASYNCIODEBUG=1 (diagnosis)
+            env[kv.partition("=")[0]] = kv.partition("=")[2]
         env.pop("QUEUECHAT_DATABASE_URL", None)
         env.pop("QUEUECHAT_NATS_URL", None)
         self.dead = False
@@ -359,6 +367,13 @@ class Cluster:
         return self
 
     async def __aexit__(self, *exc) -> None:
+        if os.environ.get("BENCH_KEEP_LOGS"):  # diagnosis: each live node's /metrics beside its log
+            import urllib.request
+
+            for n in self.alive():
+                with contextlib.suppress(OSError):
+                    url = f"http://127.0.0.1:{n.metrics_port}/metrics"
+                    (self.tmp / f"{n.name}.metrics.log").write_bytes(urllib.request.urlopen(url, timeout=5).read())
         for n in self.nodes:
             if n.pool is not None:
                 with contextlib.suppress(Exception):
@@ -370,6 +385,9 @@ class Cluster:
         with pg_connect() as c:
             c.execute("SET lock_timeout = '15s'")
             c.execute(f'DROP SCHEMA IF EXISTS "{self.schema}" CASCADE')
+        if os.environ.get("BENCH_KEEP_LOGS"):
+            for f in self.tmp.glob("*.log"):
+                shutil.copy(f, os.environ["BENCH_KEEP_LOGS"])
         self.tmpdir.cleanup()
 
     def pids(self) -> list[int]:
@@ -690,14 +708,14 @@ async def phase_cross(args) -> dict:
             await asyncio.wait_for(
                 asyncio.gather(*(f.live.wait() for fs in ledger.followers.values() for f in fs)), 120
             )
-            stop_at = time.monotonic() + args.duration
+            # On a timetable (open loop, loadgen.timetable), from a moment after every talker is set up.
+            t0 = time.monotonic() + 1.0
+            stop_at = t0 + args.duration
 
             async def talk(cid, ctoken, _node):
                 _, atoken = desk.accepted[cid]
                 cstub, astub = a.pool.customers(), b.pool.agents()
-                await asyncio.sleep(random.uniform(0, args.interval))
-                turn = 0
-                while time.monotonic() < stop_at:
+                async for turn in timetable(t0 + random.uniform(0, args.interval), args.interval, stop_at):
                     t_send = time.monotonic()
                     if turn % 2 == 0:
                         resp = await cstub.SendMessage(
@@ -714,9 +732,9 @@ async def phase_cross(args) -> dict:
                             metadata=md(atoken),
                         )
                     send_ms.append((time.monotonic() - t_send) * 1000)
+                    if DUMP is not None:
+                        DUMP.append((t_send - t_talk, send_ms[-1], turn % 2))
                     ledger.ok(cid, resp.event.seq)
-                    turn += 1
-                    await asyncio.sleep(args.interval)
 
             meter = CpuMeter(cl)
             await asyncio.to_thread(meter.start)
@@ -725,6 +743,9 @@ async def phase_cross(args) -> dict:
             cpu = await asyncio.to_thread(meter.stop)
             cores = {g: round(v / (time.monotonic() - t_talk), 3) for g, v in cpu.items()}
             step("load done")
+            if DUMP is not None:
+                with open(os.environ["BENCH_DUMP"], "w") as f:
+                    json.dump(DUMP, f)
             settled = await ledger.settle()
             step("settled")
             settled["link"] = await cl.link_stats()
@@ -903,6 +924,9 @@ def main() -> None:
     if args.phase == "failover" and "--interval" not in sys.argv:
         args.interval = 0.1  # the next event is at most this far behind the resumed stream
     phase = {"saturation": phase_saturation, "cross": phase_cross, "failover": phase_failover}[args.phase]
+    from queuechat import gctune
+
+    gctune.tune()  # the load generator's own collector pauses are not the server's latency
     res = asyncio.run(phase(args))
     step("torn down")
     print(json.dumps({**res, "arrivals": ARRIVALS, "steps": STEPS}), flush=True)

@@ -78,6 +78,16 @@ class Pool:
         await asyncio.gather(*(c.close() for c in self.channels))
 
 
+async def timetable(start: float, interval: float, stop_at: float):
+    """Yield 0, 1, 2, ... at start, start + interval, ... (time.monotonic) until stop_at: an open-loop
+    schedule, whatever each turn's call took."""
+    k = 0
+    while (at := start + k * interval) < stop_at:
+        await asyncio.sleep(max(0.0, at - time.monotonic()))
+        yield k
+        k += 1
+
+
 async def start_chat(stub, queue="q") -> cpb.StartChatResponse:
     return await stub.StartChat(cpb.StartChatRequest(queue_id=queue, request_id=uuid.uuid4().hex))
 
@@ -189,23 +199,23 @@ async def phase_chat(args) -> dict:
             a2c, rpb.PARTICIPANT_KIND_AGENT, r2)))
     await asyncio.wait_for(asyncio.gather(*(r.wait() for r in readies)), 120)
 
-    stop_at = time.monotonic() + args.duration
+    # On a timetable (open loop), not "sleep after each answer": a stall of this process would otherwise
+    # bunch every conversation it held up into one burst that comes back every interval for the whole run.
+    # The first sends start a moment after all talkers are set up, spread over one interval.
+    t0 = time.monotonic() + 1.0
+    stop_at = t0 + args.duration
 
     async def talk(cid: str):
         astub, atoken = desk.accepted[cid]
         cstub, ctoken = customers[cid]
-        await asyncio.sleep(random.uniform(0, args.interval))
-        customer_turn = True
-        while time.monotonic() < stop_at:
+        async for turn in timetable(t0 + random.uniform(0, args.interval), args.interval, stop_at):
             text = f"t={time.monotonic_ns()}"
-            if customer_turn:
+            if turn % 2 == 0:
                 await cstub.SendMessage(
                     cpb.CustomerServiceSendMessageRequest(conversation_id=cid, text=text), metadata=md(ctoken)
                 )
             else:
                 await astub.SendMessage(apb.SendMessageRequest(conversation_id=cid, text=text), metadata=md(atoken))
-            customer_turn = not customer_turn
-            await asyncio.sleep(args.interval)
 
     await asyncio.gather(*(talk(c) for c in desk.accepted))
     await asyncio.sleep(0.5)  # let the last deliveries land
