@@ -18,6 +18,7 @@ from sqlmodel import Session, select
 from test_attachments import uploaders
 
 from queuechat.domain import attachments
+from queuechat.store import blobs
 from queuechat.store.blobs import PdfCheck, Scanner
 from queuechat.store.models import Attachment
 
@@ -72,6 +73,30 @@ def test_markers_right_at_chunk_boundaries():
             split = len(head) + len(filler) + cut
             got = verdict(data, [split, 1000, 1000])
             assert (got[1] if got else None) == expected, (mark, cut)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_the_search_for_endstream_without_the_gil_finds_what_in_finds(seed):
+    rng = random.Random(seed)
+    data = bytearray(rng.randbytes(rng.choice([100, 5000, 70_000, 300_000])))
+    needle = rng.choice([b"endstream", b"e", b"endstrea", b"ndstream"])
+    if rng.random() < 0.7:
+        at = rng.choice([0, len(data) - len(needle), rng.randrange(len(data))])
+        data[at : at + len(needle)] = needle
+        if rng.random() < 0.5:  # only a cut-off copy: not there
+            data[at + len(needle) - 1] ^= 0xFF
+    for piece in (bytes(data), data):
+        assert blobs._contains(piece, needle) == (needle in bytes(data))
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_the_verdict_is_the_same_with_and_without_libc_memmem(seed, monkeypatch):
+    rng = random.Random(1000 + seed)
+    data = stream_pdf(rng, rng.choice([30_000, 300_000, 1_200_000]))
+    sizes = [rng.choice([4096, 4097, 70_000, 2**20]) for _ in range(rng.randrange(1, 6))]
+    fast = verdict(data, sizes)
+    monkeypatch.setattr(blobs, "_MEMMEM", None)
+    assert verdict(data, sizes) == fast == verdict(data, [])
 
 
 def test_ascii_text_is_utf8_without_decoding_and_a_split_character_still_counts():

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import ctypes
+import ctypes.util
 import hashlib
 import os
 import re
@@ -157,6 +159,33 @@ _SKIP_FAST = 64  # pieces longer than this skip stream data without being copied
 _INFLATE_PIECE = 1024 * 1024
 _INFLATE_BUDGET = 64 * 1024 * 1024
 
+
+
+def _libc_memmem() -> Any:
+    """The C library's memmem, called through ctypes (which lets go of the GIL for the call), or None."""
+    try:
+        name = ctypes.util.find_library("c")
+        fn = ctypes.CDLL(name).memmem if name else None
+    except (OSError, AttributeError):
+        return None
+    if fn is not None:
+        fn.restype = ctypes.c_void_p
+        fn.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t]
+    return fn
+
+
+_MEMMEM = _libc_memmem()
+
+
+def _contains(data: bytes, needle: bytes) -> bool:
+    """`needle in data`. Over a big piece (stream data: an image, a font...) CPython's search costs a
+    few tenths of a millisecond per MiB, all of it holding the GIL that the event loop waits for,
+    next to the next chunk's bytes; libc's memmem is about four times as fast and runs without it."""
+    if _MEMMEM is None or type(data) is not bytes or len(data) < 4096:
+        return needle in data
+    return _MEMMEM(data, len(data), needle, len(needle)) is not None
+
+
 ACTIVE_CONTENT = "PDF_ACTIVE_CONTENT"
 UNCHECKABLE = "PDF_UNCHECKABLE"
 
@@ -262,7 +291,7 @@ class _Syntax:
     def _ends_stream(self, data: bytes) -> bool:
         """Whether "endstream" begins in this piece or in the bytes carried before it (the first of
         which is context only)."""
-        return b"endstream" in data or b"endstream" in (self._carry + data[:16])[1:]
+        return _contains(data, b"endstream") or b"endstream" in (self._carry + data[:16])[1:]
 
     def _finish(self) -> None:
         if self._state == self.INFLATE and self._inflate is not None:
