@@ -197,6 +197,21 @@ def test_tune_freezes_the_heap_and_enlarges_the_young_generation():
     assert json.loads(out) == [False, [700, 10, 10], [700, 10, 10], False]
 
 
+@pytest.mark.parametrize(
+    ("setting", "expected"),
+    [
+        ("", (gctune.YOUNG, gctune.MIDDLE, gctune.OLD)),
+        ("8000", (8000, gctune.MIDDLE, gctune.OLD)),
+        ("8000,5,7", (8000, 5, 7)),
+        ("lots", (gctune.YOUNG, gctune.MIDDLE, gctune.OLD)),
+        ("0", (gctune.YOUNG, gctune.MIDDLE, gctune.OLD)),  # 0 would switch the collector off
+        ("1,2,3,4", (gctune.YOUNG, gctune.MIDDLE, gctune.OLD)),
+    ],
+)
+def test_gc_thresholds_from_the_environment(setting, expected):
+    assert gctune.thresholds(setting) == expected
+
+
 async def test_offer_outcomes_and_the_answer_time(tmp_path, config, monkeypatch):
     config["settings"]["offer_timeout"] = 0.3
     h = await _observed(tmp_path, config, monkeypatch)

@@ -12,7 +12,8 @@ the tail made of those pauses. So, once the server is up:
   a young collection sees them, instead of being promoted and swelling the old generation, whose
   growth is what triggers full passes.
 
-`QUEUECHAT_GC=default` keeps Python's settings (to compare). Every pause of 1 ms or more is counted by
+`QUEUECHAT_GC=default` keeps Python's settings (to compare); `QUEUECHAT_GC=YOUNG[,MIDDLE[,OLD]]` other
+thresholds. Every pause of 1 ms or more is counted by
 generation for the metric `queuechat_gc_pause_seconds` (docs/operations.md).
 """
 
@@ -23,7 +24,9 @@ import os
 import time
 from typing import Any
 
-YOUNG = 20_000
+# Measured in the cross-node benchmark (message p99, four runs each): 2,000: 28-37 ms; 5,000: 19-25 ms;
+# 20,000: 22-28 ms (young passes over more garbage at once: pauses of 20-28 ms).
+YOUNG = 5_000
 MIDDLE = 20
 OLD = 20
 
@@ -69,14 +72,28 @@ def watch() -> None:
 
 def tune() -> bool:
     """Freeze the heap as it is now and enlarge the young generation (once per process; later calls only
-    freeze what was built since). False when QUEUECHAT_GC=default asks for Python's own settings."""
+    freeze what was built since). False when QUEUECHAT_GC=default asks for Python's own settings;
+    QUEUECHAT_GC=YOUNG[,MIDDLE[,OLD]] sets other thresholds (a bad value: these defaults)."""
     global _tuned
     watch()
-    if os.environ.get("QUEUECHAT_GC", "").strip().lower() == "default":
+    setting = os.environ.get("QUEUECHAT_GC", "").strip().lower()
+    if setting == "default":
         return False
     gc.collect()  # what start-up left as garbage goes now, not frozen for ever
     gc.freeze()
     if not _tuned:
-        gc.set_threshold(YOUNG, MIDDLE, OLD)
+        gc.set_threshold(*thresholds(setting))
         _tuned = True
     return True
+
+
+def thresholds(setting: str) -> tuple[int, int, int]:
+    chosen = [YOUNG, MIDDLE, OLD]
+    try:
+        given = [int(part) for part in setting.split(",")] if setting else []
+    except ValueError:
+        given = []
+    if not 1 <= len(given) <= 3 or min(given) < 1:
+        given = []
+    chosen[: len(given)] = given
+    return chosen[0], chosen[1], chosen[2]
