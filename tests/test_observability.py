@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import gc
+import inspect
 import io
 import json
 import logging
@@ -179,6 +180,37 @@ async def test_garbage_collector_pauses_are_a_histogram_by_generation(observed):
     assert value(m, "queuechat_gc_pause_seconds_count", generation="2") == before + 1
     assert value(m, "queuechat_gc_pause_seconds_sum", generation="2") > seconds + 0.001
     assert value(m, "queuechat_gc_pause_seconds_bucket", generation="2", le="+Inf") == before + 1
+
+
+def _server_generators() -> list[str]:
+    """The live async generators of queuechat's server code in this process, by function name."""
+    return sorted(
+        g.ag_code.co_qualname
+        for g in gc.get_objects()
+        if inspect.isasyncgen(g) and g.ag_frame is not None and "/queuechat/" in g.ag_code.co_filename
+    )
+
+
+async def test_an_open_stream_is_two_generators_with_its_metrics_watched_from_inside(observed):
+    """Each async generator layer costs an open stream about a KiB: the metrics interceptor watches
+    streams from inside rpc()'s wrapper, and the servicer method hands over the domain stream."""
+    h = observed
+    agent = await h.agent("agent1", "sales")
+    cust = await h.customer("sales")
+    before = _server_generators()
+    cust.open()
+    await cust.stream.wait_for(lambda item: item.HasField("heartbeat") or item.HasField("event"))
+    await agent.take(cust.id)  # and opens the conversation's stream
+    await agent.streams[cust.id].wait_for(lambda item: item.HasField("event"))
+    opened = _server_generators()
+    for g in before:
+        opened.remove(g)
+    assert opened == sorted(["_stream.<locals>.make.<locals>.stream", "Streams.conversation"] * 2)
+    await cust.send("still watched")
+    m = await scrape(h)
+    stream = rpc("CustomerService", "StreamConversation", "server_stream")
+    assert value(m, "grpc_server_started_total", **stream) == 1
+    assert value(m, "queuechat_streams_open", grpc_service="chat.v1.CustomerService", grpc_method="StreamConversation") == 1
 
 
 def test_tune_freezes_the_heap_and_enlarges_the_young_generation():

@@ -13,7 +13,7 @@ from ..domain.core import Core
 from ..domain.views import AgentPrincipal, EventView, FeedEventView, Heartbeat, ReadCursorView, TypingView
 from ..errors import invalid
 from . import convert, files
-from .errors import authenticated, bearer, rpc
+from .errors import authenticated, bearer, rpc, stream_of
 from .peer import client_address
 
 
@@ -76,10 +76,9 @@ class AgentService(agent_service_pb2_grpc.AgentServiceServicer):
         view = await self.core.get_conversation(who, request.conversation_id)
         return pb.GetConversationResponse(conversation=convert.conversation(view))
 
-    @agent_call
+    @stream_of(lambda item: stream_item(pb.StreamConversationResponse, item), _agent)
     async def StreamConversation(self, request: pb.StreamConversationRequest, context, who: AgentPrincipal):
-        async for item in self.core.conversation_stream(who, request.conversation_id, request.after_seq):
-            yield stream_item(pb.StreamConversationResponse, item)
+        return self.core.conversation_stream(who, request.conversation_id, request.after_seq)
 
     @agent_call
     async def SetTyping(self, request: pb.SetTypingRequest, context, who: AgentPrincipal) -> pb.SetTypingResponse:

@@ -17,8 +17,10 @@ import asyncio
 import inspect
 import logging
 import time
+import types
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -100,6 +102,25 @@ class _Budget:
         return suppressed
 
 
+@dataclass(slots=True)
+class _Hooks:
+    """A stream's metrics and refusal log, for a wrapper that watches the stream itself (errors.rpc)."""
+
+    observer: ServerObserver
+    m: RpcMetrics | _NoMetrics
+    service: str
+    method: str
+
+    def begin(self) -> float:
+        self.m.started()
+        self.m.opened()
+        return time.perf_counter()
+
+    def end(self, context: grpc.aio.ServicerContext, fallback: grpc.StatusCode, began: float) -> None:
+        self.m.closed()
+        self.observer._end(self.m, context, fallback, time.perf_counter() - began, self.service, self.method)
+
+
 class ServerObserver(grpc.aio.ServerInterceptor):
     def __init__(self, metrics: Metrics | None = None, client: Client | None = None):
         self.metrics = metrics
@@ -156,6 +177,10 @@ class ServerObserver(grpc.aio.ServerInterceptor):
         return unary
 
     def _stream(self, behavior: Callable[..., Any], m: RpcMetrics | _NoMetrics, service: str, method: str) -> Any:
+        observed = getattr(behavior, "observed", None)  # api/errors.py rpc(): watched from inside its wrapper
+        if observed is not None and inspect.ismethod(behavior):
+            return types.MethodType(observed(_Hooks(self, m, service, method)), behavior.__self__)
+
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             m.started()
             m.opened()
