@@ -213,6 +213,42 @@ async def test_an_open_stream_is_two_generators_with_its_metrics_watched_from_in
     assert value(m, "queuechat_streams_open", grpc_service="chat.v1.CustomerService", grpc_method="StreamConversation") == 1
 
 
+async def test_a_stream_without_rpc_wrapper_is_watched_by_the_interceptors_own():
+    """A stream handler rpc() did not wrap (no `observed`) gets the interceptor's generator, same hooks."""
+    from queuechat.observability.interceptor import ServerObserver
+
+    seen = []
+
+    class Metrics:
+        def started(self):
+            seen.append("started")
+
+        def opened(self):
+            seen.append("opened")
+
+        def closed(self):
+            seen.append("closed")
+
+        def handled(self, code, seconds):
+            seen.append(("handled", code))
+
+    class Context:
+        def code(self):
+            return None
+
+    async def numbers(request, context):
+        yield 1
+        yield 2
+
+    observer = ServerObserver()
+    handler = grpc.unary_stream_rpc_method_handler(numbers)
+    m = Metrics()
+    wrapped = observer._stream(handler.unary_stream, m, "x.Svc", "Numbers")
+    assert wrapped is not numbers
+    assert [item async for item in wrapped(None, Context())] == [1, 2]
+    assert seen == ["started", "opened", "closed", ("handled", "OK")]
+
+
 def test_tune_freezes_the_heap_and_enlarges_the_young_generation():
     """In a process of its own: the test process keeps Python's settings."""
     probe = (

@@ -177,14 +177,14 @@ class ServerObserver(grpc.aio.ServerInterceptor):
         return unary
 
     def _stream(self, behavior: Callable[..., Any], m: RpcMetrics | _NoMetrics, service: str, method: str) -> Any:
+        hooks = _Hooks(self, m, service, method)
         observed = getattr(behavior, "observed", None)  # api/errors.py rpc(): watched from inside its wrapper
         if observed is not None and inspect.ismethod(behavior):
-            return types.MethodType(observed(_Hooks(self, m, service, method)), behavior.__self__)
+            return types.MethodType(observed(hooks), behavior.__self__)
 
+        # Any other stream (health's Watch, say): a wrapper of our own, with the same hooks.
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            m.started()
-            m.opened()
-            t0 = time.perf_counter()
+            began = hooks.begin()
             fallback = grpc.StatusCode.OK
             try:
                 async with aclosing(behavior(request, context)) as responses:
@@ -197,8 +197,7 @@ class ServerObserver(grpc.aio.ServerInterceptor):
                 fallback = grpc.StatusCode.UNKNOWN
                 raise
             finally:
-                m.closed()
-                self._end(m, context, fallback, time.perf_counter() - t0, service, method)
+                hooks.end(context, fallback, began)
 
         return stream
 

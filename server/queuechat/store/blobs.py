@@ -160,7 +160,6 @@ _INFLATE_PIECE = 1024 * 1024
 _INFLATE_BUDGET = 64 * 1024 * 1024
 
 
-
 def _libc_memmem() -> Any:
     """The C library's memmem, called through ctypes (which lets go of the GIL for the call), or None."""
     try:
