@@ -189,3 +189,42 @@ async def test_chat_on_postgresql_survives_restarts(pg_server):
     # The other chat is still the agent's after both restarts.
     listed = await alice.stub.ListConversations(agent_pb.ListConversationsRequest(), metadata=alice.md)
     assert [c.conversation_id for c in listed.conversations] == [other.id]
+
+
+async def test_connections_the_database_drops_are_replaced_without_an_error(tmp_path):
+    """The server pings no connection before using it (a round trip per write and read): when the database
+    drops them all (a restart, a failover, an idle timeout), the next read and write must still work, on new
+    connections, with nothing written twice."""
+    import psycopg
+    from pgutil import create_schema, drop_schema, pg_user, schema_url
+
+    schema = create_schema()
+    app = f"qc-drop-{schema}"
+    h = await Harness(tmp_path / "data", base_config(), database_url=schema_url(schema, application_name=app)).start()
+    try:
+        alice = await h.agent("agent1")
+        cust = await h.customer("sales", {"name": "Ada"})
+        cust.open()
+        conv = await alice.accept((await alice.wait_offer(cust.id)).offer_id)
+        await cust.send("before", request_id="c-1")
+
+        def drop_all() -> int:
+            with psycopg.connect(host="127.0.0.1", dbname="test", user=pg_user(), autocommit=True) as admin:
+                rows = admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s", (app,)
+                ).fetchall()
+            return len(rows)
+
+        assert drop_all() >= 2  # the writer's connection and at least one reader's
+        listed = await alice.stub.ListConversations(agent_pb.ListConversationsRequest(), metadata=alice.md)
+        assert [c.conversation_id for c in listed.conversations] == [conv.conversation_id]
+        sent = await alice.send(cust.id, "after", request_id="a-1")
+        await cust.stream.wait_for(is_event("message", lambda e: e.message.text == "after"))
+
+        assert drop_all() >= 1
+        again = await cust.send("after the second drop", request_id="c-2")
+        assert again.seq == sent.seq + 1
+        assert [t for t in texts(cust.stream.events())] == ["before", "after", "after the second drop"]
+    finally:
+        await h.stop()
+        drop_schema(schema)

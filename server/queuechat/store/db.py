@@ -42,6 +42,7 @@ from typing import Any, TypeVar
 from sqlalchemy import event
 from sqlalchemy import text as sql_text
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError
 from sqlmodel import Session, SQLModel, col, create_engine, select
 
 from . import migrations, models  # noqa: F401  (models registers the tables)
@@ -88,6 +89,25 @@ def make_engine(url: str) -> Engine:
 
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=8)
+
+
+def _pg_engines(url: str, readers: int) -> tuple[Engine, Engine]:
+    """The writer's and the readers' engines on PostgreSQL, where every statement is a round trip.
+
+    Neither pings a connection when it is checked out (a round trip per write group and per read);
+    a connection the server dropped fails its statement instead, which the caller runs again on a fresh
+    one (`disconnected`). Reads run in autocommit: under READ COMMITTED each statement takes its own
+    snapshot whether or not a transaction wraps it, so BEGIN and ROLLBACK around a read buy nothing and
+    cost two round trips. Reads take no locks (those are writes')."""
+    writer = create_engine(url, pool_size=1, max_overflow=1)
+    reader = create_engine(url, pool_size=readers, max_overflow=0, isolation_level="AUTOCOMMIT")
+    return writer, reader
+
+
+def disconnected(e: BaseException) -> bool:
+    """Whether e is a connection the database dropped (restart, failover, idle timeout): the pool has
+    been invalidated and a new attempt gets a fresh connection."""
+    return bool(getattr(e, "connection_invalidated", False))
 
 
 # SQLSTATEs a concurrent node can cause and a fresh attempt resolves: serialization failure, deadlock,
@@ -149,7 +169,7 @@ def _lock_conversations(session: Session, batch: list) -> None:
 class Database:
     def __init__(self, url: str, *, readers: int | None = None, max_batch: int = 64):
         self.url = url
-        self.engine = make_engine(url)
+        self.engine = make_engine(url)  # schema, tests, tools; reads and writes use their own below on PostgreSQL
         # SQLite has one process and one writer thread: routing is serialized already.
         self.routing_lock: Callable[[Session], None] | None = (
             _pg_routing_lock if self.engine.dialect.name == "postgresql" else None
@@ -160,12 +180,15 @@ class Database:
         self.stats: dict[str, WriteStats] = {}
         # Sizes of recent group commits (kept short: for metrics and benchmarks).
         self.batches: collections.deque[int] = collections.deque(maxlen=1024)
-        self._writer = threading.Thread(target=self._write_loop, name="db-write", daemon=True)
-        self._writer.start()
         # SQLite reads are CPU in this process: two threads. PostgreSQL's are round trips: more overlap well
         # (a cluster node's streams read what they missed from it).
         readers = readers or (8 if self.engine.dialect.name == "postgresql" else 2)
+        self._write_engine, self._read_engine = (
+            _pg_engines(url, readers) if self.engine.dialect.name == "postgresql" else (self.engine, self.engine)
+        )
         self._readers = ThreadPoolExecutor(readers, thread_name_prefix="db-read")
+        self._writer = threading.Thread(target=self._write_loop, name="db-write", daemon=True)
+        self._writer.start()
 
     def ensure_schema(self, *, migrate: bool = False) -> None:
         """Make sure the schema is this code's (store/migrations): an empty database gets it, a current one
@@ -229,8 +252,9 @@ class Database:
 
     def _run_batch(self, batch: list) -> bool:
         done = []
+        committing = False
         try:
-            with Session(self.engine, expire_on_commit=False) as session:
+            with Session(self._write_engine, expire_on_commit=False) as session:
                 if self.routing_lock is not None:
                     if any(getattr(item[1], "routing", False) for item in batch):
                         # Before any row lock of the batch: a node never holds a row while it waits for the lock.
@@ -247,8 +271,14 @@ class Database:
                 for key, fn in finishers.items():
                     _, after = self._timed(key, _as_job(fn), session)
                     done.append((key, loop, None, None, after))
+                committing = True
                 session.commit()
-        except BaseException:
+        except BaseException as e:
+            if committing and disconnected(e):
+                # The connection dropped during COMMIT: whether it took is unknown, so running the jobs
+                # again could do them twice. Each caller gets the error (a retry with its request id is safe).
+                _deliver([(name, loop, fut, e, _FAILED) for name, _, loop, fut, _ in batch])
+                return True
             return False
         self.batches.append(len(batch))
         _deliver(done)
@@ -258,12 +288,15 @@ class Database:
         name, job, loop, fut, _ = item
         self._waited([item])
         for attempt in range(1, ATTEMPTS + 1):
+            committing = False
             try:
-                with Session(self.engine, expire_on_commit=False) as session:
+                with Session(self._write_engine, expire_on_commit=False) as session:
                     result, after = self._timed(name, job, session)
+                    committing = True
                     session.commit()
             except BaseException as e:
-                if attempt < ATTEMPTS and retryable(e):
+                # A dropped connection before COMMIT undid everything: run again on a fresh one.
+                if attempt < ATTEMPTS and (retryable(e) or (disconnected(e) and not committing)):
                     self.retries += 1
                     time.sleep(0.002 * attempt)  # the other node's transaction is committing
                     continue
@@ -279,7 +312,13 @@ class Database:
         loop = asyncio.get_running_loop()
 
         def run() -> T:
-            with Session(self.engine, expire_on_commit=False) as session:
+            try:
+                with Session(self._read_engine, expire_on_commit=False) as session:
+                    return fn(session, *args)
+            except DBAPIError as e:
+                if not disconnected(e):
+                    raise
+            with Session(self._read_engine, expire_on_commit=False) as session:  # a fresh connection
                 return fn(session, *args)
 
         return await loop.run_in_executor(self._readers, run)
@@ -288,7 +327,8 @@ class Database:
         self._jobs.put(None)
         self._writer.join()
         self._readers.shutdown(wait=True)
-        self.engine.dispose()
+        for engine in {self.engine, self._write_engine, self._read_engine}:
+            engine.dispose()
 
 
 _FAILED: Any = object()
