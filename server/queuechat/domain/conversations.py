@@ -330,9 +330,9 @@ def _send_plain(
     """The common case of send_message on PostgreSQL, where every statement is a round trip: the seq claim,
     the checks and the insert in one statement. None when it is not the common case (no such conversation,
     a refusal, a retry): then nothing is left changed and the general path answers precisely."""
-    agent = isinstance(who, AgentPrincipal)
+    agent_id = who.agent_id if isinstance(who, AgentPrincipal) else ""
     visibility = "agents" if private else "all"
-    sender = ParticipantView("agent", who.agent_id, "") if agent else ParticipantView("customer", display_name="")
+    sender = ParticipantView("agent", agent_id, "") if agent_id else ParticipantView("customer", display_name="")
     message: dict[str, Any] = {
         "message_id": uuid.uuid4().hex,
         "sender": sender.to_json(),
@@ -345,10 +345,10 @@ def _send_plain(
     if not found:  # not reached: the sender is serialized with an empty name above
         return None
     row = tx.conn.execute(
-        _SEND_AS_AGENT if agent else _SEND_AS_CUSTOMER,
+        _SEND_AS_AGENT if agent_id else _SEND_AS_CUSTOMER,
         {
             "c": conversation_id,
-            "a": who.agent_id if agent else "",
+            "a": agent_id,
             "visibility": visibility,
             "created_at": tx.now,
             "actor": actor,
