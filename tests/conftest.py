@@ -25,6 +25,19 @@ def config(request):
 
 @pytest.fixture
 async def server(tmp_path, config):
+    # QC_TEST_STORE=postgresql runs a module's SQLite tests on PostgreSQL instead (a private schema each):
+    # for checking a change to a write path on both stores, e.g. `QC_TEST_STORE=postgresql scripts/test
+    # tests/test_routing.py`.
+    if os.environ.get("QC_TEST_STORE") == "postgresql":
+        from pgutil import pg_schema
+
+        with pg_schema() as url:
+            h = await Harness(tmp_path / "data", config, database_url=url).start()
+            try:
+                yield h
+            finally:
+                await h.stop()
+        return
     h = await Harness(tmp_path / "data", config).start()
     try:
         yield h

@@ -51,7 +51,12 @@ def agent_participant(agent: Agent) -> ParticipantView:
 
 
 def append_event(
-    tx: Tx, conv: Conversation, kind: str, payload: dict[str, Any], *, also: dict[str, Any] | None = None,
+    tx: Tx,
+    conv: Conversation,
+    kind: str,
+    payload: dict[str, Any],
+    *,
+    also: dict[str, Any] | None = None,
     **options: Any,
 ) -> EventView:
     """Take the conversation's next seq and store the event under it (options as for insert_event).
@@ -202,17 +207,30 @@ def find_request(tx: Tx, conversation_id: str, actor: str, request_id: str | Non
 
 
 def append_feed(
-    tx: Tx, session_id: str, kind: str, payload: dict[str, Any], now: datetime | None = None
+    tx: Tx,
+    session_id: str,
+    kind: str,
+    payload: dict[str, Any],
+    now: datetime | None = None,
+    also: dict[str, Any] | None = None,
 ) -> FeedEventView:
+    """Store an entry of the session's feed under its next seq (setting the session's `also` columns in the
+    same statement); publish it after commit."""
     now = now or tx.now
     if tx.check_event is not None:
         tx.check_event("offer", kind, payload)
-    seq = next_seq(tx, AgentSession, session_id, "feed_seq")
+    seq = next_seq(tx, AgentSession, session_id, "feed_seq", also)
     tx.conn.execute(
         _INSERT_FEED,
         {"session_id": session_id, "seq": seq, "kind": kind, "created_at": now,
          "payload": json.dumps(payload, separators=(",", ":"))},
-    )
+    )  # fmt: skip
+    return feed_stored(tx, session_id, seq, kind, payload, now)
+
+
+def feed_stored(tx: Tx, session_id: str, seq: int, kind: str, payload: dict[str, Any], now: datetime) -> FeedEventView:
+    """A feed entry this transaction stored under seq (append_feed, or a statement of its own that did the
+    same): published after commit."""
     view = FeedEventView(session_id, seq, kind, now, payload)
     tx.publish(feed_topic(session_id), view)
     return view

@@ -16,12 +16,13 @@ what an answered invite means for the conversation is in invites.py.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Collection, Sequence
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple, Protocol
 
-from sqlalchemy import bindparam, exists, insert, text, update
+from sqlalchemy import DateTime, bindparam, exists, insert, text, update
 from sqlalchemy import select as core_select
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm.attributes import set_committed_value
@@ -30,7 +31,7 @@ from sqlmodel import col, select
 from ..errors import not_found, precondition
 from ..store.models import Agent, AgentSession, Conversation, Offer, Participant, ProfileQueue
 from . import invites
-from .log import append_event, append_feed, ts
+from .log import append_event, append_feed, feed_stored, ts
 from .read import (
     agent_loads,
     agent_view,
@@ -206,9 +207,15 @@ def _waiting_page(c: Connection, queue_id: str, after: tuple[datetime, str] | No
 _NOT_OFFERED = ~exists().where(
     col(Offer.conversation_id) == col(Conversation.id), text("offer.kind = 'chat' AND offer.status = 'pending'")
 )
-_ANY_WAITING = select(Conversation.id).where(
-    Conversation.status == "queued", col(Conversation.queue_id).in_(bindparam("queues", expanding=True)), _NOT_OFFERED
-).limit(1)
+_ANY_WAITING = (
+    select(Conversation.id)
+    .where(
+        Conversation.status == "queued",
+        col(Conversation.queue_id).in_(bindparam("queues", expanding=True)),
+        _NOT_OFFERED,
+    )
+    .limit(1)
+)
 _WAITING_FIRST = (
     select(Conversation.id, Conversation.queue_id, Conversation.enqueued_at)
     .where(Conversation.status == "queued", Conversation.queue_id == bindparam("queue"), _NOT_OFFERED)
@@ -251,21 +258,17 @@ def make_offer(
     offer_id = uuid.uuid4().hex
     kind = "invite" if invite_payload else "chat"
     expires_at = now + timedelta(seconds=tx.settings.offer_timeout)
-    c.execute(
-        _INSERT_OFFER,
-        {
-            "id": offer_id,
-            "session_id": session_id,
-            "agent_id": agent_id,
-            "conversation_id": conv.id,
-            "kind": kind,
-            "invite_id": invite_payload["invite_id"] if invite_payload else None,
-            "status": "pending",
-            "created_at": now,
-            "expires_at": expires_at,
-        },
-    )
-    c.execute(_OFFERED_AT, {"session": session_id, "now": now})
+    row = {
+        "id": offer_id,
+        "session_id": session_id,
+        "agent_id": agent_id,
+        "conversation_id": conv.id,
+        "kind": kind,
+        "invite_id": invite_payload["invite_id"] if invite_payload else None,
+        "status": "pending",
+        "created_at": now,
+        "expires_at": expires_at,
+    }
     payload = {
         "offer_id": offer_id,
         "kind": "OFFER_KIND_INVITE" if invite_payload else "OFFER_KIND_CHAT",
@@ -279,7 +282,16 @@ def make_offer(
     }
     if invite_payload:
         payload["invite"] = invite_payload
-    append_feed(tx, session_id, "offer", payload, now)
+    if c.dialect.name == "postgresql":
+        # The offer, its session's feed seq (and idle clock) and the feed entry in one statement: offers are
+        # made under the cluster's routing lock, where every round trip holds up every node's routing.
+        if tx.check_event is not None:
+            tx.check_event("offer", "offer", payload)
+        seq = c.execute(_PG_OFFER_WITH_FEED, {**row, "payload": json.dumps(payload, separators=(",", ":"))})
+        feed_stored(tx, session_id, seq.scalar_one(), "offer", payload, now)
+    else:
+        c.execute(_INSERT_OFFER, row)
+        append_feed(tx, session_id, "offer", payload, now, also={"last_offer_at": now})
     tx.schedule(expires_at, expire_offer, offer_id)
     tx.count("offers_made", kind=kind)
     tx.log("offer.made", offer_id=offer_id, kind=kind, conversation_id=conv.id, agent_id=agent_id)
@@ -287,9 +299,17 @@ def make_offer(
 
 
 _INSERT_OFFER = insert(Offer)
-_OFFERED_AT = (
-    update(AgentSession).where(col(AgentSession.id) == bindparam("session")).values(last_offer_at=bindparam("now"))
-)
+_PG_OFFER_WITH_FEED = text(
+    "WITH made AS ("
+    " INSERT INTO offer (id, session_id, agent_id, conversation_id, kind, invite_id, status, created_at, expires_at)"
+    " VALUES (:id, :session_id, :agent_id, :conversation_id, :kind, :invite_id, :status, :created_at, :expires_at)"
+    "), claim AS ("
+    " UPDATE agent_session SET feed_seq = feed_seq + 1, last_offer_at = :created_at WHERE id = :session_id"
+    " RETURNING feed_seq"
+    ") INSERT INTO agent_feed_event (session_id, seq, kind, created_at, payload)"
+    " SELECT :session_id, claim.feed_seq, 'offer', :created_at, :payload FROM claim"
+    " RETURNING seq"
+).bindparams(bindparam("created_at", type_=DateTime), bindparam("expires_at", type_=DateTime))
 
 
 def close_offer(tx: Tx, offer: Offer, state: str, now: datetime, reason: str | None = None) -> None:
