@@ -1,3 +1,4 @@
+import contextlib
 import os
 
 import pytest
@@ -23,23 +24,32 @@ def config(request):
     return doc
 
 
+@contextlib.asynccontextmanager
+async def running(tmp_path, config, store: str):
+    """A test server on SQLite (its data folder) or on a private PostgreSQL schema, stopped afterwards."""
+    with contextlib.ExitStack() as stack:
+        url = None
+        if store == "postgresql":
+            from pgutil import pg_schema
+
+            url = stack.enter_context(pg_schema())
+        h = await Harness(tmp_path / "data", config, database_url=url).start()
+        try:
+            yield h
+        finally:
+            await h.stop()
+
+
 @pytest.fixture
 async def server(tmp_path, config):
-    # QC_TEST_STORE=postgresql runs a module's SQLite tests on PostgreSQL instead (a private schema each):
-    # for checking a change to a write path on both stores, e.g. `QC_TEST_STORE=postgresql scripts/test
-    # tests/test_routing.py`.
-    if os.environ.get("QC_TEST_STORE") == "postgresql":
-        from pgutil import pg_schema
-
-        with pg_schema() as url:
-            h = await Harness(tmp_path / "data", config, database_url=url).start()
-            try:
-                yield h
-            finally:
-                await h.stop()
-        return
-    h = await Harness(tmp_path / "data", config).start()
-    try:
+    # QC_TEST_STORE=postgresql runs a module's tests on PostgreSQL instead: for checking a change to a
+    # write path on both stores, e.g. `QC_TEST_STORE=postgresql scripts/test tests/test_routing.py`.
+    async with running(tmp_path, config, os.environ.get("QC_TEST_STORE", "sqlite")) as h:
         yield h
-    finally:
-        await h.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def any_db_server(request, tmp_path, config):
+    """The same server on each store, for rules that must hold on both."""
+    async with running(tmp_path, config, request.param) as h:
+        yield h

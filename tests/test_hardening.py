@@ -14,8 +14,7 @@ import jwt
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
-from harness import IDENTITY_SECRET, Harness, base_config, error_reason, expect_error
-from pgutil import pg_schema
+from harness import IDENTITY_SECRET, error_reason, expect_error
 from sqlmodel import func, select
 
 from chat.v1 import admin_service_pb2 as admin_pb
@@ -33,24 +32,6 @@ def rid() -> str:
 
 def auth(token: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def any_db_server(request, tmp_path):
-    """The same server on each store: a NUL byte used to reach PostgreSQL as a DataError."""
-    if request.param == "sqlite":
-        h = await Harness(tmp_path / "data", base_config()).start()
-        try:
-            yield h
-        finally:
-            await h.stop()
-    else:
-        with pg_schema() as url:
-            h = await Harness(tmp_path / "data", base_config(), database_url=url).start()
-            try:
-                yield h
-            finally:
-                await h.stop()
 
 
 async def count_rows(server, model) -> int:

@@ -9,27 +9,14 @@ are offered through the same path.
 from __future__ import annotations
 
 import pytest
-from harness import Harness, base_config, is_event
-from pgutil import pg_schema
+from harness import is_event
 
 from chat.v1 import agent_service_pb2 as agent_pb
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def server(request, tmp_path):
-    if request.param == "sqlite":
-        h = await Harness(tmp_path / "data", base_config()).start()
-        try:
-            yield h
-        finally:
-            await h.stop()
-    else:
-        with pg_schema() as url:
-            h = await Harness(tmp_path / "data", base_config(), database_url=url).start()
-            try:
-                yield h
-            finally:
-                await h.stop()
+@pytest.fixture
+def server(any_db_server):  # conftest: each test on SQLite and on PostgreSQL
+    return any_db_server
 
 
 def feed_seqs(stream) -> list[int]:

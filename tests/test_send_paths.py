@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from harness import Harness, base_config, expect_error, is_event
-from pgutil import pg_schema
+from harness import Harness, expect_error, is_event
 
 from chat.v1 import agent_service_pb2 as agent_pb
 from chat.v1 import customer_service_pb2 as cust_pb
@@ -19,21 +18,9 @@ from chat.v1 import customer_service_pb2 as cust_pb
 NAME = 'Åsa "Q" \\ O\'Neil 😀 "display_name":""'
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def server(request, tmp_path):
-    if request.param == "sqlite":
-        h = await Harness(tmp_path / "data", base_config()).start()
-        try:
-            yield h
-        finally:
-            await h.stop()
-    else:
-        with pg_schema() as url:
-            h = await Harness(tmp_path / "data", base_config(), database_url=url).start()
-            try:
-                yield h
-            finally:
-                await h.stop()
+@pytest.fixture
+def server(any_db_server):  # conftest: each test on SQLite and on PostgreSQL
+    return any_db_server
 
 
 async def connected(h: Harness, agent_id: str = "agent1"):
