@@ -394,3 +394,66 @@ async def test_read_sees_committed_write_at_once(core):
             ),
         )
         assert got == [seq, seq, seq]
+
+
+# --- connections the database drops ------------------------------------------------------
+
+
+async def test_a_write_whose_connection_drops_reruns_before_commit_and_fails_at_commit(pg_url):  # noqa: F811
+    """No connection is pinged before use, so a dropped one shows at a statement. Dropped before COMMIT:
+    nothing took, and the write runs again on a fresh connection. Dropped at COMMIT: whether it took is
+    unknown, so the caller gets the error and the write is not run a second time."""
+    import psycopg
+    from pgutil import pg_user
+    from sqlalchemy import event
+
+    db = Database(pg_url)
+    db.create_all()
+    engine = db._write_engine
+    kill_at: list[str] = []  # "statement" or "commit": drop the writer's connection there, once
+
+    def drop(conn) -> None:
+        pid = conn.connection.dbapi_connection.info.backend_pid
+        with psycopg.connect(host="127.0.0.1", dbname="test", user=pg_user(), autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def at_statement(conn, *_):
+        if kill_at == ["statement"]:
+            kill_at.clear()
+            drop(conn)
+
+    @event.listens_for(engine, "commit")
+    def at_commit(conn):
+        if kill_at == ["commit"]:
+            kill_at.clear()
+            drop(conn)
+
+    runs: list[str] = []
+
+    def job(name: str):
+        def run(session):
+            runs.append(name)
+            session.connection().execute(text("CREATE TABLE IF NOT EXISTS probe (name text)"))
+            session.connection().execute(text("INSERT INTO probe VALUES (:n)"), {"n": name})
+            return name, None
+
+        return run
+
+    def stored(session) -> list[str]:
+        return list(session.connection().execute(text("SELECT name FROM probe ORDER BY name")).scalars())
+
+    try:
+        kill_at.append("statement")
+        assert await db.transact("probe", job("first")) == "first"
+        assert runs == ["first", "first"] and not kill_at  # dropped, then run again
+        kill_at.append("commit")
+        with pytest.raises(Exception) as raised:
+            await db.transact("probe", job("second"))
+        assert getattr(raised.value, "connection_invalidated", False)
+        assert runs == ["first", "first", "second"]  # not run again
+        assert await db.read(stored) in (["first"], ["first", "second"])
+        assert await db.transact("probe", job("third")) == "third"  # and the writer goes on
+        assert "third" in await db.read(stored)
+    finally:
+        db.close()

@@ -271,6 +271,7 @@ class Database:
                 for key, fn in finishers.items():
                     _, after = self._timed(key, _as_job(fn), session)
                     done.append((key, loop, None, None, after))
+                session.flush()  # so that what fails from here on is the COMMIT itself
                 committing = True
                 session.commit()
         except BaseException as e:
@@ -292,6 +293,7 @@ class Database:
             try:
                 with Session(self._write_engine, expire_on_commit=False) as session:
                     result, after = self._timed(name, job, session)
+                    session.flush()
                     committing = True
                     session.commit()
             except BaseException as e:
