@@ -60,3 +60,17 @@ async def test_an_invite_is_offered_and_accepted(server):
     await cust.stream.wait_for(
         is_event("participant_joined", lambda e: e.participant_joined.participant.agent_id == "agent2")
     )
+
+
+async def test_an_offer_carries_the_chats_variables_as_stored(server):
+    h = server
+    agent = await h.agent("agent1")
+    given = {"name": 'Åsa "Q" 😀', "order": "#42 \\ back", "zip": '"variables":[]'}
+    cust = await h.customer("sales", given)
+    offer = await agent.wait_offer(cust.id)
+    assert [(v.name, v.value) for v in offer.variables] == sorted(given.items())
+    replay = agent.open_offers(after_seq=0)
+    again = await replay.wait_for(lambda i: i.HasField("event") and i.event.HasField("offer"))
+    assert again.event.offer == offer
+    bare = await h.customer("sales")  # none at all
+    assert list((await agent.wait_offer(bare.id)).variables) == []

@@ -269,12 +269,13 @@ def make_offer(
         "created_at": now,
         "expires_at": expires_at,
     }
+    pg = c.dialect.name == "postgresql"
     payload = {
         "offer_id": offer_id,
         "kind": "OFFER_KIND_INVITE" if invite_payload else "OFFER_KIND_CHAT",
         "conversation_id": conv.id,
         "queue": queue_json(tx.session, conv.queue_id),
-        "variables": variables_json(variables(tx.session, conv.id)),
+        "variables": [] if pg else variables_json(variables(tx.session, conv.id)),  # PostgreSQL: read below
         "enqueue_time": ts(conv.enqueued_at),
         "waiting_time": f"{(now - conv.enqueued_at).total_seconds():.6f}s",
         "create_time": ts(now),
@@ -282,13 +283,21 @@ def make_offer(
     }
     if invite_payload:
         payload["invite"] = invite_payload
-    if c.dialect.name == "postgresql":
-        # The offer, its session's feed seq (and idle clock) and the feed entry in one statement: offers are
-        # made under the cluster's routing lock, where every round trip holds up every node's routing.
+    if pg:
+        # The chat's variables, the offer, its session's feed seq (and idle clock) and the feed entry in one
+        # statement: offers are made under the cluster's routing lock, where every round trip holds up every
+        # node's routing. The variables are spliced into the entry where the empty list stands (a JSON
+        # string holds no bare quote, so only the key itself matches).
+        head, found, tail = json.dumps(payload, separators=(",", ":")).partition('"variables":[]')
+        if not found:  # not reached: the payload is serialized with an empty list above
+            raise LookupError("offer payload without its variables")
+        seq, found_variables = c.execute(
+            _PG_OFFER_WITH_FEED, {**row, "head": head + '"variables":', "tail": tail}
+        ).one()
+        payload["variables"] = json.loads(found_variables)
         if tx.check_event is not None:
             tx.check_event("offer", "offer", payload)
-        seq = c.execute(_PG_OFFER_WITH_FEED, {**row, "payload": json.dumps(payload, separators=(",", ":"))})
-        feed_stored(tx, session_id, seq.scalar_one(), "offer", payload, now)
+        feed_stored(tx, session_id, seq, "offer", payload, now)
     else:
         c.execute(_INSERT_OFFER, row)
         append_feed(tx, session_id, "offer", payload, now, also={"last_offer_at": now})
@@ -300,15 +309,21 @@ def make_offer(
 
 _INSERT_OFFER = insert(Offer)
 _PG_OFFER_WITH_FEED = text(
-    "WITH made AS ("
+    "WITH found AS ("
+    " SELECT coalesce(json_agg(json_build_object('name', name, 'value', value, 'authenticated', authenticated)"
+    "  ORDER BY name), '[]')::text AS variables"
+    " FROM customer_variable WHERE conversation_id = :conversation_id"
+    "), made AS ("
     " INSERT INTO offer (id, session_id, agent_id, conversation_id, kind, invite_id, status, created_at, expires_at)"
     " VALUES (:id, :session_id, :agent_id, :conversation_id, :kind, :invite_id, :status, :created_at, :expires_at)"
     "), claim AS ("
     " UPDATE agent_session SET feed_seq = feed_seq + 1, last_offer_at = :created_at WHERE id = :session_id"
     " RETURNING feed_seq"
-    ") INSERT INTO agent_feed_event (session_id, seq, kind, created_at, payload)"
-    " SELECT :session_id, claim.feed_seq, 'offer', :created_at, :payload FROM claim"
+    "), entry AS ("
+    " INSERT INTO agent_feed_event (session_id, seq, kind, created_at, payload)"
+    " SELECT :session_id, claim.feed_seq, 'offer', :created_at, :head || found.variables || :tail FROM claim, found"
     " RETURNING seq"
+    ") SELECT entry.seq, found.variables FROM entry, found"
 ).bindparams(bindparam("created_at", type_=DateTime), bindparam("expires_at", type_=DateTime))
 
 
