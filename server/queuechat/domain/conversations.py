@@ -8,8 +8,9 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import DateTime, String, bindparam, column, delete, func, insert, text, update
+from sqlalchemy import String, bindparam, column, delete, func, insert, text, update
 from sqlmodel import Session, col, or_, select
+from sqlmodel.sql.sqltypes import UTCDateTime
 
 from ..config import Limits
 from ..errors import ChatError, denied, exhausted, invalid, not_found, precondition, short, unauthenticated
@@ -389,7 +390,7 @@ def _send_statement(allowed: str, name: str) -> Any:
         " ON CONFLICT (conversation_id, actor, request_id) DO NOTHING"
         " RETURNING seq"
         f") SELECT claim.last_seq, {name} AS name, (SELECT seq FROM stored) AS stored FROM claim"
-    ).bindparams(bindparam("created_at", type_=DateTime))
+    ).bindparams(bindparam("created_at", type_=UTCDateTime()))  # aware UTC, as the ORM binds it
 
 
 _SEND_AS_AGENT = _send_statement("claim.agent_name IS NOT NULL", "claim.agent_name")

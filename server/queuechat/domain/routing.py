@@ -22,11 +22,12 @@ from collections.abc import Collection, Sequence
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple, Protocol
 
-from sqlalchemy import DateTime, bindparam, exists, insert, text, update
+from sqlalchemy import bindparam, exists, insert, text, update
 from sqlalchemy import select as core_select
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlmodel import col, select
+from sqlmodel.sql.sqltypes import UTCDateTime
 
 from ..errors import not_found, precondition
 from ..store.models import Agent, AgentSession, Conversation, Offer, Participant, ProfileQueue
@@ -324,7 +325,10 @@ _PG_OFFER_WITH_FEED = text(
     " SELECT :session_id, claim.feed_seq, 'offer', :created_at, :head || found.variables || :tail FROM claim, found"
     " RETURNING seq"
     ") SELECT entry.seq, found.variables FROM entry, found"
-).bindparams(bindparam("created_at", type_=DateTime), bindparam("expires_at", type_=DateTime))
+).bindparams(  # aware UTC, as the ORM binds them
+    bindparam("created_at", type_=UTCDateTime()),
+    bindparam("expires_at", type_=UTCDateTime()),
+)
 
 
 def close_offer(tx: Tx, offer: Offer, state: str, now: datetime, reason: str | None = None) -> None:
