@@ -201,7 +201,12 @@ def send_message(
     attachment_ids: Sequence[str] = (),
 ) -> EventView:
     """The hot path: two Core statements (the seq claim, which also reads the conversation and the agent's
-    name, and the insert, which also tells a retry), the ORM only for predefined messages and files."""
+    name, and the insert, which also tells a retry), one on PostgreSQL for a plain message (_send_plain),
+    the ORM only for predefined messages and files.
+
+    Known race (PostgreSQL): the membership read in the claim's statement sees that statement's snapshot,
+    so a leave another node commits while this claim waits for the row lock is not seen (a close and the
+    customer's end are on the locked row and are)."""
     c = tx.conn
     actor = _actor(who)
     if isinstance(who, CustomerPrincipal) and who.conversation_id != conversation_id:
@@ -340,7 +345,7 @@ def _send_plain(
         "text": text,
         "visibility": "VISIBILITY_AGENTS_ONLY" if private else "VISIBILITY_ALL",
     }
-    # The sender's name is the database's (read under the row lock): the statement splices it in. The
+    # The sender's name is the database's (read in the claim's statement): the statement splices it in. The
     # sender comes before the text, and a JSON string holds no bare quote, so this is the sender's field.
     head, found, tail = json.dumps(message, separators=(",", ":")).partition('"display_name":""')
     if not found:  # not reached: the sender is serialized with an empty name above
