@@ -228,3 +228,64 @@ async def test_connections_the_database_drops_are_replaced_without_an_error(tmp_
     finally:
         await h.stop()
         drop_schema(schema)
+
+
+@pytest.mark.parametrize("path", ["one statement", "general"])
+async def test_a_send_waiting_for_the_row_sees_a_leave_committed_meanwhile(tmp_path, path):
+    """Another node's leave holds the conversation's row; the agent's send waits for it. Once the leave
+    commits, the send must see it: refused, nothing stored. (Its reads other than the row are of its
+    statement's snapshot, from before the wait: it must notice and look again.)"""
+    import asyncio
+    import json
+
+    import grpc
+    import psycopg
+    from harness import expect_error
+    from pgutil import create_schema, drop_schema, pg_user, schema_url
+
+    schema = create_schema()
+    h = await Harness(tmp_path / "data", base_config(), database_url=schema_url(schema)).start()
+    other = psycopg.connect(host="127.0.0.1", dbname="test", user=pg_user(), options=f"-csearch_path={schema}")
+    try:
+        alice = await h.agent("agent1")
+        cust = await h.customer("sales")
+        cust.open()
+        await alice.accept((await alice.wait_offer(cust.id)).offer_id)
+        before = await cust.send("hello")
+
+        # "Another node" leaves: claims the seq and marks the agent gone, and holds the row until it commits.
+        seq = other.execute("UPDATE conversation SET last_seq = last_seq + 1 WHERE id = %s RETURNING last_seq",
+                            (cust.id,)).fetchone()[0]  # fmt: skip
+        other.execute("UPDATE participant SET left_at = now() WHERE conversation_id = %s AND agent_id = 'agent1'",
+                      (cust.id,))  # fmt: skip
+        who = {"kind": "PARTICIPANT_KIND_AGENT", "agent_id": "agent1", "display_name": "Agent 1"}
+        other.execute(
+            "INSERT INTO conversation_event (conversation_id, seq, kind, visibility, created_at, actor, payload)"
+            " VALUES (%s, %s, 'participant_left', 'all', now(), 'agent:agent1', %s)",
+            (cust.id, seq, json.dumps({"participant": who})),
+        )
+        kw = {"predefined_message_id": "hello"} if path == "general" else {}
+        sending = asyncio.ensure_future(alice.send(cust.id, "" if kw else "sneaky", **kw))
+
+        def waiting() -> int:
+            with psycopg.connect(host="127.0.0.1", dbname="test", user=pg_user()) as probe:
+                return probe.execute(
+                    "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
+                    " WHERE NOT l.granted AND a.query LIKE '%%conversation%%' AND a.pid <> %s",
+                    (other.info.backend_pid,),
+                ).fetchone()[0]
+
+        deadline = asyncio.get_running_loop().time() + 10
+        while not await asyncio.to_thread(waiting):  # the send is blocked on the row
+            assert asyncio.get_running_loop().time() < deadline, "the send never waited for the row"
+            assert not sending.done(), "the send did not wait for the row"
+            await asyncio.sleep(0.02)
+        other.commit()
+        await expect_error(sending, grpc.StatusCode.PERMISSION_DENIED, "NOT_A_PARTICIPANT")
+        replay = cust.open(after_seq=before.seq)
+        await replay.wait_for(lambda i: i.HasField("heartbeat"))
+        assert [e.seq for e in replay.events()] == [seq]  # the leave, and no message after it
+    finally:
+        other.close()
+        await h.stop()
+        drop_schema(schema)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import String, bindparam, column, delete, func, insert, text, update
+from sqlalchemy import Integer, String, bindparam, column, delete, func, insert, text, update
 from sqlmodel import Session, col, or_, select
 from sqlmodel.sql.sqltypes import UTCDateTime
 
@@ -204,9 +204,8 @@ def send_message(
     name, and the insert, which also tells a retry), one on PostgreSQL for a plain message (_send_plain),
     the ORM only for predefined messages and files.
 
-    Known race (PostgreSQL): the membership read in the claim's statement sees that statement's snapshot,
-    so a leave another node commits while this claim waits for the row lock is not seen (a close and the
-    customer's end are on the locked row and are)."""
+    On PostgreSQL the claim's reads other than the row itself are of the statement's snapshot, from before
+    any wait for the row's lock: a seq claimed in between (another node's leave, say) makes it check again."""
     c = tx.conn
     actor = _actor(who)
     if isinstance(who, CustomerPrincipal) and who.conversation_id != conversation_id:
@@ -219,7 +218,12 @@ def send_message(
     # conversation's row until commit, so a close, an end or a leave committed by another node is seen below
     # (they claim a seq too) and none can come between these checks and the message.
     agent_id = who.agent_id if isinstance(who, AgentPrincipal) else ""
-    conv = c.execute(_CLAIM_SEQ, {"c": conversation_id, "a": agent_id}).first()
+    pg = c.dialect.name == "postgresql"
+    conv = c.execute(_CLAIM_SEQ_SEEN if pg else _CLAIM_SEQ, {"c": conversation_id, "a": agent_id}).first()
+    agent_name = conv.agent_name if conv is not None else None
+    if pg and agent_id and conv is not None and conv.last_seq != conv.seen + 1:
+        # Another write claimed a seq while this one waited for the row: membership as it stands now.
+        agent_name = c.execute(_MEMBER_NAME_IN_RETURNING, {"c": conversation_id, "a": agent_id}).scalar()
 
     def retried() -> EventView | None:
         """The event an earlier try of this request stored, if any: then the seq claimed here is given back."""
@@ -235,16 +239,16 @@ def send_message(
             raise error
         return prior
 
-    if isinstance(who, AgentPrincipal) and (conv is None or conv.agent_name is None):
-        try:
-            require_member(tx, who, conversation_id)  # raises the precise refusal
-        except ChatError as e:
-            return refuse(e)
-        raise LookupError(f"agent {who.agent_id} is in {conversation_id} without a name")  # not reached
+    if isinstance(who, AgentPrincipal):
+        if conv is None or agent_name is None:
+            try:
+                require_member(tx, who, conversation_id)  # raises the precise refusal
+            except ChatError as e:
+                return refuse(e)
+            raise LookupError(f"agent {who.agent_id} is in {conversation_id} without a name")  # not reached
+        sender = ParticipantView("agent", who.agent_id, agent_name)
     if conv is None:
         return refuse(not_found("CONVERSATION_NOT_FOUND", f"No conversation {conversation_id!r}."))
-    if isinstance(who, AgentPrincipal):
-        sender = ParticipantView("agent", who.agent_id, conv.agent_name)
     if conv.status == "closed":
         return refuse(
             precondition("CONVERSATION_CLOSED", "The conversation is closed.", conversation_id=conversation_id)
@@ -306,6 +310,11 @@ def send_message(
     return event
 
 
+# The conversation's seq as this statement's snapshot saw it, before any wait for the row's lock. The
+# statement's other reads (membership, the sender's name) are of that snapshot too, while the row itself is
+# read again after the wait: a seq claimed in between (a leave, a close, an end all claim one) means they
+# may be stale, and the send checks again with a fresh statement.
+_SEEN_SEQ = "SELECT seen.last_seq FROM conversation seen WHERE seen.id = :c"
 # Written out: SQLAlchemy names RETURNING's columns without their tables, which would make `id` ambiguous.
 _MEMBER_NAME_IN_RETURNING = text(
     "SELECT a.display_name FROM agent a JOIN participant p ON p.agent_id = a.id"
@@ -323,6 +332,7 @@ _CLAIM_SEQ = (
         _MEMBER_NAME_IN_RETURNING.scalar_subquery().label("agent_name"),  # NULL: a customer, or no member
     )
 )
+_CLAIM_SEQ_SEEN = _CLAIM_SEQ.returning(text(_SEEN_SEQ).columns(column("seen", Integer)).scalar_subquery().label("seen"))
 # Gives back a seq this write claimed and does not use (a retry, found after the claim). The row is still
 # locked by this transaction, so nobody has claimed a seq after it.
 _UNCLAIM_SEQ = (
@@ -379,19 +389,21 @@ def _send_plain(
 
 def _send_statement(allowed: str, name: str) -> Any:
     """Claim the seq, read who may send and the sender's name, and store the message if allowed: one
-    statement. `stored` is NULL when it was not allowed or the request id is in the log already."""
+    statement. `stored` is NULL when it was not allowed, when another write claimed a seq while this one
+    waited for the row (what it read may be stale), or when the request id is in the log already."""
     return text(
         "WITH claim AS ("
         " UPDATE conversation SET last_seq = last_seq + 1 WHERE id = :c"
         " RETURNING last_seq, status, customer_connected, customer_name,"
         " (SELECT a.display_name FROM agent a JOIN participant p ON p.agent_id = a.id"
-        "   WHERE p.conversation_id = :c AND p.agent_id = :a AND p.left_at IS NULL) AS agent_name"
+        "   WHERE p.conversation_id = :c AND p.agent_id = :a AND p.left_at IS NULL) AS agent_name,"
+        f" ({_SEEN_SEQ}) AS seen"
         "), stored AS ("
         " INSERT INTO conversation_event (conversation_id, seq, kind, visibility, created_at, actor, request_id,"
         "  payload)"
         f" SELECT :c, claim.last_seq, 'message', :visibility, :created_at, :actor, :request_id,"
         f"  :head || to_json(CAST({name} AS text))::text || :tail"
-        f" FROM claim WHERE claim.status <> 'closed' AND {allowed}"
+        f" FROM claim WHERE claim.status <> 'closed' AND {allowed} AND claim.last_seq = claim.seen + 1"
         " ON CONFLICT (conversation_id, actor, request_id) DO NOTHING"
         " RETURNING seq"
         f") SELECT claim.last_seq, {name} AS name, (SELECT seq FROM stored) AS stored FROM claim"
