@@ -97,3 +97,16 @@ async def test_a_customer_token_for_another_conversation_is_refused(server):
     other = await h.customer("sales", {"name": "Bo"})
     req = cust_pb.CustomerServiceSendMessageRequest(conversation_id=cust.id, text="x", request_id="r")
     await expect_error(other.stub.SendMessage(req, metadata=other.md), grpc.StatusCode.PERMISSION_DENIED)
+
+
+def test_json_around_finds_the_key_and_never_a_lookalike_inside_a_string():
+    import json
+
+    from queuechat.domain.log import json_around
+
+    payload = {"id": 'x "display_name":"" y', "sender": {"kind": "k", "display_name": ""}, "text": '"display_name":""'}
+    head, tail = json_around(payload, "display_name", "")
+    spliced = json.loads(head + json.dumps('Åsa "Q" \\') + tail)
+    assert spliced == {**payload, "sender": {"kind": "k", "display_name": 'Åsa "Q" \\'}}
+    with pytest.raises(LookupError):
+        json_around({"variables": [1]}, "variables", [])

@@ -40,6 +40,7 @@ from .log import (
     find_request,
     insert_event,
     insert_event_once,
+    json_around,
 )
 from .read import active_agents, agent_view, conversation_view, must_get, variables_json
 from .tx import Tx, locks_conversation, routing_free
@@ -120,18 +121,10 @@ def start_chat(
         )
     queue = {"queue_id": queue_id, "display_name": queue_name}
     customer = customer_named(name)
-    insert_event(
-        tx,
-        conversation_id,
-        1,
-        "chat_started",
-        {"queue": queue, "variables": variables_json(variables)},
-        actor="customer",
-        now=now,
-    )
-    insert_event(
-        tx, conversation_id, 2, "participant_joined", {"participant": customer.to_json()}, actor="customer", now=now
-    )
+    insert_event(tx, conversation_id, 1, "chat_started", {"queue": queue, "variables": variables_json(variables)},
+                 actor="customer", now=now)  # fmt: skip
+    insert_event(tx, conversation_id, 2, "participant_joined", {"participant": customer.to_json()},
+                 actor="customer", now=now)  # fmt: skip
     tx.needs_dispatch([queue_id])
     tx.queue_changed(queue_id)  # those waiting see the count grow
     tx.count("chats_started", queue=queue_id)
@@ -210,7 +203,8 @@ def send_message(
     actor = _actor(who)
     if isinstance(who, CustomerPrincipal) and who.conversation_id != conversation_id:
         raise denied("NOT_YOUR_CONVERSATION", "This token is not for that conversation.")
-    if c.dialect.name == "postgresql" and not predefined_id and not attachment_ids and _valid_text(tx.limits, text):
+    pg = c.dialect.name == "postgresql"
+    if pg and not predefined_id and not attachment_ids and _valid_text(tx.limits, text):
         plain = _send_plain(tx, who, actor, conversation_id, request_id, text, private)
         if plain is not None:
             return plain
@@ -218,7 +212,6 @@ def send_message(
     # conversation's row until commit, so a close, an end or a leave committed by another node is seen below
     # (they claim a seq too) and none can come between these checks and the message.
     agent_id = who.agent_id if isinstance(who, AgentPrincipal) else ""
-    pg = c.dialect.name == "postgresql"
     conv = c.execute(_CLAIM_SEQ_SEEN if pg else _CLAIM_SEQ, {"c": conversation_id, "a": agent_id}).first()
     agent_name = conv.agent_name if conv is not None else None
     if pg and agent_id and conv is not None and conv.last_seq != conv.seen + 1:
@@ -355,11 +348,8 @@ def _send_plain(
         "text": text,
         "visibility": "VISIBILITY_AGENTS_ONLY" if private else "VISIBILITY_ALL",
     }
-    # The sender's name is the database's (read in the claim's statement): the statement splices it in. The
-    # sender comes before the text, and a JSON string holds no bare quote, so this is the sender's field.
-    head, found, tail = json.dumps(message, separators=(",", ":")).partition('"display_name":""')
-    if not found:  # not reached: the sender is serialized with an empty name above
-        return None
+    # The sender's name is the database's (read in the claim's statement): the statement splices it in.
+    head, tail = json_around(message, "display_name", "")
     row = tx.conn.execute(
         _SEND_AS_AGENT if agent_id else _SEND_AS_CUSTOMER,
         {
@@ -369,7 +359,7 @@ def _send_plain(
             "created_at": tx.now,
             "actor": actor,
             "request_id": request_id or None,
-            "head": head + '"display_name":',
+            "head": head,
             "tail": tail,
         },
     ).first()
@@ -504,7 +494,9 @@ def send_offer_menu(
     )
 
 
-def choose_option(tx: Tx, who: CustomerPrincipal, conversation_id: str, menu_id: str, option_id: str) -> EventView:
+def choose_option(
+    tx: Tx, who: CustomerPrincipal, conversation_id: str, menu_id: str, option_id: str
+) -> EventView:
     conv = _require_customer(tx, who, conversation_id)
     _require_open(conv)
     if not conv.customer_connected:

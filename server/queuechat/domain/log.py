@@ -51,14 +51,9 @@ def agent_participant(agent: Agent) -> ParticipantView:
 
 
 def append_event(
-    tx: Tx,
-    conv: Conversation,
-    kind: str,
-    payload: dict[str, Any],
-    *,
-    also: dict[str, Any] | None = None,
+    tx: Tx, conv: Conversation, kind: str, payload: dict[str, Any], *, also: dict[str, Any] | None = None,
     **options: Any,
-) -> EventView:
+) -> EventView:  # fmt: skip
     """Take the conversation's next seq and store the event under it (options as for insert_event).
     `also`: columns of the conversation to set in the same statement (a close's status, say)."""
     if also and conv in tx.session.dirty:
@@ -226,6 +221,19 @@ def append_feed(
          "payload": json.dumps(payload, separators=(",", ":"))},
     )  # fmt: skip
     return feed_stored(tx, session_id, seq, kind, payload, now)
+
+
+def json_around(payload: dict[str, Any], key: str, placeholder: Any) -> tuple[str, str]:
+    """The payload's JSON text before and after the value of `key` (which holds `placeholder`), for a
+    statement that splices in a value the database has. A JSON string holds no bare quote, so `"key":`
+    followed by the placeholder matches only the key itself, the first such key in the text: keep `key`
+    ahead of any other object that has one."""
+    text = json.dumps(payload, separators=(",", ":"))
+    mark = f'"{key}":'
+    head, found, tail = text.partition(mark + json.dumps(placeholder, separators=(",", ":")))
+    if not found:
+        raise LookupError(f"{key!r} holding {placeholder!r} is not in the payload")
+    return head + mark, tail
 
 
 def feed_stored(tx: Tx, session_id: str, seq: int, kind: str, payload: dict[str, Any], now: datetime) -> FeedEventView:

@@ -32,7 +32,7 @@ from sqlmodel.sql.sqltypes import UTCDateTime
 from ..errors import not_found, precondition
 from ..store.models import Agent, AgentSession, Conversation, Offer, Participant, ProfileQueue
 from . import invites
-from .log import append_event, append_feed, feed_stored, ts
+from .log import append_event, append_feed, feed_stored, json_around, ts
 from .read import (
     agent_loads,
     agent_view,
@@ -208,15 +208,9 @@ def _waiting_page(c: Connection, queue_id: str, after: tuple[datetime, str] | No
 _NOT_OFFERED = ~exists().where(
     col(Offer.conversation_id) == col(Conversation.id), text("offer.kind = 'chat' AND offer.status = 'pending'")
 )
-_ANY_WAITING = (
-    select(Conversation.id)
-    .where(
-        Conversation.status == "queued",
-        col(Conversation.queue_id).in_(bindparam("queues", expanding=True)),
-        _NOT_OFFERED,
-    )
-    .limit(1)
-)
+_ANY_WAITING = select(Conversation.id).where(
+    Conversation.status == "queued", col(Conversation.queue_id).in_(bindparam("queues", expanding=True)), _NOT_OFFERED
+).limit(1)
 _WAITING_FIRST = (
     select(Conversation.id, Conversation.queue_id, Conversation.enqueued_at)
     .where(Conversation.status == "queued", Conversation.queue_id == bindparam("queue"), _NOT_OFFERED)
@@ -287,14 +281,9 @@ def make_offer(
     if pg:
         # The chat's variables, the offer, its session's feed seq (and idle clock) and the feed entry in one
         # statement: offers are made under the cluster's routing lock, where every round trip holds up every
-        # node's routing. The variables are spliced into the entry where the empty list stands (a JSON
-        # string holds no bare quote, so only the key itself matches).
-        head, found, tail = json.dumps(payload, separators=(",", ":")).partition('"variables":[]')
-        if not found:  # not reached: the payload is serialized with an empty list above
-            raise LookupError("offer payload without its variables")
-        seq, found_variables = c.execute(
-            _PG_OFFER_WITH_FEED, {**row, "head": head + '"variables":', "tail": tail}
-        ).one()
+        # node's routing. The variables are spliced into the entry where the empty list stands.
+        head, tail = json_around(payload, "variables", [])
+        seq, found_variables = c.execute(_PG_OFFER_WITH_FEED, {**row, "head": head, "tail": tail}).one()
         payload["variables"] = json.loads(found_variables)
         if tx.check_event is not None:
             tx.check_event("offer", "offer", payload)

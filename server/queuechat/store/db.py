@@ -170,10 +170,9 @@ class Database:
     def __init__(self, url: str, *, readers: int | None = None, max_batch: int = 64):
         self.url = url
         self.engine = make_engine(url)  # schema, tests, tools; reads and writes use their own below on PostgreSQL
+        pg = self.engine.dialect.name == "postgresql"
         # SQLite has one process and one writer thread: routing is serialized already.
-        self.routing_lock: Callable[[Session], None] | None = (
-            _pg_routing_lock if self.engine.dialect.name == "postgresql" else None
-        )
+        self.routing_lock: Callable[[Session], None] | None = _pg_routing_lock if pg else None
         self.retries = 0  # writes that hit a concurrent node's conflict and ran again
         self.max_batch = max_batch
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
@@ -182,10 +181,8 @@ class Database:
         self.batches: collections.deque[int] = collections.deque(maxlen=1024)
         # SQLite reads are CPU in this process: two threads. PostgreSQL's are round trips: more overlap well
         # (a cluster node's streams read what they missed from it).
-        readers = readers or (8 if self.engine.dialect.name == "postgresql" else 2)
-        self._write_engine, self._read_engine = (
-            _pg_engines(url, readers) if self.engine.dialect.name == "postgresql" else (self.engine, self.engine)
-        )
+        readers = readers or (8 if pg else 2)
+        self._write_engine, self._read_engine = _pg_engines(url, readers) if pg else (self.engine, self.engine)
         self._readers = ThreadPoolExecutor(readers, thread_name_prefix="db-read")
         self._writer = threading.Thread(target=self._write_loop, name="db-write", daemon=True)
         self._writer.start()
