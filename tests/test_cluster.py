@@ -819,6 +819,18 @@ async def test_notifications_nats_loses_are_made_good_from_the_database(make_clu
             assert leaving.offers.error.code() == grpc.StatusCode.UNAUTHENTICATED, leaving.offers.error
         except AssertionError as e:
             problems.append(f"agent2 logged out on a, its offer stream on b still open: {e}")
+
+        async def token_refused_on_b() -> bool:
+            try:
+                await b.agent.ListConversations(agent_pb.ListConversationsRequest(), metadata=leaving.md)
+            except grpc.aio.AioRpcError as e:
+                return e.code() == grpc.StatusCode.UNAUTHENTICATED
+            return False
+
+        try:  # b trusts a checked token for up to 30 s: a reconcile round forgets it (1 s here)
+            await until(token_refused_on_b, "b to refuse the ended session's token", 5)
+        except AssertionError:
+            problems.append("agent2 logged out on a, b still takes its token 5 s later")
         assert_once_in_order(conv, gap_free=True)
         assert_once_in_order(stream)
         assert not problems, "; ".join(problems)

@@ -383,7 +383,7 @@ async def test_time_with_the_offer_stream_open_is_not_idle_time(server):
     while time.monotonic() - started < 1.2:  # well past the idle time, the stream open all along
         await agent.offers.wait_for(lambda i: i.HasField("heartbeat"), start=len(agent.offers.items))
     await agent.offers.cancel()
-    server.core._agent_tokens.clear()  # as after 5 s, or on another node: the session is read again
+    server.core._agent_tokens.clear()  # as once the cache lapses, or on another node: the session is read again
     agent.open_offers()  # reconnects at once: its session is still good
     await agent.offers.wait_for(lambda i: i.HasField("heartbeat"))
     await server.agent_stub.ListConversations(agent_pb.ListConversationsRequest(), metadata=auth(agent.token))

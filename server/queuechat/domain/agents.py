@@ -318,6 +318,16 @@ def _expired(sess: AgentSession, now: datetime, idle: float, lifetime: float) ->
     return sess.stream_count == 0 and now - seen > timedelta(seconds=idle)
 
 
+def ended_among(s: Session, session_ids: list[str]) -> list[str]:
+    """Which of these sessions have ended (or are gone)."""
+    live = set(
+        s.exec(
+            select(AgentSession.id).where(col(AgentSession.id).in_(session_ids), col(AgentSession.ended_at).is_(None))
+        ).all()
+    )
+    return [sid for sid in session_ids if sid not in live]
+
+
 @routing_free
 def touch(tx: Tx, session_id: str) -> None:
     tx.conn.execute(update(AgentSession).where(col(AgentSession.id) == session_id).values(last_seen_at=tx.now))
