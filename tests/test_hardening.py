@@ -314,6 +314,20 @@ async def test_an_agent_session_without_an_offer_stream_expires_when_idle(server
         await asyncio.sleep(0.05)
 
 
+@pytest.mark.configure(security={"agent_session_max": 2.0})
+async def test_a_cached_agent_token_is_not_trusted_past_its_sessions_lifetime(server):
+    """Tokens are trusted for up to 30 s without a read (the idle limit is long here), but never
+    beyond the session's lifetime."""
+    started = time.monotonic()
+    agent = await server.agent("agent1", offers=False)
+    req = agent_pb.ListConversationsRequest()
+    await server.agent_stub.ListConversations(req, metadata=auth(agent.token))  # read, then cached
+    await asyncio.sleep(max(0.0, started + 2.3 - time.monotonic()))
+    await expect_error(
+        server.agent_stub.ListConversations(req, metadata=auth(agent.token)), UNAUTHENTICATED, "SESSION_EXPIRED"
+    )
+
+
 # --- password hashing does not starve file transfers --------------------------------------
 
 

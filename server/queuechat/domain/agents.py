@@ -288,10 +288,11 @@ def session_view(s: Session, sess: AgentSession, token: str = "") -> SessionView
 
 @dataclass(frozen=True, slots=True)
 class Found:
-    """A live session's principal, and whether its idle clock needs a touch."""
+    """A live session's principal, whether its idle clock needs a touch, and seconds left of its lifetime."""
 
     principal: AgentPrincipal
     stale: bool
+    remaining: float
 
 
 TOUCH_EVERY = timedelta(seconds=60)  # last_seen_at is written at most this often
@@ -306,7 +307,8 @@ def find_session(s: Session, token: str, now: datetime, idle: float, lifetime: f
     if _expired(sess, now, idle, lifetime):
         raise unauthenticated("SESSION_EXPIRED", "This session has expired; log in again.", session_id=sess.id)
     seen = sess.last_seen_at or sess.created_at
-    return Found(AgentPrincipal(sess.id, sess.agent_id, sess.profile_id), now - seen >= TOUCH_EVERY)
+    remaining = lifetime - (now - sess.created_at).total_seconds()
+    return Found(AgentPrincipal(sess.id, sess.agent_id, sess.profile_id), now - seen >= TOUCH_EVERY, remaining)
 
 
 def _expired(sess: AgentSession, now: datetime, idle: float, lifetime: float) -> bool:

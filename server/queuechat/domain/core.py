@@ -337,7 +337,8 @@ class Core:
         if len(self._agent_tokens) > 10_000:
             self._agent_tokens.clear()
         low, high = _TOKEN_CACHE_SECONDS
-        self._agent_tokens[token] = (found.principal, now + min(high, max(low, sec.agent_session_idle / 60)))
+        trusted = min(high, max(low, sec.agent_session_idle / 60), found.remaining)  # never past its lifetime
+        self._agent_tokens[token] = (found.principal, now + trusted)
         return found.principal
 
     async def authenticate_admin(self, token: str) -> AdminPrincipal:
