@@ -16,9 +16,9 @@ from functools import partial
 import pytest
 from harness import base_config
 from pgutil import pg_schema, pg_url, schema_url  # noqa: F401  (pg_url: fixture)
-from sqlalchemy import func, inspect, text
+from sqlalchemy import bindparam, func, insert, inspect, text, update
 from sqlalchemy.exc import IntegrityError, StatementError
-from sqlmodel import select
+from sqlmodel import col, select
 
 from queuechat.api.convert import check_payload
 from queuechat.config import parse_config
@@ -27,6 +27,7 @@ from queuechat.domain.core import Core
 from queuechat.domain.log import append_event, conv_topic
 from queuechat.domain.views import QueuePositionView
 from queuechat.store import Database, sqlite_url
+from queuechat.store.fast import Fast
 from queuechat.store.models import (
     AgentSession,
     Conversation,
@@ -330,6 +331,45 @@ async def test_aware_utc_datetimes_round_trip(core, backend):
     with pytest.raises((StatementError, ValueError)):
         await core.write(naive)
     check(await core.db.read(lambda s: s.get(Conversation, cid)))
+
+
+async def test_fast_statements_read_write_and_fail_as_sqlalchemy_does(core):
+    """store.fast runs hot statements on SQLite's cursor: the same rows (types converted), the same
+    exceptions, and defaults it cannot fill left to SQLAlchemy."""
+    cid = await new_chat(core, name="Ada")
+    when = datetime(2024, 3, 31, 4, 29, 59, 654321, tzinfo=timezone(timedelta(hours=2)))
+    claim = (
+        update(Conversation)
+        .where(col(Conversation.id) == bindparam("c"))
+        .values(last_seq=Conversation.last_seq + 1, enqueued_at=bindparam("t"))
+        .returning(col(Conversation.last_seq), col(Conversation.customer_connected), col(Conversation.enqueued_at))
+    )
+    fast_claim, add = Fast(claim), Fast(insert(Event))
+
+    def both(tx):
+        c = tx.conn
+        slow = c.execute(claim, {"c": cid, "t": when}).first()
+        quick = fast_claim.run(c, {"c": cid, "t": when}).first()
+        assert fast_claim.run(c, {"c": "nobody", "t": when}).first() is None
+        add.run(c, event(quick.last_seq, "r1"))
+        return tuple(slow), tuple(quick)
+
+    def event(seq, request_id):
+        return {"conversation_id": cid, "seq": seq, "kind": "message", "visibility": "all",
+                "created_at": when, "actor": "customer", "request_id": request_id, "payload": "{}"}  # fmt: skip
+
+    slow, quick = await core.write(both)
+    assert quick == (slow[0] + 1, *slow[1:])
+    assert quick[1] is True and quick[2] == when and quick[2].utcoffset() == timedelta(0)
+    assert await core.db.read(seqs, cid) == [1, 2, quick[0]]
+
+    def again(tx):
+        fast_claim.run(tx.conn, {"c": cid, "t": when})
+        add.run(tx.conn, event(quick[0], "r2"))  # that seq is taken
+
+    with pytest.raises(IntegrityError):
+        await core.write(again)
+    assert await core.db.read(lambda s: (s.get(Conversation, cid).last_seq, seqs(s, cid))) == (quick[0], [1, 2, quick[0]])
 
 
 # --- transactions ------------------------------------------------------------

@@ -14,6 +14,7 @@ from sqlmodel.sql.sqltypes import UTCDateTime
 
 from ..config import Limits
 from ..errors import ChatError, denied, exhausted, invalid, not_found, precondition, short, unauthenticated
+from ..store.fast import Fast
 from ..store.models import (
     Agent,
     Conversation,
@@ -212,7 +213,7 @@ def send_message(
     # conversation's row until commit, so a close, an end or a leave committed by another node is seen below
     # (they claim a seq too) and none can come between these checks and the message.
     agent_id = who.agent_id if isinstance(who, AgentPrincipal) else ""
-    conv = c.execute(_CLAIM_SEQ_SEEN if pg else _CLAIM_SEQ, {"c": conversation_id, "a": agent_id}).first()
+    conv = (_CLAIM_SEQ_SEEN if pg else _CLAIM_SEQ).run(c, {"c": conversation_id, "a": agent_id}).first()
     agent_name = conv.agent_name if conv is not None else None
     if pg and agent_id and conv is not None and conv.last_seq != conv.seen + 1:
         # Another write claimed a seq while this one waited for the row: membership as it stands now.
@@ -313,7 +314,7 @@ _MEMBER_NAME_IN_RETURNING = text(
     "SELECT a.display_name FROM agent a JOIN participant p ON p.agent_id = a.id"
     " WHERE p.conversation_id = :c AND p.agent_id = :a AND p.left_at IS NULL"
 ).columns(column("display_name", String))
-_CLAIM_SEQ = (
+_CLAIM = (
     update(Conversation)
     .where(col(Conversation.id) == bindparam("c"))
     .values(last_seq=Conversation.last_seq + 1)
@@ -325,7 +326,10 @@ _CLAIM_SEQ = (
         _MEMBER_NAME_IN_RETURNING.scalar_subquery().label("agent_name"),  # NULL: a customer, or no member
     )
 )
-_CLAIM_SEQ_SEEN = _CLAIM_SEQ.returning(text(_SEEN_SEQ).columns(column("seen", Integer)).scalar_subquery().label("seen"))
+_CLAIM_SEQ = Fast(_CLAIM)
+_CLAIM_SEQ_SEEN = Fast(
+    _CLAIM.returning(text(_SEEN_SEQ).columns(column("seen", Integer)).scalar_subquery().label("seen"))
+)
 # Gives back a seq this write claimed and does not use (a retry, found after the claim). The row is still
 # locked by this transaction, so nobody has claimed a seq after it.
 _UNCLAIM_SEQ = (
@@ -494,9 +498,7 @@ def send_offer_menu(
     )
 
 
-def choose_option(
-    tx: Tx, who: CustomerPrincipal, conversation_id: str, menu_id: str, option_id: str
-) -> EventView:
+def choose_option(tx: Tx, who: CustomerPrincipal, conversation_id: str, menu_id: str, option_id: str) -> EventView:
     conv = _require_customer(tx, who, conversation_id)
     _require_open(conv)
     if not conv.customer_connected:

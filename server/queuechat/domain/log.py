@@ -17,6 +17,7 @@ from sqlalchemy.orm import Mapped
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlmodel import col
 
+from ..store.fast import Fast
 from ..store.models import Agent, AgentSession, Conversation, Event, FeedEvent, table
 from .tx import Tx
 from .tx import utcnow as utcnow  # re-exported: the clock writes share
@@ -84,7 +85,7 @@ def insert_event(
     return view
 
 
-_INSERT_EVENT = insert(Event)
+_INSERT_EVENT = Fast(insert(Event))
 
 
 def insert_event_once(
@@ -106,7 +107,7 @@ def insert_event_once(
         from sqlalchemy.dialects import postgresql, sqlite
 
         dialect_insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-        stmt = (
+        stmt = Fast(
             dialect_insert(Event)
             .on_conflict_do_nothing(index_elements=["conversation_id", "actor", "request_id"])
             .returning(col(Event.seq))
@@ -131,8 +132,8 @@ def _store(
     now = now or tx.now
     if tx.check_event is not None:
         tx.check_event("event", kind, payload)
-    result = tx.conn.execute(
-        stmt,
+    result = stmt.run(
+        tx.conn,
         {
             "conversation_id": conversation_id,
             "seq": seq,
