@@ -74,13 +74,13 @@ def start_chat(
     s = tx.session
     c = tx.conn  # Core statements throughout: every chat starts here
     if request_id:
-        prior_id = c.execute(_BY_START_REQUEST, {"request_id": request_id}).scalar()
+        prior_id = _BY_START_REQUEST.run(c, {"request_id": request_id}).scalar()
         if prior_id is not None:
             prior = must_get(s, Conversation, prior_id)
             if prior.queue_id != queue_id:
                 raise invalid("REQUEST_ID_REUSED", "This request_id was used for a chat in another queue.")
             return conversation_view(s, prior, for_agent=False)
-    queue_name = c.execute(_QUEUE_NAME, {"queue": queue_id}).scalar() if queue_id else None
+    queue_name = _QUEUE_NAME.run(c, {"queue": queue_id}).scalar() if queue_id else None
     if queue_name is None:
         raise not_found("QUEUE_NOT_FOUND", f"There is no queue {short(queue_id)!r}.", queue_id=queue_id)
     now = tx.now
@@ -98,8 +98,8 @@ def start_chat(
     name = merged["name"].value if "name" in merged else ""
     # A new log: its first two events take seq 1 and 2 directly.
     c = tx.conn  # the identity token's row, if any, goes in first
-    c.execute(
-        _INSERT_CONVERSATION,
+    _INSERT_CONVERSATION.run(
+        c,
         {
             "id": conversation_id,
             "queue_id": queue_id,
@@ -144,9 +144,9 @@ def start_chat(
     )
 
 
-_BY_START_REQUEST = select(Conversation.id).where(Conversation.start_request_id == bindparam("request_id"))
-_QUEUE_NAME = select(Queue.display_name).where(Queue.id == bindparam("queue"))
-_INSERT_CONVERSATION = insert(Conversation)
+_BY_START_REQUEST = Fast(select(Conversation.id).where(Conversation.start_request_id == bindparam("request_id")))
+_QUEUE_NAME = Fast(select(Queue.display_name).where(Queue.id == bindparam("queue")))
+_INSERT_CONVERSATION = Fast(insert(Conversation))
 
 
 def forget_identity_tokens(tx: Tx) -> int:
@@ -223,7 +223,7 @@ def send_message(
         """The event an earlier try of this request stored, if any: then the seq claimed here is given back."""
         prior = find_request(tx, conversation_id, actor, request_id)
         if prior is not None and conv is not None:
-            c.execute(_UNCLAIM_SEQ, {"c": conversation_id})
+            _UNCLAIM_SEQ.run(c, {"c": conversation_id})
         return prior
 
     def refuse(error: ChatError) -> EventView:
@@ -332,7 +332,7 @@ _CLAIM_SEQ_SEEN = Fast(
 )
 # Gives back a seq this write claimed and does not use (a retry, found after the claim). The row is still
 # locked by this transaction, so nobody has claimed a seq after it.
-_UNCLAIM_SEQ = (
+_UNCLAIM_SEQ = Fast(
     update(Conversation).where(col(Conversation.id) == bindparam("c")).values(last_seq=Conversation.last_seq - 1)
 )
 
@@ -370,7 +370,7 @@ def _send_plain(
     if row is None:
         return None  # no such conversation: nothing claimed
     if row.stored is None:
-        tx.conn.execute(_UNCLAIM_SEQ, {"c": conversation_id})  # still locked by this transaction
+        _UNCLAIM_SEQ.run(tx.conn, {"c": conversation_id})  # still locked by this transaction
         return None
     message["sender"]["display_name"] = row.name
     if tx.check_event is not None:

@@ -170,12 +170,12 @@ def next_seq(
         counter: Mapped[int] = getattr(model, column)
         values: dict[str, Any] = {column: counter + 1}
         values.update({name: bindparam(f"set_{name}") for name in names})
-        stmt = update(model).where(col(model.id) == bindparam("row_id")).values(values).returning(counter)
+        stmt = Fast(update(model).where(col(model.id) == bindparam("row_id")).values(values).returning(counter))
         _NEXT_SEQ[(model, column, names)] = stmt
     params = {"row_id": row_id}
     if also:
         params.update({f"set_{name}": value for name, value in also.items()})
-    seq: int = tx.conn.execute(stmt, params).scalar_one()
+    seq: int = stmt.run(tx.conn, params).scalar_one()
     return seq
 
 
@@ -216,9 +216,7 @@ def append_feed(
     if tx.check_event is not None:
         tx.check_event("offer", kind, payload)
     seq = next_seq(tx, AgentSession, session_id, "feed_seq", also)
-    tx.conn.execute(
-        _INSERT_FEED,
-        {"session_id": session_id, "seq": seq, "kind": kind, "created_at": now,
+    _INSERT_FEED.run(tx.conn, {"session_id": session_id, "seq": seq, "kind": kind, "created_at": now,
          "payload": json.dumps(payload, separators=(",", ":"))},
     )  # fmt: skip
     return feed_stored(tx, session_id, seq, kind, payload, now)
@@ -245,7 +243,7 @@ def feed_stored(tx: Tx, session_id: str, seq: int, kind: str, payload: dict[str,
     return view
 
 
-_INSERT_FEED = insert(FeedEvent)
+_INSERT_FEED = Fast(insert(FeedEvent))
 
 
 def feed_view(row: FeedEvent) -> FeedEventView:

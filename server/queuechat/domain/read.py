@@ -10,6 +10,7 @@ from sqlalchemy import select as core_select
 from sqlalchemy.engine import Connection
 from sqlmodel import Session, SQLModel, col, select
 
+from ..store.fast import Fast
 from ..store.models import (
     Agent,
     Conversation,
@@ -44,19 +45,19 @@ def connection(s: Session) -> Connection:
 
 def agent_view(s: Session, agent_id: str) -> ParticipantView:
     """An agent as a participant (a Core read: no ORM object is needed for a name)."""
-    name = connection(s).execute(_AGENT_NAME, {"agent": agent_id}).scalar()
+    name = _AGENT_NAME.run(connection(s), {"agent": agent_id}).scalar()
     return ParticipantView("agent", agent_id, name if name is not None else agent_id)
 
 
-_AGENT_NAME = select(Agent.display_name).where(Agent.id == bindparam("agent"))
+_AGENT_NAME = Fast(select(Agent.display_name).where(Agent.id == bindparam("agent")))
 
 
 def variables(s: Session, conversation_id: str) -> tuple[VariableView, ...]:
-    rows = connection(s).execute(_VARIABLES, {"conversation_id": conversation_id})
+    rows = _VARIABLES.run(connection(s), {"conversation_id": conversation_id})
     return tuple(VariableView(name, value, authenticated) for name, value, authenticated in rows)
 
 
-_VARIABLES = (
+_VARIABLES = Fast(
     select(CustomerVariable.name, CustomerVariable.value, CustomerVariable.authenticated)
     .where(CustomerVariable.conversation_id == bindparam("conversation_id"))
     .order_by(col(CustomerVariable.name))
@@ -83,7 +84,7 @@ def active_agents(s: Session, conversation_id: str) -> list[Agent]:
     )
 
 
-_ACTIVE_AGENT_NAMES = (
+_ACTIVE_AGENT_NAMES = Fast(
     select(Agent.id, Agent.display_name)
     .join(Participant, col(Participant.agent_id) == Agent.id)
     .where(Participant.conversation_id == bindparam("c"), col(Participant.left_at).is_(None))
@@ -92,23 +93,27 @@ _ACTIVE_AGENT_NAMES = (
 
 
 def is_participant(s: Session, conversation_id: str, agent_id: str) -> bool:
-    return connection(s).execute(_IS_PARTICIPANT, {"c": conversation_id, "a": agent_id}).first() is not None
+    return _IS_PARTICIPANT.run(connection(s), {"c": conversation_id, "a": agent_id}).first() is not None
 
 
-_IS_PARTICIPANT = select(Participant.agent_id).where(
-    Participant.conversation_id == bindparam("c"),
-    Participant.agent_id == bindparam("a"),
-    col(Participant.left_at).is_(None),
+_IS_PARTICIPANT = Fast(
+    select(Participant.agent_id).where(
+        Participant.conversation_id == bindparam("c"),
+        Participant.agent_id == bindparam("a"),
+        col(Participant.left_at).is_(None),
+    )
 )
 
 
 def pending_invite(s: Session, conversation_id: str) -> Invite | None:
     # Most conversations have none: a Core look first, the ORM object only when there is one.
-    invite_id = connection(s).execute(_PENDING_INVITE, {"c": conversation_id}).scalar()
+    invite_id = _PENDING_INVITE.run(connection(s), {"c": conversation_id}).scalar()
     return s.get(Invite, invite_id) if invite_id else None
 
 
-_PENDING_INVITE = select(Invite.id).where(Invite.conversation_id == bindparam("c"), Invite.status == "pending").limit(1)
+_PENDING_INVITE = Fast(
+    select(Invite.id).where(Invite.conversation_id == bindparam("c"), Invite.status == "pending").limit(1)
+)
 
 
 def has_pending_invite_for(s: Session, conversation_id: str, agent_id: str) -> bool:
@@ -161,7 +166,7 @@ def reader_participant(s: Session, conv: Conversation, reader: str) -> Participa
 def read_cursors(s: Session, conv: Conversation, *, for_agent: bool) -> tuple[ReadCursorView, ...]:
     """Everyone's cursor for agents; for the customer, the agents' clamped to public seqs (none while that is 0)."""
     out = []
-    for reader, seq, at, public_seq, public_at in connection(s).execute(_READ_CURSORS, {"c": conv.id}):
+    for reader, seq, at, public_seq, public_at in _READ_CURSORS.run(connection(s), {"c": conv.id}):
         if not for_agent:
             seq, at = public_seq, public_at
         if seq > 0:
@@ -169,7 +174,7 @@ def read_cursors(s: Session, conv: Conversation, *, for_agent: bool) -> tuple[Re
     return tuple(out)
 
 
-_READ_CURSORS = (
+_READ_CURSORS = Fast(
     core_select(
         col(ReadCursor.reader),
         col(ReadCursor.seq),
@@ -214,7 +219,7 @@ def conversation_view(s: Session, conv: Conversation, *, for_agent: bool = True)
         variables=variables(s, conv.id),
         agents=tuple(
             ParticipantView("agent", agent_id, name)
-            for agent_id, name in connection(s).execute(_ACTIVE_AGENT_NAMES, {"c": conv.id})
+            for agent_id, name in _ACTIVE_AGENT_NAMES.run(connection(s), {"c": conv.id})
         ),
         last_seq=conv.last_seq if for_agent else last_public_seq(s, conv.id),
         created_at=conv.created_at,
@@ -256,7 +261,7 @@ def agent_loads(s: Session, agent_ids: Iterable[str] | None = None) -> dict[str,
         params = {"ids": ids}
         rows = list(c.execute(_OWN_LOADS_OF, params)) + list(c.execute(_PENDING_LOADS_OF, params))
     else:
-        rows = list(c.execute(_ACTIVE_LOADS)) + list(c.execute(_PENDING_LOADS))
+        rows = list(_ACTIVE_LOADS.run(c, {})) + list(_PENDING_LOADS.run(c, {}))
     loads: dict[str, int] = {agent_id: 0 for agent_id in ids or ()}
     for agent_id, n in rows:
         if ids is None or agent_id in loads:
@@ -270,10 +275,10 @@ _OWN_LOADS = (
     .where(col(Participant.left_at).is_(None), Conversation.status != "closed")
     .group_by(Participant.agent_id)
 )
-_PENDING_LOADS = select(Offer.agent_id, func.count()).where(Offer.status == "pending").group_by(Offer.agent_id)
+_PENDING_LOADS = Fast(select(Offer.agent_id, func.count()).where(Offer.status == "pending").group_by(Offer.agent_id))
 _OWN_LOADS_OF = _OWN_LOADS.where(col(Participant.agent_id).in_(bindparam("ids", expanding=True)))
-_PENDING_LOADS_OF = _PENDING_LOADS.where(col(Offer.agent_id).in_(bindparam("ids", expanding=True)))
-_ACTIVE_LOADS = (
+_PENDING_LOADS_OF = _PENDING_LOADS.stmt.where(col(Offer.agent_id).in_(bindparam("ids", expanding=True)))
+_ACTIVE_LOADS = Fast(
     select(Participant.agent_id, func.count())
     .select_from(Conversation)
     .join(Participant, col(Participant.conversation_id) == Conversation.id)
@@ -282,11 +287,11 @@ _ACTIVE_LOADS = (
 )
 
 
-_PROFILE_QUEUES = select(ProfileQueue.profile_id, ProfileQueue.queue_id)
+_PROFILE_QUEUES = Fast(select(ProfileQueue.profile_id, ProfileQueue.queue_id))
 
 
 def profile_queues(s: Session) -> dict[str, set[str]]:
     out: dict[str, set[str]] = {}
-    for profile_id, queue_id in connection(s).execute(_PROFILE_QUEUES):
+    for profile_id, queue_id in _PROFILE_QUEUES.run(connection(s), {}):
         out.setdefault(profile_id, set()).add(queue_id)
     return out

@@ -30,6 +30,7 @@ from sqlmodel import col, select
 from sqlmodel.sql.sqltypes import UTCDateTime
 
 from ..errors import not_found, precondition
+from ..store.fast import Fast
 from ..store.models import Agent, AgentSession, Conversation, Offer, Participant, ProfileQueue
 from . import invites
 from .log import append_event, append_feed, feed_stored, json_around, ts
@@ -78,7 +79,7 @@ def dispatch(tx: Tx, now: datetime | None = None, queues: Collection[str] | None
         return 0
     # Plain lists, not dicts: one per live agent per dispatch (see _LIVE_AGENTS for the fields). They come
     # idle-longest first, so an agent's rank is its place in that order: no timestamps are read.
-    live: list[list[Any]] = [[*r, i] for i, r in enumerate(c.execute(_LIVE_AGENTS))]
+    live: list[list[Any]] = [[*r, i] for i, r in enumerate(_LIVE_AGENTS.run(c, {}))]
     if not live:
         return 0
     next_rank = len(live)
@@ -140,10 +141,10 @@ def dispatch(tx: Tx, now: datetime | None = None, queues: Collection[str] | None
 def freed_queues(tx: Tx, conversation_id: str) -> set[str]:
     """The queues whose chats the conversation's agents may take once it frees their seats (the queues of
     their sessions' profiles): what a close asks routing to look at."""
-    return set(tx.conn.execute(_FREED_QUEUES, {"conv": conversation_id}).scalars())
+    return set(_FREED_QUEUES.run(tx.conn, {"conv": conversation_id}).scalars())
 
 
-_FREED_QUEUES = (
+_FREED_QUEUES = Fast(
     select(ProfileQueue.queue_id)
     .join(AgentSession, col(AgentSession.profile_id) == ProfileQueue.profile_id)
     .join(Participant, col(Participant.agent_id) == AgentSession.agent_id)
@@ -159,15 +160,17 @@ _FREED_QUEUES = (
 def _cooling(tx: Tx, conversation_id: str, now: datetime) -> set[str]:
     """Agents in their cool-down for this chat: they rejected it (or let it time out) lately."""
     cutoff = now - timedelta(seconds=tx.settings.reject_cooldown)
-    return set(tx.conn.execute(_COOLING, {"conv": conversation_id, "cutoff": cutoff}).scalars())
+    return set(_COOLING.run(tx.conn, {"conv": conversation_id, "cutoff": cutoff}).scalars())
 
 
 # Statements built once: building one costs more than SQLite takes to run it.
-_COOLING = select(Offer.agent_id).where(
-    Offer.conversation_id == bindparam("conv"),
-    Offer.kind == "chat",
-    col(Offer.status).in_(("rejected", "timed_out")),
-    col(Offer.resolved_at) > bindparam("cutoff"),
+_COOLING = Fast(
+    select(Offer.agent_id).where(
+        Offer.conversation_id == bindparam("conv"),
+        Offer.kind == "chat",
+        col(Offer.status).in_(("rejected", "timed_out")),
+        col(Offer.resolved_at) > bindparam("cutoff"),
+    )
 )
 
 
@@ -175,7 +178,7 @@ _PAGE = 200
 # The fields of a _LIVE_AGENTS row, by position, and the rank dispatch adds.
 _SESSION, _AGENT, _PROFILE, _MAX, _RANK = range(5)
 # Idle longest first: the oldest last offer (a login counts as one), then the oldest session.
-_LIVE_AGENTS = (
+_LIVE_AGENTS = Fast(
     core_select(
         col(AgentSession.id),
         col(AgentSession.agent_id),
@@ -198,9 +201,12 @@ _LIVE_AGENTS = (
 
 def _waiting_page(c: Connection, queue_id: str, after: tuple[datetime, str] | None, limit: int) -> Sequence[Any]:
     """A queue's next waiting chats not on offer, oldest first, after the keyset `after`."""
+    rows: Sequence[Any]
     if after is None:
-        return c.execute(_WAITING_FIRST, {"queue": queue_id, "limit": limit}).all()
-    return c.execute(_WAITING_AFTER, {"queue": queue_id, "at": after[0], "id": after[1], "limit": limit}).all()
+        rows = _WAITING_FIRST.run(c, {"queue": queue_id, "limit": limit}).all()
+    else:
+        rows = _WAITING_AFTER.run(c, {"queue": queue_id, "at": after[0], "id": after[1], "limit": limit}).all()
+    return rows
 
 
 # Not on offer: the partial unique index on pending chat offers answers it per chat, if its condition is
@@ -208,18 +214,26 @@ def _waiting_page(c: Connection, queue_id: str, after: tuple[datetime, str] | No
 _NOT_OFFERED = ~exists().where(
     col(Offer.conversation_id) == col(Conversation.id), text("offer.kind = 'chat' AND offer.status = 'pending'")
 )
-_ANY_WAITING = select(Conversation.id).where(
-    Conversation.status == "queued", col(Conversation.queue_id).in_(bindparam("queues", expanding=True)), _NOT_OFFERED
-).limit(1)
-_WAITING_FIRST = (
+_ANY_WAITING = (
+    select(Conversation.id)
+    .where(
+        Conversation.status == "queued",
+        col(Conversation.queue_id).in_(bindparam("queues", expanding=True)),
+        _NOT_OFFERED,
+    )
+    .limit(1)
+)
+_WAITING_FIRST = Fast(
     select(Conversation.id, Conversation.queue_id, Conversation.enqueued_at)
     .where(Conversation.status == "queued", Conversation.queue_id == bindparam("queue"), _NOT_OFFERED)
     .order_by(col(Conversation.enqueued_at), col(Conversation.id))
     .limit(bindparam("limit"))
 )
-_WAITING_AFTER = _WAITING_FIRST.where(
-    (col(Conversation.enqueued_at) > bindparam("at"))
-    | ((col(Conversation.enqueued_at) == bindparam("at")) & (col(Conversation.id) > bindparam("id")))
+_WAITING_AFTER = Fast(
+    _WAITING_FIRST.stmt.where(
+        (col(Conversation.enqueued_at) > bindparam("at"))
+        | ((col(Conversation.enqueued_at) == bindparam("at")) & (col(Conversation.id) > bindparam("id")))
+    )
 )
 
 
@@ -289,7 +303,7 @@ def make_offer(
             tx.check_event("offer", "offer", payload)
         feed_stored(tx, session_id, seq, "offer", payload, now)
     else:
-        c.execute(_INSERT_OFFER, row)
+        _INSERT_OFFER.run(c, row)
         append_feed(tx, session_id, "offer", payload, now, also={"last_offer_at": now})
     tx.schedule(expires_at, expire_offer, offer_id)
     tx.count("offers_made", kind=kind)
@@ -297,7 +311,7 @@ def make_offer(
     return offer_id
 
 
-_INSERT_OFFER = insert(Offer)
+_INSERT_OFFER = Fast(insert(Offer))
 _PG_OFFER_WITH_FEED = text(
     "WITH found AS ("
     " SELECT coalesce(json_agg(json_build_object('name', name, 'value', value, 'authenticated', authenticated)"
@@ -323,7 +337,7 @@ _PG_OFFER_WITH_FEED = text(
 def close_offer(tx: Tx, offer: Offer, state: str, now: datetime, reason: str | None = None) -> None:
     """Record the outcome on the offer and on its session's feed."""
     # A Core UPDATE (every chat's offer ends here), and the loaded object told, so no flush repeats it.
-    tx.conn.execute(_CLOSE_OFFER, {"offer": offer.id, "state": state, "at": now, "reason": reason})
+    _CLOSE_OFFER.run(tx.conn, {"offer": offer.id, "state": state, "at": now, "reason": reason})
     set_committed_value(offer, "status", state)
     set_committed_value(offer, "resolved_at", now)
     set_committed_value(offer, "withdraw_reason", reason)
@@ -337,7 +351,7 @@ def close_offer(tx: Tx, offer: Offer, state: str, now: datetime, reason: str | N
     tx.log(f"offer.{state}", **ids, reason=reason)
 
 
-_CLOSE_OFFER = (
+_CLOSE_OFFER = Fast(
     update(Offer)
     .where(col(Offer.id) == bindparam("offer"))
     .values(status=bindparam("state"), resolved_at=bindparam("at"), withdraw_reason=bindparam("reason"))
@@ -377,7 +391,7 @@ def accept_offer(tx: Tx, who: AgentPrincipal, offer_id: str) -> ConversationView
     if offer.kind == "invite":
         invites.on_accepted(tx, offer, conv, must_get(s, Agent, who.agent_id), now)
     else:
-        tx.conn.execute(_JOIN, {"conversation_id": conv.id, "agent_id": who.agent_id, "joined_at": now})
+        _JOIN.run(tx.conn, {"conversation_id": conv.id, "agent_id": who.agent_id, "joined_at": now})
         append_event(
             tx,
             conv,
@@ -392,7 +406,7 @@ def accept_offer(tx: Tx, who: AgentPrincipal, offer_id: str) -> ConversationView
     return conversation_view(s, conv)
 
 
-_JOIN = insert(Participant)
+_JOIN = Fast(insert(Participant))
 
 
 def reject_offer(tx: Tx, who: AgentPrincipal, offer_id: str) -> None:
@@ -429,7 +443,7 @@ def withdraw_session_offers(tx: Tx, session_id: str, now: datetime) -> None:
 
 def withdraw_conversation_offers(tx: Tx, conversation_id: str, reason: str, now: datetime) -> None:
     """The conversation ended or was taken: nobody may still accept an offer for it."""
-    if tx.conn.execute(_ANY_PENDING, {"c": conversation_id}).first() is None:
+    if _ANY_PENDING.run(tx.conn, {"c": conversation_id}).first() is None:
         return  # the common case at a close: a Core look, no ORM query
     for offer in tx.session.exec(
         select(Offer).where(Offer.conversation_id == conversation_id, Offer.status == "pending")
@@ -439,7 +453,7 @@ def withdraw_conversation_offers(tx: Tx, conversation_id: str, reason: str, now:
             invites.on_offer_closed(tx, offer, "withdrawn", now)
 
 
-_ANY_PENDING = select(Offer.id).where(Offer.conversation_id == bindparam("c"), Offer.status == "pending").limit(1)
+_ANY_PENDING = Fast(select(Offer.id).where(Offer.conversation_id == bindparam("c"), Offer.status == "pending").limit(1))
 
 
 def _give_back(tx: Tx, offer: Offer, state: str, now: datetime, reason: str | None = None) -> None:

@@ -16,13 +16,12 @@ default only SQLAlchemy would fill in).
 from __future__ import annotations
 
 from collections import namedtuple
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 from sqlalchemy import Connection
 from sqlalchemy.engine import Dialect
-from sqlalchemy.exc import DBAPIError
-from sqlalchemy.sql.elements import ClauseElement
+from sqlalchemy.exc import DBAPIError, MultipleResultsFound, NoResultFound
 from sqlalchemy.sql.expression import Executable
 
 Convert = Callable[[Any], Any] | None
@@ -60,13 +59,27 @@ class Result:
     def all(self) -> list[Any]:
         return self._rows
 
+    def one(self) -> Any:
+        if len(self._rows) != 1:
+            raise (NoResultFound if not self._rows else MultipleResultsFound)("expected one row")
+        return self._rows[0]
+
+    def scalar_one(self) -> Any:
+        return self.one()[0]
+
+    def scalars(self) -> Iterator[Any]:
+        return (r[0] for r in self._rows)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._rows)
+
 
 class Fast:
     """A Core statement with a fast path on SQLite (see the module's note)."""
 
     __slots__ = ("stmt", "_plans")
 
-    def __init__(self, stmt: ClauseElement):
+    def __init__(self, stmt: Any):  # a Core statement: select, insert, update, delete
         self.stmt = stmt
         self._plans: dict[tuple[str, tuple[str, ...]], _Plan | None] = {}
 
@@ -74,8 +87,8 @@ class Fast:
         if dialect.name != "sqlite" or dialect.paramstyle != "qmark":
             return None
         compiled: Any = self.stmt.compile(dialect=dialect, column_keys=list(keys))
-        if compiled.positiontup is None:
-            return None
+        if compiled.positiontup is None or compiled.insert_prefetch or compiled.update_prefetch:
+            return None  # (prefetch: column defaults SQLAlchemy computes at execution)
         slots: list[tuple[str | None, Any, Convert]] = []
         for name in compiled.positiontup:
             bind = compiled.binds[name]
@@ -88,7 +101,7 @@ class Fast:
                 value = bind.effective_value  # carried by the statement (`last_seq + 1`): converted once
                 slots.append((None, conv(value) if conv else value, None))
             else:
-                return None  # a default SQLAlchemy fills in at execution
+                return None  # a parameter the caller left out: let SQLAlchemy say so
         names: list[str] = []
         results: list[Convert] = []
         columns = getattr(self.stmt, "exported_columns", None)  # what it selects or returns
