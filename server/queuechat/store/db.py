@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import event
+from sqlalchemy import bindparam, event
 from sqlalchemy import text as sql_text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
@@ -158,12 +158,16 @@ def _lock_conversations(session: Session, batch: list) -> None:
     two nodes that touch the same conversations then queue instead of deadlocking."""
     ids = sorted({c for item in batch if isinstance(c := getattr(item[1], "conversation", None), str)})
     if len(ids) > 1:
-        session.connection().execute(
-            select(models.Conversation.id)
-            .where(col(models.Conversation.id).in_(ids))
-            .order_by(col(models.Conversation.id))
-            .with_for_update()
-        )
+        session.connection().execute(_LOCK_CONVERSATIONS, {"ids": ids})
+
+
+# Built once: building and keying a statement per batch cost more than the round trip it makes.
+_LOCK_CONVERSATIONS = (
+    select(models.Conversation.id)
+    .where(col(models.Conversation.id).in_(bindparam("ids", expanding=True)))
+    .order_by(col(models.Conversation.id))
+    .with_for_update()
+)
 
 
 class Database:
