@@ -358,6 +358,10 @@ async def test_fast_statements_read_write_and_fail_as_sqlalchemy_does(core):
         return {"conversation_id": cid, "seq": seq, "kind": "message", "visibility": "all",
                 "created_at": when, "actor": "customer", "request_id": request_id, "payload": "{}"}  # fmt: skip
 
+    # An expanding IN list takes SQLAlchemy's own path, with the same answer.
+    names = Fast(select(Conversation.customer_name).where(col(Conversation.id).in_(bindparam("ids", expanding=True))))
+    assert await core.db.read(lambda s: names.run(s.connection(), {"ids": [cid, "nobody"]}).all()) == [("Ada",)]
+
     slow, quick = await core.write(both)
     assert quick == (slow[0] + 1, *slow[1:])
     assert quick[1] is True and quick[2] == when and quick[2].utcoffset() == timedelta(0)

@@ -498,7 +498,9 @@ def send_offer_menu(
     )
 
 
-def choose_option(tx: Tx, who: CustomerPrincipal, conversation_id: str, menu_id: str, option_id: str) -> EventView:
+def choose_option(
+    tx: Tx, who: CustomerPrincipal, conversation_id: str, menu_id: str, option_id: str
+) -> EventView:
     conv = _require_customer(tx, who, conversation_id)
     _require_open(conv)
     if not conv.customer_connected:

@@ -216,7 +216,9 @@ def append_feed(
     if tx.check_event is not None:
         tx.check_event("offer", kind, payload)
     seq = next_seq(tx, AgentSession, session_id, "feed_seq", also)
-    _INSERT_FEED.run(tx.conn, {"session_id": session_id, "seq": seq, "kind": kind, "created_at": now,
+    _INSERT_FEED.run(
+        tx.conn,
+        {"session_id": session_id, "seq": seq, "kind": kind, "created_at": now,
          "payload": json.dumps(payload, separators=(",", ":"))},
     )  # fmt: skip
     return feed_stored(tx, session_id, seq, kind, payload, now)

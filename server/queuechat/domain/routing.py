@@ -214,15 +214,9 @@ def _waiting_page(c: Connection, queue_id: str, after: tuple[datetime, str] | No
 _NOT_OFFERED = ~exists().where(
     col(Offer.conversation_id) == col(Conversation.id), text("offer.kind = 'chat' AND offer.status = 'pending'")
 )
-_ANY_WAITING = (
-    select(Conversation.id)
-    .where(
-        Conversation.status == "queued",
-        col(Conversation.queue_id).in_(bindparam("queues", expanding=True)),
-        _NOT_OFFERED,
-    )
-    .limit(1)
-)
+_ANY_WAITING = select(Conversation.id).where(
+    Conversation.status == "queued", col(Conversation.queue_id).in_(bindparam("queues", expanding=True)), _NOT_OFFERED
+).limit(1)
 _WAITING_FIRST = Fast(
     select(Conversation.id, Conversation.queue_id, Conversation.enqueued_at)
     .where(Conversation.status == "queued", Conversation.queue_id == bindparam("queue"), _NOT_OFFERED)

@@ -1,4 +1,4 @@
-"""Core statements run straight on the DB-API cursor, for the hottest writes on SQLite.
+"""Core statements run straight on the DB-API cursor, for the hot paths' statements on SQLite.
 
 SQLAlchemy's `Connection.execute` of an already compiled, cached statement costs 15-20 us of Python
 (execution context, parameter processing, the result proxy) around SQLite's own few microseconds, on
