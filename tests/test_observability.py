@@ -503,3 +503,25 @@ def test_text_format_puts_fields_after_the_message():
     assert as_json["event"] == "chat.started" and as_json["queue_id"] == "sales" and "x" not in as_json
     # A field named like a LogRecord attribute is kept, renamed.
     assert logs.extra("e", {"name": "n", "message": "m"}) == {"event": "e", "name_": "n", "message_": "m"}
+
+
+def test_logs_are_written_by_a_thread_of_their_own_and_all_of_them_by_exit():
+    """The event loop only queues a record (a write on its thread would hand the GIL away); the writing
+    thread formats it, traceback and fields included, and whatever is queued at exit is still written."""
+    script = (
+        "import logging\n"
+        "from queuechat.observability import logs\n"
+        "logging.basicConfig(level=logging.INFO, handlers=[logs.handler('json')])\n"
+        "try:\n"
+        "    1 / 0\n"
+        "except ZeroDivisionError:\n"
+        "    logging.getLogger('queuechat.x').exception('failed %s of %d', 'step', 3)\n"
+        "for i in range(500):\n"
+        "    logs.event('chat.started', {'conversation_id': f'c{i}'})\n"
+        "assert isinstance(logging.getLogger().handlers[0], logging.handlers.QueueHandler)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [json.loads(line) for line in out.stderr.splitlines()]
+    assert lines[0]["message"] == "failed step of 3" and "ZeroDivisionError" in lines[0]["exception"]
+    assert [line["conversation_id"] for line in lines[1:]] == [f"c{i}" for i in range(500)]

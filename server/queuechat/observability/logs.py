@@ -10,8 +10,11 @@ object per line: time, level, logger, message, the fields, and the traceback if 
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
+import logging.handlers
+import queue
 import sys
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -95,7 +98,27 @@ def formatter(fmt: str) -> logging.Formatter:
 
 
 def handler(fmt: str = "text") -> logging.Handler:
-    """A handler writing to stderr in the given format (`logging.basicConfig(handlers=[handler(fmt)])`)."""
+    """A handler writing to stderr in the given format (`logging.basicConfig(handlers=[handler(fmt)])`).
+
+    In the background: the caller only queues the record and a thread formats and writes
+    it. A write is a system call, and a system call on the event loop's thread lets go of the GIL;
+    with the database writer's thread busy, taking it back costs far more than the write (measured:
+    a tenth of the event loop's time at 200 chat arrivals/s). Records still queued at exit are written
+    by `atexit`; a process killed outright loses at most those."""
     out = logging.StreamHandler(sys.stderr)
     out.setFormatter(formatter(fmt))
-    return out
+    records: queue.SimpleQueue[logging.LogRecord | None] = queue.SimpleQueue()
+    listener = logging.handlers.QueueListener(records, out)
+    listener.start()
+    atexit.register(listener.stop)
+    return _Queued(records)
+
+
+class _Queued(logging.handlers.QueueHandler):
+    """Hands the record over as it is: formatting (with its traceback) is the writing thread's work.
+    The message is merged with its arguments now, while they still say what they said."""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        if record.args:
+            record.msg, record.args = record.getMessage(), None
+        return record
