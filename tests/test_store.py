@@ -376,6 +376,28 @@ async def test_fast_statements_read_write_and_fail_as_sqlalchemy_does(core):
     assert await core.db.read(lambda s: (s.get(Conversation, cid).last_seq, seqs(s, cid))) == (quick[0], [1, 2, quick[0]])
 
 
+def test_no_hot_statement_carries_its_own_in_list():
+    """A list written into a statement (`status IN ('a', 'b')`) compiles to an expanding parameter,
+    which Fast leaves to SQLAlchemy's slow path without a word: the hot statements spell it with OR."""
+    import gc
+
+    from sqlalchemy.dialects import sqlite
+
+    from queuechat.domain import read  # noqa: F401  (its statements are built at import)
+
+    statements = [o for o in gc.get_objects() if isinstance(o, Fast)]
+    assert len(statements) > 20
+    dialect = sqlite.dialect(paramstyle="qmark")
+    carried = [
+        str(f.stmt)
+        for f in statements
+        if any(b.expanding and (b.value is not None or b.callable is not None)
+               for b in f.stmt.compile(dialect=dialect).binds.values())
+    ]  # fmt: skip
+    assert carried == []
+    assert routing._COOLING._plan(dialect, ("conv", "cutoff")) is not None
+
+
 # --- transactions ------------------------------------------------------------
 
 

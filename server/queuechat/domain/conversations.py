@@ -43,7 +43,7 @@ from .log import (
     insert_event_once,
     json_around,
 )
-from .read import active_agents, agent_view, conversation_view, must_get, variables_json
+from .read import QUEUE_NAME, active_agents, agent_view, connection, conversation_view, must_get, variables_json
 from .tx import Tx, locks_conversation, routing_free
 from .views import (
     AgentPrincipal,
@@ -80,7 +80,7 @@ def start_chat(
             if prior.queue_id != queue_id:
                 raise invalid("REQUEST_ID_REUSED", "This request_id was used for a chat in another queue.")
             return conversation_view(s, prior, for_agent=False)
-    queue_name = _QUEUE_NAME.run(c, {"queue": queue_id}).scalar() if queue_id else None
+    queue_name = QUEUE_NAME.run(c, {"queue": queue_id}).scalar() if queue_id else None
     if queue_name is None:
         raise not_found("QUEUE_NOT_FOUND", f"There is no queue {short(queue_id)!r}.", queue_id=queue_id)
     now = tx.now
@@ -145,7 +145,6 @@ def start_chat(
 
 
 _BY_START_REQUEST = Fast(select(Conversation.id).where(Conversation.start_request_id == bindparam("request_id")))
-_QUEUE_NAME = Fast(select(Queue.display_name).where(Queue.id == bindparam("queue")))
 _INSERT_CONVERSATION = Fast(insert(Conversation))
 
 
@@ -611,8 +610,10 @@ MAX_WRAP_UP_NOTE = 1000
 
 
 def _wrap_up_required(s: Session, conv: Conversation) -> bool:
-    q = s.get(Queue, conv.queue_id)
-    return bool(q is not None and q.wrap_up_required)
+    return bool(_WRAP_UP_REQUIRED.run(connection(s), {"queue": conv.queue_id}).scalar())
+
+
+_WRAP_UP_REQUIRED = Fast(select(Queue.wrap_up_required).where(Queue.id == bindparam("queue")))
 
 
 def wrap_up_codes(s: Session, queue_id: str) -> list[WrapUpCode]:

@@ -22,7 +22,7 @@ from collections.abc import Collection, Sequence
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple, Protocol
 
-from sqlalchemy import bindparam, exists, insert, text, update
+from sqlalchemy import bindparam, exists, insert, or_, text, update
 from sqlalchemy import select as core_select
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm.attributes import set_committed_value
@@ -168,7 +168,8 @@ _COOLING = Fast(
     select(Offer.agent_id).where(
         Offer.conversation_id == bindparam("conv"),
         Offer.kind == "chat",
-        col(Offer.status).in_(("rejected", "timed_out")),
+        # Not IN (...): a list carried by the statement is an expanding parameter, which Fast leaves to SQLAlchemy.
+        or_(Offer.status == "rejected", Offer.status == "timed_out"),
         col(Offer.resolved_at) > bindparam("cutoff"),
     )
 )
