@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 from chat.v1 import admin_service_pb2, agent_service_pb2, customer_service_pb2, resources_pb2
 from queuechat.api import convert
-from queuechat.domain.views import EventView
+from queuechat.domain.log import ts
+from queuechat.domain.views import EventView, FeedEventView
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVICES = [
@@ -167,3 +168,63 @@ def test_a_message_event_converts_as_its_json_says(payload, sender):
     expected = resources_pb2.ConversationEvent()
     json_format.ParseDict(payload, expected.message)
     assert convert._event(view).message == expected.message
+
+
+_times = st.datetimes(min_value=datetime(1900, 1, 1), max_value=datetime(2200, 1, 1), timezones=st.just(UTC)).map(ts)
+_odd_times = st.sampled_from(["2026-12-04T10:00:00Z", "2026-12-04T10:00:00.5Z", "2026-12-04T10:00:00.123456789Z"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.fixed_dictionaries(
+        {
+            "offer_id": _texts,
+            "conversation_id": _texts,
+            "kind": st.sampled_from(["OFFER_KIND_CHAT", "OFFER_KIND_INVITE"]),
+        },
+        optional={
+            "queue": st.fixed_dictionaries({}, optional={"queue_id": _texts, "display_name": _texts}),
+            "variables": st.lists(
+                st.fixed_dictionaries({"name": _texts, "value": _texts}, optional={"authenticated": st.booleans()}),
+                max_size=4,
+            ),
+            "enqueue_time": _times | _odd_times,
+            "create_time": _times,
+            "expire_time": _times,
+            "waiting_time": st.decimals(-(10**6), 10**9, places=6).map(lambda d: f"{d}s")
+            | st.sampled_from(["0s", "1.5s", "-0.25s", "12.123456789s"]),
+            "invite": st.fixed_dictionaries({"invite_id": _texts}),
+        },
+    ),
+    st.fixed_dictionaries(
+        {
+            "offer_id": _texts,
+            "state": st.sampled_from(
+                ["OFFER_STATE_ACCEPTED", "OFFER_STATE_REJECTED", "OFFER_STATE_TIMED_OUT", "OFFER_STATE_WITHDRAWN"]
+            ),
+        },
+        optional={
+            "withdraw_reason": st.sampled_from(["WITHDRAW_REASON_CUSTOMER_LEFT", "WITHDRAW_REASON_TAKEN_ELSEWHERE"])
+        },
+    ),
+)
+def test_offer_feed_events_convert_as_their_json_says(offer, update):
+    """convert.offer_event sets an offer and an offer update field by field (ParseDict is slow): the same
+    message either way, and anything it does not take on (an invite) goes to ParseDict whole."""
+    for kind, payload in (("offer", offer), ("offer_update", update)):
+        view = FeedEventView("s1", 3, kind, datetime(2026, 12, 4, tzinfo=UTC), payload)
+        expected = agent_service_pb2.OfferEvent()
+        json_format.ParseDict(payload, getattr(expected, kind))
+        assert getattr(convert.offer_event(view), kind) == getattr(expected, kind)
+    # The fast path is the one taken, not a fallback every time.
+    assert convert._offer_fast(offer, agent_service_pb2.Offer()) == ("invite" not in offer)
+    assert convert._offer_update_fast(update, agent_service_pb2.OfferUpdate())
+
+
+def test_an_offer_the_fast_path_cannot_take_is_parsed_whole_or_refused_as_parse_dict_does():
+    bad_enum = {"offer_id": "o", "kind": "OFFER_KIND_NONSENSE", "variables": [{"name": "a", "value": "b"}]}
+    with pytest.raises(json_format.ParseError):
+        convert.offer_event(FeedEventView("s1", 1, "offer", datetime(2026, 12, 4, tzinfo=UTC), bad_enum))
+    offset = {"offer_id": "o", "create_time": "2026-12-04T12:00:00+02:00", "variables": [{"name": "a", "value": "b"}]}
+    got = convert.offer_event(FeedEventView("s1", 1, "offer", datetime(2026, 12, 4, tzinfo=UTC), offset)).offer
+    assert got.create_time.ToDatetime() == datetime(2026, 12, 4, 10, 0) and len(got.variables) == 1
