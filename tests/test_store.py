@@ -398,6 +398,21 @@ def test_no_hot_statement_carries_its_own_in_list():
     assert routing._COOLING._plan(dialect, ("conv", "cutoff")) is not None
 
 
+def test_the_cool_down_read_looks_up_the_chats_own_offers(tmp_path):
+    """Without statistics SQLite would read the cool-down's offers by (kind, resolved_at): every chat
+    offer answered lately, thousands under load, for each chat routed. (PostgreSQL plans by its
+    statistics.)"""
+    db = Database(sqlite_url(tmp_path / "plan.db"))
+    try:
+        db.create_all()
+        sql = str(routing._COOLING.stmt.compile(dialect=db.engine.dialect))
+        with db.engine.connect() as c:
+            plan = [row[-1] for row in c.exec_driver_sql("EXPLAIN QUERY PLAN " + sql, (None,) * sql.count("?"))]
+    finally:
+        db.close()
+    assert plan == ["SEARCH offer USING INDEX ix_offer_conversation_id (conversation_id=?)"]
+
+
 # --- transactions ------------------------------------------------------------
 
 
