@@ -376,6 +376,36 @@ async def test_fast_statements_read_write_and_fail_as_sqlalchemy_does(core):
     assert await core.db.read(lambda s: (s.get(Conversation, cid).last_seq, seqs(s, cid))) == (quick[0], [1, 2, quick[0]])
 
 
+async def test_get_loads_what_session_get_loads(core):
+    """read.get makes the instance the ORM's own loading would: the same values, persistent, one per
+    key in the session, changes tracked and committed; what the session already holds (changed,
+    deleted) answers as Session.get answers."""
+    from sqlalchemy import inspect as sa_inspect
+
+    from queuechat.domain.read import get
+
+    cid, other = await new_chat(core, name="Ada"), await new_chat(core, name="Bo")
+    columns = sa_inspect(Conversation).column_attrs.keys()
+
+    def check(tx):
+        s = tx.session
+        want = {k: getattr(s.get(Conversation, cid), k) for k in columns}
+        s.expunge_all()
+        conv = get(s, Conversation, cid)
+        assert {k: getattr(conv, k) for k in columns} == want and sa_inspect(conv).persistent
+        assert get(s, Conversation, cid) is conv is s.get(Conversation, cid)
+        assert get(s, Conversation, "nobody") is None
+        conv.customer_name = "Renamed"
+        assert conv in s.dirty and get(s, Conversation, cid).customer_name == "Renamed"
+        gone = get(s, Conversation, other)
+        s.delete(gone)
+        assert get(s, Conversation, other) is s.get(Conversation, other)
+        s.expunge(gone)
+
+    await core.write(check)
+    assert await core.db.read(lambda s: s.get(Conversation, cid).customer_name) == "Renamed"
+
+
 def test_no_hot_statement_carries_its_own_in_list():
     """A list written into a statement (`status IN ('a', 'b')`) compiles to an expanding parameter,
     which Fast leaves to SQLAlchemy's slow path without a word: the hot statements spell it with OR."""

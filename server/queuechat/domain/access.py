@@ -6,13 +6,13 @@ from sqlmodel import Session
 
 from ..errors import denied, not_found
 from ..store.models import Conversation
-from .read import has_pending_invite_for, is_participant, pending_invite
+from .read import get, has_pending_invite_for, is_participant, pending_invite
 from .tx import Tx
 from .views import AgentPrincipal, CustomerPrincipal
 
 
 def require_member(tx: Tx, who: AgentPrincipal, conversation_id: str) -> Conversation:
-    conv = tx.session.get(Conversation, conversation_id) if conversation_id else None
+    conv = get(tx.session, Conversation, conversation_id) if conversation_id else None
     if conv is None:
         raise not_found(
             "CONVERSATION_NOT_FOUND", f"No conversation {conversation_id!r}.", conversation_id=conversation_id
@@ -32,7 +32,7 @@ def can_read(s: Session, who: AgentPrincipal, conversation_id: str) -> bool:
 
 def readable_conversation(s: Session, who: AgentPrincipal | CustomerPrincipal, conversation_id: str) -> Conversation:
     """Agents read conversations they are in or invited to; customers their own."""
-    conv = s.get(Conversation, conversation_id) if conversation_id else None
+    conv = get(s, Conversation, conversation_id) if conversation_id else None
     if isinstance(who, CustomerPrincipal):
         if conv is None or who.conversation_id != conversation_id:
             raise denied("NOT_YOUR_CONVERSATION", "This token is not for that conversation.")

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from sqlalchemy import bindparam, func
+from sqlalchemy import inspect as sa_inspect
 from sqlalchemy import select as core_select
 from sqlalchemy.engine import Connection
+from sqlalchemy.orm import Mapper, make_transient_to_detached
 from sqlmodel import Session, SQLModel, col, select
 
 from ..store.fast import Fast
@@ -28,9 +30,41 @@ from .views import ConversationView, ParticipantView, RatingView, ReadCursorView
 M = TypeVar("M", bound=SQLModel)
 
 
+def get(s: Session, model: type[M], key: object) -> M | None:
+    """`s.get(model, key)` for a one-column key, at a third of the cost: what the session holds, or one
+    Fast read whose row becomes a persistent instance as the ORM's own loading makes one (a new
+    instance, its attributes as read, marked loaded), without the ORM's query pipeline."""
+    mapper: Mapper[M] = sa_inspect(model)
+    if mapper.identity_key_from_primary_key((key,)) in s.identity_map:
+        return cast(M | None, s.get(model, key))  # the session's own (expired, deleted...): its rules apply
+    read, keys = _GETS.get(model) or _get_statement(model)
+    row = read.run(connection(s), {"key": key}).first()
+    if row is None:
+        return None
+    obj: M = mapper.class_manager.new_instance()
+    obj.__dict__.update(zip(keys, row, strict=True))
+    make_transient_to_detached(obj)
+    s.add(obj)
+    return obj
+
+
+_GETS: dict[type, tuple[Fast, tuple[str, ...]]] = {}
+
+
+def _get_statement(model: type) -> tuple[Fast, tuple[str, ...]]:
+    mapper: Mapper[Any] = sa_inspect(model)
+    [pk] = mapper.primary_key
+    props = mapper.column_attrs
+    made = _GETS[model] = (
+        Fast(core_select(*(p.columns[0] for p in props)).where(pk == bindparam("key"))),
+        tuple(p.key for p in props),
+    )
+    return made
+
+
 def must_get(s: Session, model: type[M], key: object) -> M:
     """A row that must exist (a foreign key or an earlier check guarantees it). Missing, it is a server bug."""
-    row = s.get(model, key)
+    row = get(s, model, key)
     if row is None:
         raise LookupError(f"no {model.__name__} {key!r}")
     return row
@@ -70,7 +104,7 @@ def variables_json(vs: Iterable[VariableView]) -> list[dict[str, Any]]:
 
 def queue_name(s: Session, queue_id: str) -> str | None:
     """A queue's display name (a Core read: an ORM get costs several times the query), None if no such queue."""
-    return QUEUE_NAME.run(connection(s), {"queue": queue_id}).scalar()
+    return cast(str | None, QUEUE_NAME.run(connection(s), {"queue": queue_id}).scalar())
 
 
 QUEUE_NAME = Fast(select(Queue.display_name).where(Queue.id == bindparam("queue")))

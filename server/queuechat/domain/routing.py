@@ -38,6 +38,7 @@ from .read import (
     agent_loads,
     agent_view,
     conversation_view,
+    get,
     is_participant,
     must_get,
     profile_queues,
@@ -172,7 +173,7 @@ _COOLING = Fast(
         # which it would otherwise pick without statistics (thousands of rows at 200 arrivals/s).
         (col(Offer.kind) + "") == "chat",
         # Not IN (...): a list carried by the statement is an expanding parameter, which Fast leaves to SQLAlchemy.
-        or_(Offer.status == "rejected", Offer.status == "timed_out"),
+        or_(col(Offer.status) == "rejected", col(Offer.status) == "timed_out"),
         col(Offer.resolved_at) > bindparam("cutoff"),
     )
 )
@@ -358,7 +359,7 @@ _CLOSE_OFFER = Fast(
 
 def _own_pending_offer(tx: Tx, who: AgentPrincipal, offer_id: str, answer: str) -> Offer | None:
     """The caller's offer if still pending; None if already answered the same way (a retry)."""
-    offer = tx.session.get(Offer, offer_id) if offer_id else None
+    offer = get(tx.session, Offer, offer_id) if offer_id else None
     if offer is None or offer.agent_id != who.agent_id:
         raise not_found("OFFER_NOT_FOUND", f"No offer {offer_id!r} was made to you.", offer_id=offer_id)
     if offer.status == answer and offer.session_id == who.session_id:
