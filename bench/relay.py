@@ -17,6 +17,7 @@ import grpc
 from chat.v1 import customer_service_pb2 as pb
 from chat.v1 import customer_service_pb2_grpc
 from chat.v1 import resources_pb2 as rpb
+from queuechat import eventloop
 
 CHUNK = 1024 * 1024
 
@@ -87,4 +88,5 @@ async def serve(port: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, default=0)
-    asyncio.run(serve(parser.parse_args().port))
+    # The server's own event loop (uvloop unless QUEUECHAT_EVENT_LOOP=asyncio): both sides of a ratio on the same.
+    eventloop.run(serve(parser.parse_args().port))

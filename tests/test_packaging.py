@@ -173,3 +173,24 @@ async def test_the_images_health_check_asks_grpc_health(server):
         free = s.getsockname()[1]
     down = await asyncio.to_thread(check, free)
     assert down.returncode == 1
+
+
+def test_serve_runs_on_uvloop_and_on_asyncios_loop_when_told():
+    import asyncio
+
+    import uvloop
+
+    from queuechat import eventloop
+
+    assert eventloop.factory({}) is uvloop.new_event_loop
+    assert eventloop.factory({"QUEUECHAT_EVENT_LOOP": "asyncio"}) is None
+    with pytest.raises(ValueError, match="one of uvloop, asyncio, not 'bogus'"):
+        eventloop.factory({"QUEUECHAT_EVENT_LOOP": "bogus"})
+
+    async def which() -> str:
+        return eventloop.name(asyncio.get_running_loop())
+
+    assert eventloop.run(which()) == "uvloop"
+    # Where uvloop is not installed (Windows), asyncio's own loop.
+    result = _without("uvloop", "from queuechat import eventloop\nprint(eventloop.factory())")
+    assert result.stdout.strip() == "None", result.stderr

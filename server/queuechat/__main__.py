@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import shlex
 import sys
 import time
 
+from . import eventloop
 from .config import ConfigError, load_config
 
 
@@ -97,6 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     url = _database_url(args)
     if url is None:
         return 2
+    try:
+        eventloop.factory()
+    except ValueError as e:
+        print(f"queuechat: {e}", file=sys.stderr)
+        return 2
     problem = _cluster_problem(args, url)
     if problem:
         print(f"queuechat: {problem}", file=sys.stderr)
@@ -125,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print_demo_help(config, args.listen, args.web_listen)
     origins = [o.strip() for o in args.web_origins.split(",") if o.strip()]
-    asyncio.run(run(core, args.listen, args.web_listen, origins, args.metrics_listen))
+    eventloop.run(run(core, args.listen, args.web_listen, origins, args.metrics_listen))
     return 0
 
 

@@ -23,7 +23,7 @@ from chat.v1 import (
     customer_service_pb2_grpc,
 )
 
-from .. import __version__, gctune
+from .. import __version__, eventloop, gctune
 from ..domain.core import Core
 from ..observability import logs
 from ..observability.interceptor import ServerObserver
@@ -182,6 +182,7 @@ class ChatServer:
             "cluster": self.core.link is not None,
             "database": self.core.db.engine.dialect.name,  # never the URL: it may hold a password
             "tracing": self.tracing is not None,
+            "event_loop": eventloop.name(asyncio.get_running_loop()),
         }
         logs.event("node.started", fields)
 
