@@ -272,6 +272,8 @@ def _run(profile: str, with_cluster: bool, res: dict) -> dict:
     print("bench: memory per stream ...", flush=True)
     with queuechat() as (pid, port):
         res["memory"] = load("memory", pid, port, counts=p["counts"])
+    with relay() as (pid, port):  # what a stream costs the transport alone, on this machine
+        res["memory_relay"] = load("memory", pid, port, counts=p["counts"])
     print("bench: attachments ...", flush=True)
     with relay() as (pid, port):
         res["raw_bytes"] = load("attachments", pid, port, repeat=p["repeat"])
@@ -300,6 +302,9 @@ def summary(res: dict) -> dict:
         "message_p99_ms": res["chat"]["message_p99_ms"],
         "kib_per_stream": mem[max(mem, key=int)],
         "kib_per_stream_at": {k: round(v, 1) for k, v in mem.items()},
+        "relay_kib_per_stream_at": {
+            k: round(v, 1) for k, v in res.get("memory_relay", {}).get("kib_per_stream", {}).items()
+        },
         "attachment_mb_per_s": min(att["upload_mb_per_s"], att["download_mb_per_s"]),
         "attachment_upload_mb_per_s": att["upload_mb_per_s"],
         "attachment_download_mb_per_s": att["download_mb_per_s"],
@@ -366,6 +371,8 @@ def markdown(res: dict, s: dict) -> str:
     ]
     rows += arrival_rows(res, s)
     rows += [(f"Server memory per open stream at {n} chats, KiB", f"{v:.1f}") for n, v in s["kib_per_stream_at"].items()]
+    rows += [(f"Relay memory per open stream at {n} chats, KiB (the transport alone)", f"{v:.1f}")
+             for n, v in s.get("relay_kib_per_stream_at", {}).items()]
     rows += [
         ("20 MiB upload / raw gRPC bytes, MB/s",
          f"{s['attachment_upload_mb_per_s']:.0f} / {s['raw_upload_mb_per_s']:.0f}"),
@@ -475,8 +482,12 @@ def plot(s: dict, path: Path) -> None:
     axes[1].axhline(25, color="#c93", ls=":", lw=1)
     axes[1].set_title("Latency, ms (targets dashed)")
     ns = sorted(s["kib_per_stream_at"], key=int)
-    axes[2].plot([int(n) for n in ns], [s["kib_per_stream_at"][n] for n in ns], marker="o")
-    axes[2].axhline(30, color="#c33", ls="--", lw=1)
+    axes[2].plot([int(n) for n in ns], [s["kib_per_stream_at"][n] for n in ns], marker="o", label="queuechat")
+    rk = s.get("relay_kib_per_stream_at", {})
+    if rk:
+        axes[2].plot([int(n) for n in rk], list(rk.values()), marker="o", color="#999", label="relay")
+        axes[2].legend()
+    axes[2].axhline(24, color="#c33", ls="--", lw=1)
     axes[2].set_xscale("log")
     axes[2].set_title("KiB per open stream")
     if cl:
