@@ -16,6 +16,7 @@ from sqlalchemy import bindparam, func
 from sqlmodel import Session, col, select
 
 from ..errors import denied, not_found, precondition, short
+from ..store.fast import Fast
 from ..store.models import Agent, Conversation, MonitorSession, Participant, Profile, ProfileQueue
 from .log import agent_participant, append_event, find_request
 from .read import conversation_view, is_participant, must_get
@@ -138,7 +139,7 @@ def _stop(tx: Tx, conv: Conversation, monitor: MonitorSession) -> None:
 
 def stop_monitors(tx: Tx, conv: Conversation) -> None:
     """The conversation is closing: its monitors stop first, so that their stops are in the log before chat_closed."""
-    if tx.conn.execute(_ANY_MONITOR, {"c": conv.id}).first() is None:
+    if _ANY_MONITOR.run(tx.conn, {"c": conv.id}).first() is None:
         return  # the common case: a Core look, no ORM query
     for monitor in tx.session.exec(
         select(MonitorSession)
@@ -148,7 +149,7 @@ def stop_monitors(tx: Tx, conv: Conversation) -> None:
         _stop(tx, conv, monitor)
 
 
-_ANY_MONITOR = (
+_ANY_MONITOR = Fast(
     select(MonitorSession.id)
     .where(MonitorSession.conversation_id == bindparam("c"), col(MonitorSession.ended_at).is_(None))
     .limit(1)
