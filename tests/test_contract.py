@@ -225,6 +225,12 @@ def test_an_offer_the_fast_path_cannot_take_is_parsed_whole_or_refused_as_parse_
     bad_enum = {"offer_id": "o", "kind": "OFFER_KIND_NONSENSE", "variables": [{"name": "a", "value": "b"}]}
     with pytest.raises(json_format.ParseError):
         convert.offer_event(FeedEventView("s1", 1, "offer", datetime(2026, 12, 4, tzinfo=UTC), bad_enum))
+    for refused in ({"authenticated": 1}, {"waiting_time": "315576000001s"}):  # ParseDict refuses both
+        payload = {"offer_id": "o", "variables": [{"name": "a", "value": "b", **refused}]}
+        if "waiting_time" in refused:
+            payload = {"offer_id": "o", **refused}
+        with pytest.raises(json_format.ParseError):
+            convert.offer_event(FeedEventView("s1", 1, "offer", datetime(2026, 12, 4, tzinfo=UTC), payload))
     offset = {"offer_id": "o", "create_time": "2026-12-04T12:00:00+02:00", "variables": [{"name": "a", "value": "b"}]}
     got = convert.offer_event(FeedEventView("s1", 1, "offer", datetime(2026, 12, 4, tzinfo=UTC), offset)).offer
     assert got.create_time.ToDatetime() == datetime(2026, 12, 4, 10, 0) and len(got.variables) == 1

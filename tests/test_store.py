@@ -34,6 +34,7 @@ from queuechat.store.models import (
     CustomerVariable,
     Event,
     Offer,
+    Queue,
 )
 
 WAIT = 10.0
@@ -401,6 +402,9 @@ async def test_get_loads_what_session_get_loads(core):
         s.delete(gone)
         assert get(s, Conversation, other) is s.get(Conversation, other)
         s.expunge(gone)
+        fresh = Queue(id="fresh", display_name="Fresh")
+        s.add(fresh)  # added, not flushed: Session.get would flush it and answer with it
+        assert get(s, Queue, "fresh") is fresh
 
     await core.write(check)
     assert await core.db.read(lambda s: s.get(Conversation, cid).customer_name) == "Renamed"

@@ -186,6 +186,7 @@ _OFFER_UPDATE_KEYS = frozenset({"offer_id", "state", "withdraw_reason"})
 _RFC3339 = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?Z")
 _DURATION = re.compile(r"(-?)(\d+)(?:\.(\d{1,9}))?s")
 _EPOCH = datetime(1970, 1, 1)
+_MAX_DURATION_SECONDS = 315_576_000_000  # google.protobuf.Duration's range: ParseDict refuses beyond it
 
 
 def _offer_fast(p: dict, body: Any) -> bool:
@@ -198,7 +199,10 @@ def _offer_fast(p: dict, body: Any) -> bool:
         and isinstance(queue, dict)
         and queue.keys() <= _QUEUE_KEYS
         and isinstance(variables, list)
-        and all(isinstance(x, dict) and x.keys() <= _VARIABLE_KEYS for x in variables)
+        and all(
+            isinstance(x, dict) and x.keys() <= _VARIABLE_KEYS and type(x.get("authenticated", False)) is bool
+            for x in variables
+        )
     ):
         return False
     times = {}
@@ -210,7 +214,7 @@ def _offer_fast(p: dict, body: Any) -> bool:
             times[key] = m
     waiting = p.get("waiting_time")
     w = _DURATION.fullmatch(waiting) if isinstance(waiting, str) else None
-    if waiting is not None and w is None:
+    if waiting is not None and (w is None or int(w[2]) > _MAX_DURATION_SECONDS):
         return False
     try:
         body.offer_id = p.get("offer_id", "")

@@ -35,10 +35,14 @@ def get(s: Session, model: type[M], key: object) -> M | None:
     Fast read whose row becomes a persistent instance as the ORM's own loading makes one (a new
     instance, its attributes as read, marked loaded), without the ORM's query pipeline."""
     mapper: Mapper[M] = sa_inspect(model)
-    if mapper.identity_key_from_primary_key((key,)) in s.identity_map:
+    ident = mapper.identity_key_from_primary_key((key,))
+    if ident in s.identity_map:
         return cast(M | None, s.get(model, key))  # the session's own (expired, deleted...): its rules apply
+    conn = connection(s)  # pending changes flushed, as Session.get autoflushes before it queries
+    if ident in s.identity_map:  # it was one of them (added, not yet flushed)
+        return cast(M | None, s.get(model, key))
     read, keys = _GETS.get(model) or _get_statement(model)
-    row = read.run(connection(s), {"key": key}).first()
+    row = read.run(conn, {"key": key}).first()
     if row is None:
         return None
     obj: M = mapper.class_manager.new_instance()

@@ -76,7 +76,7 @@ def dispatch(tx: Tx, now: datetime | None = None, queues: Collection[str] | None
     of them has a chat to offer (a close in a queue with nobody waiting), nothing is read."""
     c = tx.conn
     now = now or tx.now
-    if queues is not None and not any(_ANY_WAITING.run(c, {"queue": q}).first() is not None for q in queues):
+    if queues is not None and not _any_waiting(c, queues):
         return 0
     # Plain lists, not dicts: one per live agent per dispatch (see _LIVE_AGENTS for the fields). They come
     # idle-longest first, so an agent's rank is its place in that order: no timestamps are read.
@@ -219,10 +219,28 @@ def _waiting_page(c: Connection, queue_id: str, after: tuple[datetime, str] | No
 _NOT_OFFERED = ~exists().where(
     col(Offer.conversation_id) == col(Conversation.id), text("offer.kind = 'chat' AND offer.status = 'pending'")
 )
-# One queue at a time (a change touches one or two): an IN list would take SQLAlchemy's slow path.
+
+
+def _any_waiting(c: Connection, queues: Collection[str]) -> bool:
+    """Whether any of these queues has a chat not on offer. On SQLite one queue at a time through Fast
+    (an IN list would take SQLAlchemy's slow path); on PostgreSQL one statement, each being a round trip."""
+    if c.dialect.name == "sqlite":
+        return any(_ANY_WAITING.run(c, {"queue": q}).first() is not None for q in queues)
+    return bool(queues) and c.execute(_ANY_WAITING_IN, {"queues": list(queues)}).first() is not None
+
+
 _ANY_WAITING = Fast(
     select(Conversation.id)
     .where(Conversation.status == "queued", Conversation.queue_id == bindparam("queue"), _NOT_OFFERED)
+    .limit(1)
+)
+_ANY_WAITING_IN = (
+    select(Conversation.id)
+    .where(
+        Conversation.status == "queued",
+        col(Conversation.queue_id).in_(bindparam("queues", expanding=True)),
+        _NOT_OFFERED,
+    )
     .limit(1)
 )
 _WAITING_FIRST = Fast(

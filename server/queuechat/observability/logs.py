@@ -11,6 +11,7 @@ object per line: time, level, logger, message, the fields, and the traceback if 
 from __future__ import annotations
 
 import atexit
+import copy
 import json
 import logging
 import logging.handlers
@@ -115,10 +116,12 @@ def handler(fmt: str = "text") -> logging.Handler:
 
 
 class _Queued(logging.handlers.QueueHandler):
-    """Hands the record over as it is: formatting (with its traceback) is the writing thread's work.
-    The message is merged with its arguments now, while they still say what they said."""
+    """Hands a copy of the record over: formatting (with its traceback) is the writing thread's work,
+    and other handlers keep the record as they got it. The message is merged with its arguments now,
+    while they still say what they said."""
 
     def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        record = copy.copy(record)
         if record.args:
             record.msg, record.args = record.getMessage(), None
         return record
