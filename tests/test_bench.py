@@ -55,6 +55,7 @@ def test_bench_runs_every_phase_and_writes_latest_json(bench):
     assert set(latest) >= KEYS
     assert latest["saturation_msgs_per_s"] > 0 and latest["baseline_msgs_per_s"] > 0
     assert latest["attachment_mb_per_s"] > 0 and latest["kib_per_stream"] > 0
+    assert latest["relay_kib_per_stream_at"].keys() == latest["kib_per_stream_at"].keys()  # the transport alone
     assert set(latest["targets"]) >= SINGLE_TARGETS
     assert all(isinstance(t["met"], bool) for t in latest["targets"].values())
     assert "| relay_ratio >= 0.6 |" in result.stdout

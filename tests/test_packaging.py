@@ -194,3 +194,12 @@ def test_serve_runs_on_uvloop_and_on_asyncios_loop_when_told():
     # Where uvloop is not installed (Windows), asyncio's own loop.
     result = _without("uvloop", "from queuechat import eventloop\nprint(eventloop.factory())")
     assert result.stdout.strip() == "None", result.stderr
+
+
+def test_serve_refuses_an_unknown_event_loop_before_touching_anything(tmp_path, capsys, monkeypatch):
+    from queuechat.__main__ import main
+
+    monkeypatch.setenv("QUEUECHAT_EVENT_LOOP", "trio")
+    assert main(["serve", "--config", str(ROOT / "config" / "demo.toml"), "--data-dir", str(tmp_path)]) == 2
+    assert "queuechat: QUEUECHAT_EVENT_LOOP must be one of uvloop, asyncio, not 'trio'" in capsys.readouterr().err
+    assert not (tmp_path / "queuechat.db").exists()

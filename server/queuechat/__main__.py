@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from .observability.logs import handler
 
-    logging.basicConfig(level=logging.INFO, handlers=[handler(getattr(args, "log_format", "text"))])
+    if not logging.getLogger().handlers:  # else basicConfig would drop the handler, its thread left running
+        logging.basicConfig(level=logging.INFO, handlers=[handler(getattr(args, "log_format", "text"))])
     logging.getLogger("alembic").setLevel(logging.WARNING)  # its set-up chatter; queuechat.store.migrations logs steps
     if args.command == "identity-token":
         import jwt

@@ -229,20 +229,9 @@ def _any_waiting(c: Connection, queues: Collection[str]) -> bool:
     return bool(queues) and c.execute(_ANY_WAITING_IN, {"queues": list(queues)}).first() is not None
 
 
-_ANY_WAITING = Fast(
-    select(Conversation.id)
-    .where(Conversation.status == "queued", Conversation.queue_id == bindparam("queue"), _NOT_OFFERED)
-    .limit(1)
-)
-_ANY_WAITING_IN = (
-    select(Conversation.id)
-    .where(
-        Conversation.status == "queued",
-        col(Conversation.queue_id).in_(bindparam("queues", expanding=True)),
-        _NOT_OFFERED,
-    )
-    .limit(1)
-)
+_A_WAITING = select(Conversation.id).where(Conversation.status == "queued", _NOT_OFFERED).limit(1)
+_ANY_WAITING = Fast(_A_WAITING.where(Conversation.queue_id == bindparam("queue")))
+_ANY_WAITING_IN = _A_WAITING.where(col(Conversation.queue_id).in_(bindparam("queues", expanding=True)))
 _WAITING_FIRST = Fast(
     select(Conversation.id, Conversation.queue_id, Conversation.enqueued_at)
     .where(Conversation.status == "queued", Conversation.queue_id == bindparam("queue"), _NOT_OFFERED)
