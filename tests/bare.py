@@ -20,7 +20,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from harness import base_config, configure
+from harness import base_config, configure, load_drift
+from sqlalchemy import text
 from sqlmodel import Session, SQLModel, select
 
 from queuechat.api.convert import check_payload
@@ -56,6 +57,9 @@ class Bare:
         self.context = Context(self.config.settings, self.config.limits, check_payload if check_events else None)
         self.passwords = Passwords(self.config.argon2_time_cost, self.config.argon2_memory_kib)
         self.now = T0
+        # Check each one-queue dispatch against the whole-dispatch path (see run); off where a test counts
+        # routing's reads.
+        self.compare_paths = True
         # (when, fn, args) of every timer a committed write armed, in order.
         self.timers: list[tuple[datetime, Callable[..., Any], tuple[Any, ...]]] = []
         # A configured database is made once per configuration and copied: create_all and the
@@ -79,7 +83,10 @@ class Bare:
         self.engine = make_engine(f"sqlite:///{path}")
 
     def close(self) -> None:
+        with self.engine.connect() as conn:
+            drift = load_drift(conn)
         self.engine.dispose()
+        assert not drift, f"agent.load differs from the rows it counts (id, kept, counted): {drift}"
 
     # --- the clock ---------------------------------------------------------
 
@@ -102,11 +109,28 @@ class Bare:
             result = fn(tx, *args)
             queues = tx.dispatch_queues
             if tx.take_dispatch():
+                # One queue takes routing's reading-as-it-goes path: it must choose as the whole-dispatch
+                # path would, which is tried first and undone (with a queue that does not exist beside it).
+                expected = (
+                    self._chosen_by_every_queue_path(session, queues, now)
+                    if self.compare_paths and queues and len(queues) == 1
+                    else None
+                )
                 routing.dispatch(tx, queues=queues)
+                if expected is not None:
+                    assert _pending_offers(session) == expected, "one queue's dispatch chose otherwise"
             session.commit()
         effects = tx.effects
         self.timers.extend(args for name, args in effects if name == "schedule")
         return result, effects
+
+    def _chosen_by_every_queue_path(self, session: Session, queues: frozenset[str], now: datetime) -> set[tuple]:
+        savepoint = session.begin_nested()
+        try:
+            routing.dispatch(Tx(session, self.context, now), queues=set(queues) | {"(no such queue)"})
+            return _pending_offers(session)
+        finally:
+            savepoint.rollback()
 
     def write(self, fn: Callable[..., Any], *args: Any, now: datetime | None = None) -> Any:
         return self.run(fn, *args, now=now)[0]
@@ -188,6 +212,14 @@ class Bare:
 
     def reject(self, who: AgentPrincipal, offer_id: str, *, now: datetime | None = None) -> None:
         self.write(routing.reject_offer, who, offer_id, now=now)
+
+
+def _pending_offers(session: Session) -> set[tuple]:
+    """Every pending offer: to whom (session, agent), for which conversation, of which kind."""
+    rows = session.execute(
+        text("SELECT session_id, agent_id, conversation_id, kind FROM offer WHERE status = 'pending'")
+    )
+    return {tuple(r) for r in rows}
 
 
 def schedules(

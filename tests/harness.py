@@ -17,6 +17,8 @@ from typing import Any
 import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from sqlalchemy import create_engine, text
+from sqlalchemy.pool import NullPool
 
 from chat.v1 import admin_service_pb2 as admin_pb
 from chat.v1 import admin_service_pb2_grpc, agent_service_pb2_grpc, customer_service_pb2_grpc
@@ -50,7 +52,12 @@ def base_config(**overrides: Any) -> dict[str, Any]:
             {"id": "support", "display_name": "Support only", "queues": ["support"]},
         ],
         "agents": [
-            {"id": f"agent{i}", "display_name": f"Agent {i}", "password": f"pw{i}", "profiles": ["both", "sales", "support"]}
+            {
+                "id": f"agent{i}",
+                "display_name": f"Agent {i}",
+                "password": f"pw{i}",
+                "profiles": ["both", "sales", "support"],
+            }
             for i in range(1, 7)
         ],
         "admins": [{"id": "admin", "password": "adminpw"}],
@@ -180,16 +187,20 @@ class AgentClient:
         return auth(self.token)
 
     def open_offers(self, after_seq: int = 0) -> Stream:
-        self.offers = Stream(self.stub.StreamOffers(agent_pb.StreamOffersRequest(after_seq=after_seq), metadata=self.md))
+        self.offers = Stream(
+            self.stub.StreamOffers(agent_pb.StreamOffersRequest(after_seq=after_seq), metadata=self.md)
+        )
         return self.offers
 
     async def wait_offer(self, conversation_id: str | None = None, kind: int | None = None, timeout: float = WAIT):
         assert self.offers is not None
         item = await self.offers.wait_for(
-            lambda i: i.HasField("event")
-            and i.event.HasField("offer")
-            and (conversation_id is None or i.event.offer.conversation_id == conversation_id)
-            and (kind is None or i.event.offer.kind == kind),
+            lambda i: (
+                i.HasField("event")
+                and i.event.HasField("offer")
+                and (conversation_id is None or i.event.offer.conversation_id == conversation_id)
+                and (kind is None or i.event.offer.kind == kind)
+            ),
             timeout,
         )
         return item.event.offer
@@ -197,7 +208,9 @@ class AgentClient:
     async def wait_offer_update(self, offer_id: str, timeout: float = WAIT):
         assert self.offers is not None
         item = await self.offers.wait_for(
-            lambda i: i.HasField("event") and i.event.HasField("offer_update") and i.event.offer_update.offer_id == offer_id,
+            lambda i: (
+                i.HasField("event") and i.event.HasField("offer_update") and i.event.offer_update.offer_id == offer_id
+            ),
             timeout,
         )
         return item.event.offer_update
@@ -207,7 +220,9 @@ class AgentClient:
         return [i.event.offer.offer_id for i in self.offers.items if i.HasField("event") and i.event.HasField("offer")]
 
     async def accept(self, offer_id: str):
-        return (await self.stub.AcceptOffer(agent_pb.AcceptOfferRequest(offer_id=offer_id), metadata=self.md)).conversation
+        return (
+            await self.stub.AcceptOffer(agent_pb.AcceptOfferRequest(offer_id=offer_id), metadata=self.md)
+        ).conversation
 
     async def reject(self, offer_id: str):
         await self.stub.RejectOffer(agent_pb.RejectOfferRequest(offer_id=offer_id), metadata=self.md)
@@ -215,7 +230,8 @@ class AgentClient:
     def open_conversation(self, conversation_id: str, after_seq: int = 0) -> Stream:
         s = Stream(
             self.stub.StreamConversation(
-                agent_pb.StreamConversationRequest(conversation_id=conversation_id, after_seq=after_seq), metadata=self.md
+                agent_pb.StreamConversationRequest(conversation_id=conversation_id, after_seq=after_seq),
+                metadata=self.md,
             )
         )
         self.streams[conversation_id] = s
@@ -241,7 +257,9 @@ class AgentClient:
         )
 
     async def leave(self, conversation_id: str):
-        await self.stub.LeaveConversation(agent_pb.LeaveConversationRequest(conversation_id=conversation_id), metadata=self.md)
+        await self.stub.LeaveConversation(
+            agent_pb.LeaveConversationRequest(conversation_id=conversation_id), metadata=self.md
+        )
 
     async def invite(self, conversation_id: str, *, agent_id: str = "", queue_id: str = "", request_id: str = ""):
         req = agent_pb.InviteAgentRequest(conversation_id=conversation_id, request_id=request_id)
@@ -309,6 +327,24 @@ class CustomerClient:
             await self.stream.cancel()
 
 
+# agent.load is kept by the writes that change it; this counts it afresh from the rows, in one statement
+# (one snapshot, however many nodes write). Every test server is checked when it stops.
+LOAD_DRIFT = text("""
+SELECT id, load, counted FROM (
+  SELECT a.id, a.load,
+    (SELECT count(*) FROM participant p JOIN conversation c ON c.id = p.conversation_id
+      WHERE p.agent_id = a.id AND p.left_at IS NULL AND c.status = 'active')
+    + (SELECT count(*) FROM offer o WHERE o.agent_id = a.id AND o.status = 'pending') AS counted
+  FROM agent a
+) AS loads WHERE load <> counted
+""")
+
+
+def load_drift(conn) -> list[tuple[str, int, int]]:
+    """Agents whose kept load differs from their open conversations plus pending offers: (id, kept, counted)."""
+    return [tuple(r) for r in conn.execute(LOAD_DRIFT)]
+
+
 class Harness:
     def __init__(
         self,
@@ -364,6 +400,13 @@ class Harness:
             await self.channel.close()
         if self.server is not None:
             await self.server.stop(grace=0.5)
+            engine = create_engine(self.database_url, poolclass=NullPool)
+            try:
+                with engine.connect() as conn:
+                    drift = load_drift(conn)
+            finally:
+                engine.dispose()
+            assert not drift, f"agent.load differs from the rows it counts (id, kept, counted): {drift}"
 
     async def restart(self) -> None:
         await self.stop()
@@ -401,9 +444,6 @@ class Harness:
     async def admin_token(self) -> str:
         resp = await self.admin_stub.Login(admin_pb.AdminServiceLoginRequest(username="admin", password="adminpw"))
         return resp.admin_token
-
-
-
 
 
 def configure(doc: dict[str, Any], *, max_chats: dict[str, int] | None = None, **sections: dict[str, Any]) -> None:

@@ -162,9 +162,10 @@ def check_data_at_head(url: str) -> None:
     try:
         with Session(engine) as s:
             agents = s.exec(select(Agent).order_by(Agent.id)).all()
-            assert [(a.id, a.display_name, a.max_chats, a.disabled) for a in agents] == [
-                ("agent1", "Old name", 2, False),
-                ("agent2", "Agent 2", 3, False),
+            # 0005 counts each agent's load from the rows: agent1 is in the active conversation c1.
+            assert [(a.id, a.display_name, a.max_chats, a.disabled, a.load) for a in agents] == [
+                ("agent1", "Old name", 2, False, 1),
+                ("agent2", "Agent 2", 3, False, 0),
             ]
             assert [(a.id, a.password_hash, a.disabled) for a in s.exec(select(Admin)).all()] == [("admin", "z", False)]
             adm = s.exec(select(AdminSession)).one()
@@ -267,17 +268,23 @@ def test_autogenerate_sees_what_0001_lacks(backend):
     run_revisions(backend, "0001")
     with migrations.transaction(backend) as conn:
         found = _found(migrations.differences(conn))
-    assert found == {
-        ("add_column", "agent", "disabled"),
-        ("add_column", "admin", "disabled"),
-        ("add_column", "admin_session", "last_used_at"),
-        ("add_column", "agent_session", "last_seen_at"),
-        ("add_table", "configured_account"),
-        ("add_table", "identity_token_use"),
-        ("add_index", "ix_identity_token_use_expires_at"),
-        ("add_index", "ix_attachment_sha256"),
-        ("add_index", "ix_offer_resolved"),
-    } | ADDED_BY_0003 | ADDED_BY_0004
+    assert (
+        found
+        == {
+            ("add_column", "agent", "disabled"),
+            ("add_column", "admin", "disabled"),
+            ("add_column", "admin_session", "last_used_at"),
+            ("add_column", "agent_session", "last_seen_at"),
+            ("add_table", "configured_account"),
+            ("add_table", "identity_token_use"),
+            ("add_index", "ix_identity_token_use_expires_at"),
+            ("add_index", "ix_attachment_sha256"),
+            ("add_index", "ix_offer_resolved"),
+        }
+        | ADDED_BY_0003
+        | ADDED_BY_0004
+        | ADDED_BY_0005
+    )
 
 
 # What 0003 (the cluster's stream leases and attachment bytes in the database) adds.
@@ -296,8 +303,16 @@ ADDED_BY_0004 = {
     *(
         ("add_column", "conversation", c)
         for c in (
-            "ended_at", "wrap_up_code_id", "wrap_up_code_name", "wrap_up_note", "wrap_up_agent_id", "wrap_up_at",
-            "rating_score", "rating_comment", "rated_at", "rating_request_id",
+            "ended_at",
+            "wrap_up_code_id",
+            "wrap_up_code_name",
+            "wrap_up_note",
+            "wrap_up_agent_id",
+            "wrap_up_at",
+            "rating_score",
+            "rating_comment",
+            "rated_at",
+            "rating_request_id",
         )
     ),  # fmt: skip
     ("add_index", "ix_conversation_rated_at"),
@@ -308,15 +323,22 @@ ADDED_BY_0004 = {
     ("add_index", "ix_monitor_session_conversation_id"),
 }
 
+# What 0005 (issue #14: each agent's load on its row, routing's order indexed) adds.
+ADDED_BY_0005 = {("add_column", "agent", "load"), ("add_index", "ix_agent_session_idle")}
+
 
 def test_autogenerate_sees_what_0002_and_0003_lack(backend):
-    """At 0002 the comparison finds exactly what 0003 and 0004 add; at 0003, what 0004 adds."""
+    """At 0002 the comparison finds exactly what 0003, 0004 and 0005 add; at 0003, what 0004 and 0005 add;
+    at 0004, what 0005 adds."""
     run_revisions(backend, "0002")
     with migrations.transaction(backend) as conn:
-        assert _found(migrations.differences(conn)) == ADDED_BY_0003 | ADDED_BY_0004
+        assert _found(migrations.differences(conn)) == ADDED_BY_0003 | ADDED_BY_0004 | ADDED_BY_0005
     run_revisions(backend, "0003")
     with migrations.transaction(backend) as conn:
-        assert _found(migrations.differences(conn)) == ADDED_BY_0004
+        assert _found(migrations.differences(conn)) == ADDED_BY_0004 | ADDED_BY_0005
+    run_revisions(backend, "0004")
+    with migrations.transaction(backend) as conn:
+        assert _found(migrations.differences(conn)) == ADDED_BY_0005
 
 
 def _found(differences) -> set:

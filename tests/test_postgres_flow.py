@@ -258,6 +258,7 @@ async def test_a_send_waiting_for_the_row_sees_a_leave_committed_meanwhile(tmp_p
                             (cust.id,)).fetchone()[0]  # fmt: skip
         other.execute("UPDATE participant SET left_at = now() WHERE conversation_id = %s AND agent_id = 'agent1'",
                       (cust.id,))  # fmt: skip
+        other.execute("UPDATE agent SET load = load - 1 WHERE id = 'agent1'")  # its seat back, as a leave does
         who = {"kind": "PARTICIPANT_KIND_AGENT", "agent_id": "agent1", "display_name": "Agent 1"}
         other.execute(
             "INSERT INTO conversation_event (conversation_id, seq, kind, visibility, created_at, actor, payload)"

@@ -11,7 +11,8 @@ After every step:
    eligible for it: live session, ready, stream open, a profile with the queue for a chat offer or
    a queue invite, and never to someone already in the conversation;
 5. every pending offer is on a live session, with its expiry timer armed and not yet due;
-6. an answered offer stays as it was answered (a late timer, a retry, changes nothing).
+6. an answered offer stays as it was answered (a late timer, a retry, changes nothing);
+7. each agent's kept load (agent.load) is its open conversations plus pending offers, as counted.
 
 Every write runs a millisecond after the one before, so ties (same enqueue time, same last offer)
 never leave the outcome to random ids, and hypothesis can replay and shrink a failing run.
@@ -320,6 +321,10 @@ class RoutingMachine(RuleBasedStateMachine):
         load = Counter(m[1] for m in members) + Counter(o[2] for o in offers)
         for agent, n in load.items():
             assert n <= max_chats(agent), f"{agent} holds {n} > max_chats {max_chats(agent)}"
+
+        # 7. agent.load, kept by the writes that change it, is what the rows count.
+        for agent, kept in self.rows("SELECT id, load FROM agent"):
+            assert kept == load[agent], f"{agent}: load {kept} kept, {load[agent]} counted"
 
         # 3. work conservation.
         eligible = [s for s in sessions.values() if s[5] is None and s[3] and s[4] > 0]

@@ -593,6 +593,27 @@ def test_a_customer_leaving_the_queue_frees_the_offered_slot(make):
 # --- where routing looks ---------------------------------------------------------------
 
 
+class _Spy:
+    """A routing statement that records each run."""
+
+    def __init__(self, real, name: str, looked: list[str]):
+        self.real, self.name, self.looked = real, name, looked
+        self.stmt = real.stmt
+
+    def run(self, c, params):
+        result = self.real.run(c, params)
+        self.looked.append((self.name, len(result.all())))  # on SQLite a list: it can be read again
+        return result
+
+
+def spy_on_agent_reads(monkeypatch) -> list[tuple[str, int]]:
+    """The statements routing runs to read agents, in order, as it runs them, and the rows each read."""
+    looked: list[tuple[str, int]] = []
+    for name in ("_FREE_AGENTS", "_FREE_FOR_QUEUE", "_FREE_FOR_QUEUE_AFTER"):
+        monkeypatch.setattr(routing, name, _Spy(getattr(routing, name), name, looked))
+    return looked
+
+
 def test_a_close_looks_only_at_its_agents_queues(make, monkeypatch):
     """A close asks routing about the queues of its agents' profiles: with nobody waiting there, routing
     reads no agents at all (however long another queue is); with a chat waiting there, it is offered."""
@@ -602,9 +623,7 @@ def test_a_close_looks_only_at_its_agents_queues(make, monkeypatch):
     bare.accept(sales, bare.pending(cid)[0].id)
     for _ in range(3):
         bare.chat("support")  # nobody serves support: these wait
-    looked = []
-    real = routing.agent_loads
-    monkeypatch.setattr(routing, "agent_loads", lambda *a: looked.append(a) or real(*a))
+    looked = spy_on_agent_reads(monkeypatch)
     bare.write(conversations.close, sales, cid, True)
     assert looked == []
 
@@ -616,6 +635,31 @@ def test_a_close_looks_only_at_its_agents_queues(make, monkeypatch):
     assert looked and bare.offered_to(waiting) == "agent1"
 
 
+def test_an_arrival_reads_the_few_agents_it_needs_however_many_are_logged_in(make, monkeypatch):
+    """An arrival reads free agents idle longest first, four at a time, and offers to the first: the number
+    logged in does not matter. Busy agents are not read at all (agent.load, by the index's order)."""
+    many = [
+        {"id": f"a{i:02}", "display_name": f"A {i}", "password": "pw", "profiles": ["sales"], "max_chats": 1}
+        for i in range(30)
+    ]
+    bare = make(agents=many)
+    for i in range(30):
+        bare.agent(f"a{i:02}", "sales", now=at(i))
+    bare.compare_paths = False  # its reads would count too
+    looked = spy_on_agent_reads(monkeypatch)
+    first = bare.chat("sales", now=at(100))
+    assert bare.offered_to(first) == "a00" and looked == [("_FREE_FOR_QUEUE", 4)]
+
+    for i in range(1, 29):
+        bare.chat("sales", now=at(100 + i))  # a01..a28 each get one: all busy but a29
+    looked.clear()
+    last = bare.chat("sales", now=at(200))
+    assert bare.offered_to(last) == "a29" and looked == [("_FREE_FOR_QUEUE", 1)]
+    looked.clear()
+    waiting = bare.chat("sales", now=at(201))
+    assert bare.offered_to(waiting) is None and looked == [("_FREE_FOR_QUEUE", 0)]
+
+
 def test_a_dispatch_past_a_page_offers_the_oldest_chats_of_all_its_queues_in_order(make):
     """More free seats than a page (200) in two queues: chats are offered oldest first across both, the
     pages of one queue never running ahead of the other's older chats, and no chat past the seats."""
@@ -625,7 +669,5 @@ def test_a_dispatch_past_a_page_offers_the_oldest_chats_of_all_its_queues_in_ord
     bare.agent("agent1", "both", now=at(600))
     offered = bare.pending(agent_id="agent1")
     assert len(offered) == 450
-    waited = sorted(
-        bare.read(lambda s: [(c.enqueued_at, c.id) for c in s.exec(select(Conversation)).all()])
-    )
+    waited = sorted(bare.read(lambda s: [(c.enqueued_at, c.id) for c in s.exec(select(Conversation)).all()]))
     assert {o.conversation_id for o in offered} == {cid for _, cid in waited[:450]}

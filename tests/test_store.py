@@ -447,6 +447,26 @@ def test_the_cool_down_read_looks_up_the_chats_own_offers(tmp_path):
     assert plan == ["SEARCH offer USING INDEX ix_offer_conversation_id (conversation_id=?)"]
 
 
+def test_routing_reads_free_agents_in_index_order(tmp_path):
+    """Routing reads live sessions idle longest first by ix_agent_session_idle and stops at the few it
+    needs: no sort of every live session (a temporary B-tree) on each arrival."""
+    db = Database(sqlite_url(tmp_path / "plan.db"))
+    try:
+        db.create_all()
+        plans = {}
+        for name in ("_FREE_AGENTS", "_FREE_FOR_QUEUE", "_FREE_FOR_QUEUE_AFTER"):
+            sql = str(getattr(routing, name).stmt.compile(dialect=db.engine.dialect))
+            with db.engine.connect() as c:
+                rows = c.exec_driver_sql("EXPLAIN QUERY PLAN " + sql, (None,) * sql.count("?"))
+                plans[name] = [row[-1] for row in rows]
+    finally:
+        db.close()
+    for name, plan in plans.items():
+        assert plan[0].startswith("SEARCH agent_session USING INDEX ix_agent_session_idle (ended_at=?"), (name, plan)
+        assert not any("TEMP B-TREE" in step for step in plan), (name, plan)
+    assert "(last_offer_at,created_at,id)>(?,?,?)" in plans["_FREE_FOR_QUEUE_AFTER"][0]
+
+
 # --- transactions ------------------------------------------------------------
 
 

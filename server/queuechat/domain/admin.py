@@ -111,11 +111,14 @@ def apply_config(tx: Tx, cfg: Config, hashes: Hashes) -> None:
     before = {(r.kind, r.id) for r in s.exec(select(ConfiguredAccount)).all()}
     for a in cfg.agents:
         cur = s.get(Agent, a.id)
-        old = cur.password_hash if cur else None  # merge() below updates cur in place
+        old = cur.password_hash if cur else None
         h = _hash(s, hashes, "agent", a.id, old)
-        s.merge(
-            Agent(id=a.id, display_name=a.display_name, password_hash=h, max_chats=a.max_chats, disabled=a.disabled)
-        )
+        fields = {"display_name": a.display_name, "password_hash": h, "max_chats": a.max_chats, "disabled": a.disabled}
+        if cur is None:
+            s.add(Agent(id=a.id, **fields))
+        else:  # not merge(): it would set every column, the agent's kept load too
+            for name, value in fields.items():
+                setattr(cur, name, value)
         s.flush()
         if old is not None and (h != old or a.disabled):
             agents.end_sessions(tx, a.id)

@@ -595,6 +595,7 @@ def leave(tx: Tx, who: AgentPrincipal, conversation_id: str) -> None:
     else:
         part.left_at = now
         s.add(part)
+        routing.take_seats(tx, agent.id, -1)
         append_event(
             tx,
             conv,
@@ -691,6 +692,8 @@ def _close(
 ) -> None:
     """Close the conversation, setting the `also` columns (a wrap-up) in the same statement."""
     routing.withdraw_conversation_offers(tx, conv.id, "taken_elsewhere", now)
+    if conv.status == "active":
+        routing.release_seats(tx, conv.id)
     supervision.stop_monitors(tx, conv)  # their stops go in the log before chat_closed
     closed = {"ended_at": conv.ended_at or now, "status": "closed", "closed_at": now, **(also or {})}
     append_event(tx, conv, "chat_closed", {"closed_by": by}, actor=actor, now=now, also=closed)

@@ -148,7 +148,7 @@ def cancel_invite(tx: Tx, who: AgentPrincipal, invite_id: str) -> dict[str, Any]
 
 def on_accepted(tx: Tx, offer: Offer, conv: Conversation, agent: Agent, now: datetime) -> None:
     inv = must_get(tx.session, Invite, offer.invite_id)
-    tx.session.add(Participant(conversation_id=conv.id, agent_id=agent.id, joined_at=now))
+    tx.session.add(Participant(conversation_id=conv.id, agent_id=agent.id, joined_at=now))  # the offer's seat
     append_event(
         tx,
         conv,

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple, Protocol
 
-from sqlalchemy import bindparam, exists, insert, or_, text, update
+from sqlalchemy import bindparam, exists, insert, or_, text, tuple_, update
 from sqlalchemy import select as core_select
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm.attributes import set_committed_value
@@ -35,7 +35,6 @@ from ..store.models import Agent, AgentSession, Conversation, Offer, Participant
 from . import invites
 from .log import append_event, append_feed, feed_stored, json_around, ts
 from .read import (
-    agent_loads,
     agent_view,
     conversation_view,
     get,
@@ -68,8 +67,10 @@ def dispatch(tx: Tx, now: datetime | None = None, queues: Collection[str] | None
     """Offer waiting chats to free agents until either runs out. Returns offers made.
 
     Runs after every change that may free capacity or add work, so it must stay cheap with
-    a long queue: plain rows, each queue read only as far as its free seats, and a stop as soon
-    as no queue that has waiting chats has a free agent left.
+    a long queue and many agents: plain rows, only free agents read (agent.load), each queue read
+    only as far as its free seats, and a stop as soon as no queue that has waiting chats has a free
+    agent left. One queue (an arrival, a close by an agent of a one-queue profile) reads its agents
+    a few at a time (_dispatch_queue): the cost of an arrival does not grow with the agents.
 
     `queues`: only these changed. Every dispatch runs until no queue has both a chat not on
     offer and a free agent, so a change to some queues can only make work in those: when none
@@ -78,15 +79,16 @@ def dispatch(tx: Tx, now: datetime | None = None, queues: Collection[str] | None
     now = now or tx.now
     if queues is not None and not _any_waiting(c, queues):
         return 0
-    # Plain lists, not dicts: one per live agent per dispatch (see _LIVE_AGENTS for the fields). They come
+    if queues is not None and len(queues) == 1:
+        return _dispatch_queue(tx, next(iter(queues)), now)
+    # Plain lists, not dicts: one per free agent per dispatch (see _FREE_AGENTS for the fields). They come
     # idle-longest first, so an agent's rank is its place in that order: no timestamps are read.
-    live: list[list[Any]] = [[*r, i] for i, r in enumerate(_LIVE_AGENTS.run(c, {}))]
-    if not live:
+    free: list[list[Any]] = [[*r, i] for i, r in enumerate(_FREE_AGENTS.run(c, {}))]
+    if not free:
         return 0
-    next_rank = len(live)
-    loads = agent_loads(tx.session, [a[_AGENT] for a in live])
+    next_rank = len(free)
+    loads = {a[_AGENT]: a[_LOAD] for a in free}
     pq = profile_queues(tx.session)
-    free = [a for a in live if loads.get(a[_AGENT], 0) < a[_MAX]]
     served = set().union(*(pq.get(a[_PROFILE], set()) for a in free))
     if queues is not None:
         served &= set(queues)
@@ -97,7 +99,7 @@ def dispatch(tx: Tx, now: datetime | None = None, queues: Collection[str] | None
     for a in free:
         for q in pq.get(a[_PROFILE], ()):
             if q in seats:
-                seats[q] += a[_MAX] - loads.get(a[_AGENT], 0)
+                seats[q] += a[_MAX] - a[_LOAD]
     made = 0
     after: dict[str, tuple[datetime, str]] = {}
     while served:
@@ -132,11 +134,102 @@ def dispatch(tx: Tx, now: datetime | None = None, queues: Collection[str] | None
             make_offer(tx, _WaitingRow(conv_id, queue_id, enqueued_at), pick[_SESSION], pick[_AGENT], now)
             pick[_RANK] = next_rank  # offered last: idle the shortest
             next_rank += 1
-            loads[pick[_AGENT]] = loads.get(pick[_AGENT], 0) + 1
+            loads[pick[_AGENT]] += 1
             made += 1
         # Another round only for queues with chats left unread or held back by the cutoff.
         served &= full | more
     return made
+
+
+def _dispatch_queue(tx: Tx, queue_id: str, now: datetime) -> int:
+    """dispatch for one queue, choosing as dispatch does: the queue's chats oldest first, each to the free
+    agent serving it who is idle longest and not in their cool-down for it (if there is one; anyone free
+    otherwise). Agents are read idle-longest first a few at a time, so an arrival reads the one or two it
+    offers to, whatever the number logged in; when none is free the database skips the busy by index."""
+    c = tx.conn
+    agents = _QueueAgents(c, queue_id)
+    made = 0
+    after: tuple[datetime, str] | None = None
+    limit = 8
+    while True:
+        rows = _waiting_page(c, queue_id, after, limit)
+        for conv_id, _, enqueued_at in rows:
+            pick = agents.pick(lambda conv_id=conv_id: _cooling(tx, conv_id, now))
+            if pick is None:
+                return made  # nobody left: the other chats keep waiting
+            make_offer(tx, _WaitingRow(conv_id, queue_id, enqueued_at), pick[_SESSION], pick[_AGENT], now)
+            made += 1
+        if len(rows) < limit:
+            return made
+        after = (rows[-1][2], rows[-1][0])
+        limit = min(limit * 4, _PAGE)
+
+
+class _QueueAgents:
+    """The free agents serving one queue, in routing's order, read from the database as they are needed.
+
+    Order: those not offered anything in this dispatch, idle longest first (the database's order), then
+    those offered one now and with seats left, in the order they were offered (as dispatch's ranks)."""
+
+    def __init__(self, c: Connection, queue_id: str):
+        self.c = c
+        self.queue_id = queue_id
+        self.fresh: list[list[Any]] = []  # read, not offered anything yet, in order
+        self.offered: list[list[Any]] = []  # offered one in this dispatch, seats left, in the order offered
+        self.seen: set[str] = set()  # sessions read (an offer moves a session to the end of the index)
+        self.last: tuple[datetime, datetime, str] | None = None  # the keyset of the last row read
+        self.done = False  # all read
+        self.batch = 4
+
+    def _read(self) -> bool:
+        """Read the next few; False when there are no more."""
+        while not self.done:
+            params = {"queue": self.queue_id, "limit": self.batch}
+            if self.last is None:
+                rows = _FREE_FOR_QUEUE.run(self.c, params).all()
+            else:
+                at, created, sid = self.last
+                rows = _FREE_FOR_QUEUE_AFTER.run(self.c, {**params, "at": at, "created": created, "id": sid}).all()
+            if len(rows) < self.batch:
+                self.done = True
+            self.batch = min(self.batch * 4, _PAGE)
+            if rows:
+                self.last = (rows[-1][-3], rows[-1][-2], rows[-1][-1])
+            new = [list(r[:5]) for r in rows if r[_SESSION] not in self.seen]
+            self.seen.update(r[_SESSION] for r in new)
+            if new:
+                self.fresh.extend(new)
+                return True
+        return False
+
+    def pick(self, cooling: Callable[[], set[str]]) -> list[Any] | None:
+        """Who gets the next chat (its seat taken), or None if nobody is free."""
+        if not self.fresh:
+            self._read()  # anyone not offered one yet comes before those who were
+        while len(self.fresh) + len(self.offered) < 2 and self._read():
+            pass
+        if not self.fresh and not self.offered:
+            return None
+        chosen: list[Any] | None = None
+        # The cool-down only matters with a choice: dispatch reads it only then.
+        if len(self.fresh) + len(self.offered) > 1 and (cold := cooling()):
+            i = 0
+            while chosen is None and (i < len(self.fresh) or self._read()):
+                if self.fresh[i][_AGENT] not in cold:
+                    chosen = self.fresh[i]
+                i += 1
+            if chosen is None:
+                chosen = next((a for a in self.offered if a[_AGENT] not in cold), None)
+        if chosen is None:
+            chosen = self.fresh[0] if self.fresh else self.offered[0]
+        for pool in (self.fresh, self.offered):
+            if any(a is chosen for a in pool):
+                del pool[next(i for i, a in enumerate(pool) if a is chosen)]
+                break
+        chosen[_LOAD] += 1
+        if chosen[_LOAD] < chosen[_MAX]:
+            self.offered.append(chosen)
+        return chosen
 
 
 def freed_queues(tx: Tx, conversation_id: str) -> set[str]:
@@ -180,26 +273,48 @@ _COOLING = Fast(
 
 
 _PAGE = 200
-# The fields of a _LIVE_AGENTS row, by position, and the rank dispatch adds.
-_SESSION, _AGENT, _PROFILE, _MAX, _RANK = range(5)
+# The fields of a free agent's row, by position, and the rank dispatch adds.
+_SESSION, _AGENT, _PROFILE, _MAX, _LOAD, _RANK = range(6)
+_LIVE = (
+    col(AgentSession.ended_at).is_(None),
+    col(AgentSession.ready) == True,  # noqa: E712
+    col(AgentSession.stream_count) > 0,
+    col(Agent.load) < col(Agent.max_chats),
+)
 # Idle longest first: the oldest last offer (a login counts as one), then the oldest session.
-_LIVE_AGENTS = Fast(
+_IDLE_ORDER = (col(AgentSession.last_offer_at), col(AgentSession.created_at), col(AgentSession.id))
+_FREE_AGENTS = Fast(
     core_select(
-        col(AgentSession.id),
-        col(AgentSession.agent_id),
-        col(AgentSession.profile_id),
-        col(Agent.max_chats),
+        col(AgentSession.id), col(AgentSession.agent_id), col(AgentSession.profile_id), col(Agent.max_chats),
+        col(Agent.load),
+    )
+    .join(Agent, col(Agent.id) == AgentSession.agent_id)
+    .where(*_LIVE)
+    .order_by(*_IDLE_ORDER)
+)  # fmt: skip
+_FREE_FOR_QUEUE = Fast(
+    core_select(
+        col(AgentSession.id), col(AgentSession.agent_id), col(AgentSession.profile_id), col(Agent.max_chats),
+        col(Agent.load), *_IDLE_ORDER,
     )
     .join(Agent, col(Agent.id) == AgentSession.agent_id)
     .where(
-        col(AgentSession.ended_at).is_(None),
-        col(AgentSession.ready) == True,  # noqa: E712
-        col(AgentSession.stream_count) > 0,
+        *_LIVE,
+        exists().where(
+            col(ProfileQueue.profile_id) == col(AgentSession.profile_id), ProfileQueue.queue_id == bindparam("queue")
+        ),
     )
-    .order_by(
-        col(AgentSession.last_offer_at),
-        col(AgentSession.created_at),
-        col(AgentSession.id),
+    .order_by(*_IDLE_ORDER)
+    .limit(bindparam("limit"))
+)  # fmt: skip
+_FREE_FOR_QUEUE_AFTER = Fast(
+    _FREE_FOR_QUEUE.stmt.where(
+        tuple_(*_IDLE_ORDER)
+        > tuple_(
+            bindparam("at", type_=col(AgentSession.last_offer_at).type),
+            bindparam("created", type_=col(AgentSession.created_at).type),
+            bindparam("id", type_=col(AgentSession.id).type),
+        )
     )
 )
 
@@ -313,6 +428,7 @@ def make_offer(
         feed_stored(tx, session_id, seq, "offer", payload, now)
     else:
         _INSERT_OFFER.run(c, row)
+        take_seats(tx, agent_id, 1)
         append_feed(tx, session_id, "offer", payload, now, also={"last_offer_at": now})
     tx.schedule(expires_at, expire_offer, offer_id)
     tx.count("offers_made", kind=kind)
@@ -332,6 +448,8 @@ _PG_OFFER_WITH_FEED = text(
     "), claim AS ("
     " UPDATE agent_session SET feed_seq = feed_seq + 1, last_offer_at = :created_at WHERE id = :session_id"
     " RETURNING feed_seq"
+    "), seat AS ("
+    " UPDATE agent SET load = load + 1 WHERE id = :agent_id"
     "), entry AS ("
     " INSERT INTO agent_feed_event (session_id, seq, kind, created_at, payload)"
     " SELECT :session_id, claim.feed_seq, 'offer', :created_at, :head || found.variables || :tail FROM claim, found"
@@ -344,9 +462,12 @@ _PG_OFFER_WITH_FEED = text(
 
 
 def close_offer(tx: Tx, offer: Offer, state: str, now: datetime, reason: str | None = None) -> None:
-    """Record the outcome on the offer and on its session's feed."""
+    """Record the outcome on the offer and on its session's feed. An accepted offer's seat stays taken: the
+    agent joins the conversation in the same write (accept_offer, invites.on_accepted)."""
     # A Core UPDATE (every chat's offer ends here), and the loaded object told, so no flush repeats it.
     _CLOSE_OFFER.run(tx.conn, {"offer": offer.id, "state": state, "at": now, "reason": reason})
+    if state != "accepted":
+        take_seats(tx, offer.agent_id, -1)
     set_committed_value(offer, "status", state)
     set_committed_value(offer, "resolved_at", now)
     set_committed_value(offer, "withdraw_reason", reason)
@@ -358,6 +479,32 @@ def close_offer(tx: Tx, offer: Offer, state: str, now: datetime, reason: str | N
     tx.observe("offer_answer_seconds", (now - offer.created_at).total_seconds(), outcome=state)
     ids = {"offer_id": offer.id, "conversation_id": offer.conversation_id, "agent_id": offer.agent_id}
     tx.log(f"offer.{state}", **ids, reason=reason)
+
+
+def take_seats(tx: Tx, agent_id: str, n: int) -> None:
+    """Keep agent.load: n seats taken (an offer made, a conversation joined) or, negative, given back."""
+    _TAKE_SEATS.run(tx.conn, {"agent": agent_id, "n": n})
+
+
+def release_seats(tx: Tx, conversation_id: str) -> None:
+    """An active conversation closes: each agent still in it has a seat back."""
+    _RELEASE_SEATS.run(tx.conn, {"conv": conversation_id})
+
+
+_TAKE_SEATS = Fast(
+    update(Agent).where(col(Agent.id) == bindparam("agent")).values(load=col(Agent.load) + bindparam("n"))
+)
+_RELEASE_SEATS = Fast(
+    update(Agent)
+    .where(
+        col(Agent.id).in_(
+            select(Participant.agent_id).where(
+                Participant.conversation_id == bindparam("conv"), col(Participant.left_at).is_(None)
+            )
+        )
+    )
+    .values(load=col(Agent.load) - 1)
+)
 
 
 _CLOSE_OFFER = Fast(
@@ -400,7 +547,7 @@ def accept_offer(tx: Tx, who: AgentPrincipal, offer_id: str) -> ConversationView
     if offer.kind == "invite":
         invites.on_accepted(tx, offer, conv, must_get(s, Agent, who.agent_id), now)
     else:
-        _JOIN.run(tx.conn, {"conversation_id": conv.id, "agent_id": who.agent_id, "joined_at": now})
+        _JOIN.run(tx.conn, {"conversation_id": conv.id, "agent_id": who.agent_id, "joined_at": now})  # the offer's seat
         append_event(
             tx,
             conv,

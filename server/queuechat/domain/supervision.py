@@ -18,6 +18,7 @@ from sqlmodel import Session, col, select
 from ..errors import denied, not_found, precondition, short
 from ..store.fast import Fast
 from ..store.models import Agent, Conversation, MonitorSession, Participant, Profile, ProfileQueue
+from . import routing
 from .log import agent_participant, append_event, find_request
 from .read import conversation_view, is_participant, must_get
 from .tx import Tx
@@ -221,6 +222,7 @@ def barge_in(tx: Tx, who: AgentPrincipal, conversation_id: str) -> ConversationV
     _require_monitoring(s, who, conversation_id)
     agent = must_get(s, Agent, who.agent_id)
     s.add(Participant(conversation_id=conv.id, agent_id=agent.id, joined_at=tx.now))
+    routing.take_seats(tx, agent.id, 1)
     append_event(
         tx, conv, "participant_joined", {"participant": agent_participant(agent).to_json(), "barge_in": True},
         actor=f"agent:{agent.id}",

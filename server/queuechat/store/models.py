@@ -50,6 +50,10 @@ class Agent(SQLModel, table=True):
     max_chats: int = 3
     # Set by the file (disabled = true, or removed from it): no login, no session.
     disabled: bool = Field(default=False, sa_column_kwargs={"server_default": text("false")})
+    # Open conversations plus pending offers: what counts against max_chats (read.agent_loads derives it
+    # from those rows). Kept by the writes that change it, under the routing lock, so that routing reads
+    # the free agents by an index instead of counting every agent's seats on each arrival.
+    load: int = Field(default=0, sa_column_kwargs={"server_default": text("0")})
 
 
 class AgentProfile(SQLModel, table=True):
@@ -120,6 +124,12 @@ class AgentSession(SQLModel, table=True):
     last_offer_at: datetime
     # Last seq of this session's offer feed.
     feed_seq: int = 0
+
+    __table_args__ = (
+        # Routing's order among live sessions (idle longest first), read until it finds a free agent: the
+        # live ones (ended_at NULL) are one range of it, already in order.
+        Index("ix_agent_session_idle", "ended_at", "last_offer_at", "created_at", "id"),
+    )
 
 
 class Conversation(SQLModel, table=True):
