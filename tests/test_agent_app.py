@@ -262,6 +262,25 @@ async def test_several_chats_unread_markers_and_a_new_offer_does_not_steal_focus
         assert len(app.chats) == 2 and "Offer in Support: rejected" in lines(app.home)
 
 
+async def test_a_key_pressed_as_an_offer_comes_to_the_front_answers_it(server):
+    """The tab is switched, and the agent's key comes before the focus has left the chat's input (Textual
+    moves it after the next refresh): a answers the offer in front, and nothing lands in the hidden input."""
+    app = desktop()
+    async with app.run_test(size=SIZE) as pilot:
+        await log_in(pilot, server.address)
+        _, ada_tab = await accept_chat(pilot, server, variables={"name": "Ada"})
+        field = ada_tab.query_one(".message", Input)
+        await until(pilot, lambda: app.focused is field, "the chat's input focused")
+        bob = await server.customer("sales", {"name": "Bob"})
+        offer = await until(pilot, lambda: offer_pane(app, bob.id), "the second offer")
+        assert app.tabs.active == ada_tab.id  # behind the chat the agent is in
+        app.tabs.active = offer.id  # as a click on its tab does; the focus is still in Ada's input
+        await pilot.press("a")
+        chat = await until(pilot, lambda: app.chats.get(bob.id), "the accepted chat's tab")
+        await until(pilot, lambda: app.tabs.active == chat.id, "the chat in front")
+        assert field.value == ""
+
+
 @pytest.mark.configure(settings={"offer_timeout": 0.5})
 async def test_an_unanswered_offer_times_out_and_its_tab_goes(server):
     app = desktop()
@@ -270,7 +289,7 @@ async def test_an_unanswered_offer_times_out_and_its_tab_goes(server):
         cust = await server.customer("sales", {"name": "Ada"})
         offer = await until(pilot, lambda: offer_pane(app, cust.id), "the offer tab")
         await until(pilot, lambda: not offer.is_attached, "the offer tab gone")
-        assert "Offer in Sales: timed out" in lines(app.home)
+        await until(pilot, lambda: "Offer in Sales: timed out" in lines(app.home), "the time-out in the activity")
 
 
 async def test_invites_both_ways_and_leaving_after_an_invite(server):
@@ -461,7 +480,7 @@ async def test_the_desktop_fits_80x24_and_anonymous_customers_are_told_apart(ser
         assert f"Customer · support #{cust.id[:4]} is still connected. Closing ends the chat for them too." in warning
 
 
-@pytest.mark.configure(settings={"offer_timeout": 1.5, "reject_cooldown": 1.0})
+@pytest.mark.configure(settings={"offer_timeout": 3.0, "reject_cooldown": 1.0})
 async def test_an_offer_that_times_out_and_comes_back_keeps_its_place_and_the_keys(server):
     app = desktop()
     async with app.run_test(size=SMALL) as pilot:

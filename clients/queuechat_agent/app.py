@@ -10,6 +10,7 @@ from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.content import Content
+from textual.dom import NoScreen
 from textual.screen import Screen
 from textual.widgets import Button, Footer, Input, Label, Static, Switch, Tab, TabbedContent, TabPane, Tabs
 from textual.widgets._tabbed_content import ContentTab
@@ -72,6 +73,19 @@ ChatPane > Horizontal { height: 1fr; }
 
 
 DESKTOP_ACTIONS = {"offer", "chat", "toggle_ready", "close_tab", "next_tab", "previous_tab", "monitor"}
+
+
+class Desk(TabbedContent):
+    """The tabs. A widget focused in a pane brings that pane to the front (Textual's TabPane.Focused), but
+    the news travels by message: by the time it comes, the agent may have clicked another tab and the focus
+    moved on. Only a pane that still holds the focus comes to the front."""
+
+    def _on_tab_pane_focused(self, event: TabPane.Focused) -> None:
+        focused = self.screen.focused
+        if focused is None or event.tab_pane not in focused.ancestors:
+            event.stop()
+            return
+        super()._on_tab_pane_focused(event)
 
 
 class LoginScreen(Screen[tuple[AgentClient, Session]]):
@@ -171,8 +185,10 @@ class AgentApp(App[None]):
     ENABLE_COMMAND_PALETTE = False
     # Keys act on the tab in front, whatever has the focus within it (check_action says which apply).
     BINDINGS = [
-        Binding("a", "offer(True)", "Accept"),
-        Binding("r", "offer(False)", "Reject"),
+        # Priority: with an offer in front, a and r answer it even if the focus is still in a chat's input
+        # on its way out (check_action leaves the keys to the chat's input when a chat is in front).
+        Binding("a", "offer(True)", "Accept", priority=True),
+        Binding("r", "offer(False)", "Reject", priority=True),
         Binding("f2", "chat('predefined')", "Predefined", show=False),
         Binding("f3", "chat('menu')", "Menu", show=False),
         Binding("f4", "chat('invite')", "Invite", show=False),
@@ -213,7 +229,7 @@ class AgentApp(App[None]):
     def compose(self) -> ComposeResult:
         yield Static(id="banner")
         yield Static(id="status")
-        with TabbedContent(id="tabs"):
+        with Desk(id="tabs"):
             yield HomePane()
         yield Footer()
 
@@ -420,9 +436,9 @@ class AgentApp(App[None]):
             del self.chats[pane.conversation_id]
         else:
             return
-        await self.tabs.remove_pane(pane.pane_id)
         if activity:
-            self.home.log_activity(activity)
+            self.home.log_activity(activity)  # first: once the tab is gone, what happened to it is there
+        await self.tabs.remove_pane(pane.pane_id)
         self._refresh_status()
 
     def activate(self, pane_id: str) -> None:
@@ -437,6 +453,13 @@ class AgentApp(App[None]):
 
     @on(TabbedContent.TabActivated)
     def tab_activated(self, event: TabbedContent.TabActivated) -> None:
+        try:
+            desk = event.tabbed_content.screen  # under a dialog or the login, maybe: their focus is their own
+        except NoScreen:
+            return  # the app is closing
+        if desk.focused is not None and event.pane is not None and event.pane not in desk.focused.ancestors:
+            # A key typed now must not land in the tab just left (its input is hidden, not gone).
+            desk.set_focus(None)
         if isinstance(event.pane, Pane):
             event.pane.mark_read()
             self.refresh_bindings()
