@@ -113,12 +113,11 @@ def apply_config(tx: Tx, cfg: Config, hashes: Hashes) -> None:
         cur = s.get(Agent, a.id)
         old = cur.password_hash if cur else None
         h = _hash(s, hashes, "agent", a.id, old)
-        fields = {"display_name": a.display_name, "password_hash": h, "max_chats": a.max_chats, "disabled": a.disabled}
         if cur is None:
-            s.add(Agent(id=a.id, **fields))
-        else:  # not merge(): it would set every column, the agent's kept load too
-            for name, value in fields.items():
-                setattr(cur, name, value)
+            cur = Agent(id=a.id, display_name="", password_hash="")
+            s.add(cur)
+        # Not merge(): it would set every column, the agent's kept load too.
+        cur.display_name, cur.password_hash, cur.max_chats, cur.disabled = a.display_name, h, a.max_chats, a.disabled
         s.flush()
         if old is not None and (h != old or a.disabled):
             agents.end_sessions(tx, a.id)

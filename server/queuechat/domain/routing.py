@@ -154,7 +154,11 @@ def _dispatch_queue(tx: Tx, queue_id: str, now: datetime) -> int:
     while True:
         rows = _waiting_page(c, queue_id, after, limit)
         for conv_id, _, enqueued_at in rows:
-            pick = agents.pick(lambda conv_id=conv_id: _cooling(tx, conv_id, now))
+
+            def cooling(conv_id: str = conv_id) -> set[str]:
+                return _cooling(tx, conv_id, now)
+
+            pick = agents.pick(cooling)
             if pick is None:
                 return made  # nobody left: the other chats keep waiting
             make_offer(tx, _WaitingRow(conv_id, queue_id, enqueued_at), pick[_SESSION], pick[_AGENT], now)
@@ -301,7 +305,8 @@ _FREE_FOR_QUEUE = Fast(
     .where(
         *_LIVE,
         exists().where(
-            col(ProfileQueue.profile_id) == col(AgentSession.profile_id), ProfileQueue.queue_id == bindparam("queue")
+            col(ProfileQueue.profile_id) == col(AgentSession.profile_id),
+            col(ProfileQueue.queue_id) == bindparam("queue"),
         ),
     )
     .order_by(*_IDLE_ORDER)
@@ -311,9 +316,9 @@ _FREE_FOR_QUEUE_AFTER = Fast(
     _FREE_FOR_QUEUE.stmt.where(
         tuple_(*_IDLE_ORDER)
         > tuple_(
-            bindparam("at", type_=col(AgentSession.last_offer_at).type),
-            bindparam("created", type_=col(AgentSession.created_at).type),
-            bindparam("id", type_=col(AgentSession.id).type),
+            bindparam("at", type_=UTCDateTime()),  # as the columns store them
+            bindparam("created", type_=UTCDateTime()),
+            bindparam("id"),
         )
     )
 )
@@ -617,4 +622,18 @@ def _give_back(tx: Tx, offer: Offer, state: str, now: datetime, reason: str | No
     close_offer(tx, offer, state, now, reason)
     if offer.kind == "invite":
         invites.on_offer_closed(tx, offer, state, now)
-    tx.needs_dispatch()
+    # What changed: a chat is waiting again (its queue), and the agent has a seat back (the queues of their
+    # live sessions' profiles). Routing looks there only: at a reject that is usually the one queue.
+    tx.needs_dispatch(_GIVEN_BACK.run(tx.conn, {"agent": offer.agent_id, "conv": offer.conversation_id}).scalars())
+
+
+_GIVEN_BACK = Fast(
+    core_select(col(ProfileQueue.queue_id))
+    .join(AgentSession, col(AgentSession.profile_id) == ProfileQueue.profile_id)
+    .where(col(AgentSession.agent_id) == bindparam("agent"), col(AgentSession.ended_at).is_(None))
+    .union(
+        core_select(col(Conversation.queue_id)).where(
+            col(Conversation.id) == bindparam("conv"), col(Conversation.status) == "queued"
+        )
+    )
+)
