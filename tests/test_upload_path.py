@@ -129,6 +129,35 @@ async def test_a_completed_upload_stores_its_full_count(server, monkeypatch):
         assert (row.received_bytes, row.status) == (len(data), "complete")
 
 
+async def test_each_boundary_count_is_written_once_even_while_the_last_write_is_in_flight(server, monkeypatch):
+    """The stored count is written at each _RECORD_EVERY boundary, once: a chunk that comes while the
+    boundary's write is still on the writer does not write its own count again (it did: 17 writes for
+    five 20 MiB uploads instead of 10)."""
+    import functools
+    import time
+
+    monkeypatch.setattr(attachments, "_RECORD_EVERY", 2 * MIB)
+    written: list[int] = []
+    real = attachments._record_chunk
+
+    @functools.wraps(real)
+    def slow_record(tx, upload_id, stored, received):
+        written.append(received)
+        time.sleep(0.2)  # still in flight when the next chunks come
+        return real(tx, upload_id, stored, received)
+
+    monkeypatch.setattr(attachments, "_record_chunk", slow_record)
+    agent, cust = await server.chat(variables={"name": "Ada"})
+    _, c_up = uploaders(agent, cust)
+    data = text(8 * MIB)
+    up = await c_up.create("data.txt", len(data), "text/plain")
+    for off in range(0, len(data), MIB):
+        await c_up.chunk(up.upload_id, off, data[off : off + MIB])
+    done = await c_up.complete(up.upload_id, sha(data))
+    assert done.received_bytes == len(data)
+    assert written == [2 * MIB, 4 * MIB, 6 * MIB]  # 8 MiB is the whole file: completing writes it
+
+
 async def test_an_upload_deleted_behind_the_nodes_back_is_not_written_to_again(server, monkeypatch):
     monkeypatch.setattr(attachments, "_RECORD_EVERY", MIB)
     agent, cust = await server.chat(variables={"name": "Ada"})

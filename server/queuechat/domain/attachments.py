@@ -272,6 +272,7 @@ class _Live:
     received: int = -1
     scanning: asyncio.Future[None] | None = None  # the last chunk's scan
     recording: asyncio.Future[int] | None = None  # the last write of the stored count, if not seen done
+    recording_to: int = 0  # the count that write stores
 
     def __post_init__(self) -> None:
         if self.received < 0:
@@ -368,31 +369,41 @@ class Attachments:
                     "OFFSET_MISMATCH", f"Send the chunk at offset {live.received}.", expected_offset=live.received
                 )
             self._live.pop(upload_id, None)  # until this chunk is on disk
-            # Written while the previous chunk is still being scanned: the scan reads that chunk's
-            # bytes in memory, not the file.
-            await self._io(self.blobs.write_chunk, upload_id, offset, data)
             if live.scanning is not None:
-                # The previous chunk's scan: at most one in flight, in order.
+                # The previous chunk's scan (at most one in flight, in order): it began when that
+                # chunk was written, so it is over by now as a rule.
                 await asyncio.wait((live.scanning,))
                 if live.scanning.cancelled() or live.scanning.exception() is not None:
                     live.scanner = None  # the file is scanned whole at the end instead
                 live.scanning = None
+            # One job on one thread: the write, whose outcome answers this call, then the chunk's scan,
+            # hashed and checked while the next chunk travels (hashlib runs without the GIL). A scan
+            # begins only after its chunk is written; a failed write fails the call and drops `live`.
+            loop = asyncio.get_running_loop()
+            written: asyncio.Future[None] = loop.create_future()
+            job = loop.run_in_executor(
+                None, _write_then_scan, loop, written, self.blobs, live.scanner, upload_id, offset, data
+            )
+            job.add_done_callback(_consume)  # a failed write is this call's error, not the log's
             if live.scanner is not None:
-                # Hashed and checked while the next chunk travels (hashlib runs without the GIL).
-                live.scanning = asyncio.ensure_future(self._io(live.scanner.update, data))
+                live.scanning = job
+            await written
             received = offset + len(data)
             # The stored count is a lower bound written every few MiB (completing writes the last):
             # resuming from it is always safe (a chunk write cuts what lies beyond), and most chunks
             # skip a database write. It is written after the answer, while the next chunk travels:
             # what has arrived is known from the bytes stored (GetUpload, CompleteUpload and other
             # nodes ask the store), and the next record, completing or deleting waits for it first.
-            if received // _RECORD_EVERY != live.stored // _RECORD_EVERY and received < live.size:
+            # A record still in flight counts as written: the next chunk does not write its count again.
+            last = live.recording_to if live.recording is not None else live.stored
+            if received // _RECORD_EVERY != last // _RECORD_EVERY and received < live.size:
                 if live.recording is not None:
                     await asyncio.wait((live.recording,))
                     if not live.recorded():
                         raise precondition(
                             "UPLOAD_CHANGED", "The upload changed meanwhile; ask GetUpload where it stands."
                         )
+                live.recording_to = received
                 live.recording = asyncio.ensure_future(self.write(_record_chunk, upload_id, live.stored, received))
                 live.recording.add_done_callback(_consume)
             live.received = received
@@ -486,6 +497,29 @@ class Attachments:
             async with self._blob_lock(sha):
                 if await self.read(_blob_unused, sha):
                     await self._io(self.blobs.remove_blob, sha)
+
+
+def _settle(fut: asyncio.Future[None], error: BaseException | None) -> None:
+    if not fut.done():  # the call may have gone away
+        if error is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(error)
+
+
+def _write_then_scan(
+    loop: asyncio.AbstractEventLoop, written: asyncio.Future[None], blobs: Blobs, scanner: Scanner | None,
+    upload_id: str, offset: int, data: bytes,
+) -> None:
+    """On an executor thread: write the chunk, hand the outcome to the loop, then scan the chunk."""
+    try:
+        blobs.write_chunk(upload_id, offset, data)
+    except BaseException as e:
+        loop.call_soon_threadsafe(_settle, written, e)
+        raise
+    loop.call_soon_threadsafe(_settle, written, None)
+    if scanner is not None:
+        scanner.update(data)
 
 
 def _consume(task: asyncio.Future[Any]) -> None:
