@@ -411,7 +411,9 @@ async def phase_arrivals(args) -> dict:
     print("arrivals: steps begin", file=sys.stderr, flush=True)  # a profiler may attach now
     steps = []
     for rate in args.rates:
-        n = max(1, round(rate * args.step_seconds))
+        # The growth comparison's rate runs longer: its p99 is then over hundreds of chats, not ~125.
+        seconds = args.long_seconds if rate == args.long_rate else args.step_seconds
+        n = max(1, round(rate * seconds))
         sent: dict[str, float] = {}
         answered: list[float] = []
         start = time.monotonic() + 0.05
@@ -433,7 +435,7 @@ async def phase_arrivals(args) -> dict:
         offer_ms = [(desk.offered[c] - t) * 1000 for c, t in sent.items() if c in desk.offered]
         accept_ms = [desk.accept_ms[c] for c in sent if c in desk.accept_ms]
         step = {
-            "rate": rate, "chats": n, "offered": len(offer_ms),
+            "rate": rate, "chats": n, "seconds": seconds, "offered": len(offer_ms),
             "achieved_per_s": (n - 1) / max(1e-9, max(sent.values()) - min(sent.values())) if n > 1 else rate,
             "offer_p50_ms": percentile(offer_ms, 0.5), "offer_p99_ms": percentile(offer_ms, 0.99),
             "start_chat_p50_ms": percentile(answered, 0.5), "start_chat_p99_ms": percentile(answered, 0.99),
@@ -471,6 +473,8 @@ def main() -> None:
     p.add_argument("--busy", type=int, default=10, help="agents of queue w, who never answer")
     p.add_argument("--rates", type=float, nargs="+", default=[50.0], help="arrival rates, one step each")
     p.add_argument("--step-seconds", type=float, default=5.0)
+    p.add_argument("--long-rate", type=float, default=-1.0, help="the arrival rate whose step lasts --long-seconds")
+    p.add_argument("--long-seconds", type=float, default=5.0)
     p.add_argument("--hold", type=float, default=1.0, help="seconds an accepted chat stays open")
     p.add_argument("--stop-ms", type=float, default=1000.0, help="no higher rate once offer p99 passes this")
     args = p.parse_args()

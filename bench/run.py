@@ -58,14 +58,14 @@ PROFILES = {
                   fo_nodes=2, fo_convs=2, fo_kills=2,
                   # The growth phase's 10,000 waiting chats take 30-40 s to queue: full runs only.
                   arr_agents=100, arr_backlog=1000, arr_rates=[25, 50, 100], arr_step=2,
-                  growth_rate=50, big_agents=500, big_backlog=0),
+                  growth_rate=50, growth_step=2, big_agents=500, big_backlog=0),
     # For the test suite: every phase, seconds in all; its figures mean nothing.
     "tiny": dict(agents=2, chats=6, rate=20, interval=0.5, duration=1, sat_convs=2, sat_seconds=1,
                  counts=[5, 10], repeat=1,
                  cluster_nodes=[1], cl_sat_convs=2, cl_sat_seconds=1,
                  cross_convs=0, fo_nodes=2, fo_convs=1, fo_kills=1,
                  arr_agents=2, arr_backlog=10, arr_rates=[10, 20], arr_step=0.5,
-                 growth_rate=10, big_agents=4, big_backlog=30),
+                 growth_rate=10, growth_step=0.5, big_agents=4, big_backlog=30),
     "full": dict(agents=100, chats=1000, rate=40, interval=5.0, duration=30, sat_convs=50, sat_seconds=15,
                  counts=[100, 1000, 5000], repeat=3,
                  cluster_nodes=[1, 2, 4], cl_sat_convs=50, cl_sat_seconds=15,
@@ -73,7 +73,7 @@ PROFILES = {
                  fo_nodes=3, fo_convs=10, fo_kills=20,
                  arr_agents=100, arr_backlog=1000, arr_rates=[25, 50, 100, 150, 200, 300, 400, 600], arr_step=5,
                  # Below saturation, so the growth ratio compares the cost of a chat, not a queue of them.
-                 growth_rate=25, big_agents=500, big_backlog=10000),
+                 growth_rate=25, growth_step=20, big_agents=500, big_backlog=10000),
 }
 
 
@@ -201,17 +201,20 @@ def run_arrivals(p: dict, res: dict) -> None:
     hold = ARRIVAL_HOLD
     # Capacity never binds: the server's cost is measured, not the agents' seats.
     seats = math.ceil(max(p["arr_rates"]) * (hold + 1) / p["arr_agents"]) + 5
+    # The growth ratio's rate runs growth_step seconds at both sizes: a p99 over 500 chats (5 s gave 125,
+    # in effect the second slowest, which moved 1.26-1.94 between runs of the same code).
+    long = {"long_rate": p["growth_rate"], "long_seconds": p["growth_step"]}
     print(f"bench: arrivals ({p['arr_backlog']} waiting, {p['arr_agents']} agents) at {p['arr_rates']}/s ...", flush=True)
     with queuechat(p["arr_agents"], seats, busy=ARRIVAL_BUSY) as (pid, port):
         res["arrivals"] = load("arrivals", pid, port, agents=p["arr_agents"], backlog=p["arr_backlog"], busy=ARRIVAL_BUSY,
-                               rates=p["arr_rates"], step_seconds=p["arr_step"], hold=hold)
+                               rates=p["arr_rates"], step_seconds=p["arr_step"], hold=hold, **long)
     if not p["big_backlog"]:
         return
     rates = [r for r in p["arr_rates"] if r <= p["growth_rate"]]
     print(f"bench: arrivals ({p['big_backlog']} waiting, {p['big_agents']} agents) at {rates}/s ...", flush=True)
     with queuechat(p["big_agents"], seats, busy=ARRIVAL_BUSY) as (pid, port):
         res["arrivals_big"] = load("arrivals", pid, port, agents=p["big_agents"], backlog=p["big_backlog"],
-                                   busy=ARRIVAL_BUSY, rates=rates, step_seconds=p["arr_step"], hold=hold)
+                                   busy=ARRIVAL_BUSY, rates=rates, step_seconds=p["arr_step"], hold=hold, **long)
     res["growth_rate"] = p["growth_rate"]
 
 
@@ -405,7 +408,8 @@ def arrival_rows(res: dict, s: dict) -> list[tuple[str, str]]:
     small = next(st for st in a["steps"] if st["rate"] == s["queue_growth_at_per_s"])
     bst = next(st for st in big["steps"] if st["rate"] == s["queue_growth_at_per_s"])
     for st, x in ((small, a), (bst, big)):
-        rows.append((f"  {x['backlog']} waiting, {x['agents']} agents, {st['rate']:g}/s: StartChat p50 / p99, "
+        rows.append((f"  {x['backlog']} waiting, {x['agents']} agents, {st['rate']:g}/s ({st['chats']} chats): "
+                     "StartChat p50 / p99, "
                      "AcceptOffer p50 / p99, offer p99 (ms); server CPU ms per chat",
                      f"{st['start_chat_p50_ms']:.1f} / {st['start_chat_p99_ms']:.1f}, {st['accept_p50_ms']:.1f} / "
                      f"{st['accept_p99_ms']:.1f}, {st['offer_p99_ms']:.1f}; {st['server_cpu_ms_per_chat']:.1f}"))
