@@ -1,6 +1,6 @@
 """The arrival cycle at the domain layer, without gRPC: StartChat, the offer, AcceptOffer, CloseConversation,
 one chat at a time, through Core on a fresh SQLite file. Prints CPU per chat, writer time per named write,
-SQL statements per chat by table and what dispatch costs. For profiling routing and the write paths
+SQL statements per chat by table (through SQLAlchemy and through store.fast) and what dispatch costs. For profiling routing and the write paths
 (docs/performance.md); `scripts/bench` measures through gRPC.
 
     .venv/bin/python bench/cycle.py [--agents 100] [--waiting 1000] [--chats 300]
@@ -31,6 +31,7 @@ from queuechat.config import parse_config  # noqa: E402
 from queuechat.domain import routing  # noqa: E402
 from queuechat.domain.core import Core  # noqa: E402
 from queuechat.store import Database, sqlite_url  # noqa: E402
+from queuechat.store.fast import Fast  # noqa: E402
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -76,8 +77,23 @@ async def main(args: argparse.Namespace) -> None:
         table = words[words.index("FROM") + 1] if "FROM" in words else words[2 if verb == "INSERT" else 1]
         tables[f"{verb} {table}"] += 1
 
+    fast: collections.Counter[str] = collections.Counter()
+    real_run = Fast.run
+
+    names: dict[int, str] = {}
+
+    def counted(self, conn, params):
+        if (name := names.get(id(self))) is None:
+            words = str(self.stmt).split()
+            verb = words[0]
+            table = words[words.index("FROM") + 1] if "FROM" in words else words[2 if verb == "INSERT" else 1]
+            name = names[id(self)] = f"{verb} {table}"
+        fast[name] += 1
+        return real_run(self, conn, params)
+
     core.db.stats.clear()
     event.listen(core.db.engine, "before_cursor_execute", count)
+    Fast.run = counted  # type: ignore[method-assign]
     cpu0, wall0 = time.process_time(), time.perf_counter()
     for _ in range(args.chats):
         started = await core.start_chat("q", uuid.uuid4().hex, {}, "")
@@ -90,6 +106,7 @@ async def main(args: argparse.Namespace) -> None:
         await core.close(who, cid, True)
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
     event.remove(core.db.engine, "before_cursor_execute", count)
+    Fast.run = real_run  # type: ignore[method-assign]
     n = args.chats
     print(f"{n} chats ({args.agents} agents, {args.waiting} waiting): CPU {cpu / n * 1000:.2f} ms per chat, "
           f"wall {wall / n * 1000:.2f} ms")
@@ -98,6 +115,9 @@ async def main(args: argparse.Namespace) -> None:
     print(f"  dispatch: {dispatched['n']} runs, {dispatched['s'] / max(1, dispatched['n']) * 1000:.3f} ms each")
     print(f"  SQL statements per chat through SQLAlchemy: {sum(tables.values()) / n:.1f} (store.fast ones not counted)")
     for key, k in tables.most_common():
+        print(f"    {k / n:5.2f}  {key}")
+    print(f"  Fast statements per chat: {sum(fast.values()) / n:.1f}")
+    for key, k in fast.most_common():
         print(f"    {k / n:5.2f}  {key}")
     for t in tasks:
         t.cancel()
