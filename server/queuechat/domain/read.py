@@ -253,7 +253,8 @@ def rating_view(conv: Conversation) -> RatingView | None:
 
 
 def conversation_view(s: Session, conv: Conversation, *, for_agent: bool = True) -> ConversationView:
-    inv = pending_invite(s, conv.id) if for_agent else None
+    # Invites are made in active conversations only, and a close settles them: no read for the others.
+    inv = pending_invite(s, conv.id) if for_agent and conv.status == "active" else None
     return ConversationView(
         id=conv.id,
         queue_id=conv.queue_id,
