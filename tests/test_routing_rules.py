@@ -11,11 +11,13 @@ from itertools import count
 
 import pytest
 from bare import T0, Bare, schedules
+from features_helpers import SUPERVISOR, with_supervisors
+from harness import base_config
 from sqlmodel import func, select
 
-from queuechat.domain import agents, conversations, invites, routing
+from queuechat.domain import agents, conversations, invites, routing, supervision
 from queuechat.errors import ChatError
-from queuechat.store.models import Conversation, Offer
+from queuechat.store.models import Conversation, Invite, Offer, Participant
 
 
 def at(seconds: float):
@@ -671,3 +673,39 @@ def test_a_dispatch_past_a_page_offers_the_oldest_chats_of_all_its_queues_in_ord
     assert len(offered) == 450
     waited = sorted(bare.read(lambda s: [(c.enqueued_at, c.id) for c in s.exec(select(Conversation)).all()]))
     assert {o.conversation_id for o in offered} == {cid for _, cid in waited[:450]}
+
+
+def test_a_close_frees_an_invitees_seat_for_their_own_queues(make):
+    """A close withdraws a pending invite: the invitee has a seat back, and a chat waiting in one of their
+    own queues (not the closed chat's) is offered to them then."""
+    bare = make(max_chats={"agent2": 1})
+    sales = bare.agent("agent1", "sales")
+    cid = bare.chat("sales")
+    bare.accept(sales, bare.pending(cid)[0].id)
+    bare.agent("agent2", "support")
+    bare.write(invites.invite_agent, sales, cid, "r1", "agent2", "", now=bare.advance(1))
+    waiting = bare.chat("support", now=bare.advance(1))
+    assert bare.offered_to(waiting) is None  # agent2's one seat holds the invite
+    bare.write(conversations.close, sales, cid, True, now=bare.advance(1))
+    assert bare.offered_to(waiting) == "agent2"
+
+
+def test_an_invite_accepted_by_a_supervisor_who_barged_in_joins_nobody_twice(make):
+    """Invited, then barged in before answering, then accepting: one participant row, the invite answered,
+    the offer's seat given back (agent.load is checked against the rows when the harness closes)."""
+    doc = with_supervisors(base_config())
+    bare = make(profiles=doc["profiles"], agents=doc["agents"])
+    agent = bare.agent("agent1", "both")
+    cid = bare.chat("sales")
+    bare.accept(agent, bare.pending(cid)[0].id)
+    sup = bare.agent(SUPERVISOR, "supervisors", now=bare.advance(1))
+    bare.write(supervision.start_monitor, sup, cid, now=bare.advance(1))
+    bare.write(invites.invite_agent, agent, cid, "r1", SUPERVISOR, "", now=bare.advance(1))
+    bare.write(supervision.barge_in, sup, cid, now=bare.advance(1))
+    invite_offer = bare.pending(cid, kind="invite")[0]
+    bare.accept(sup, invite_offer.id, now=bare.advance(1))
+    rows = bare.read(lambda s: s.exec(select(Participant).where(Participant.agent_id == SUPERVISOR)).all())
+    assert len(rows) == 1 and bare.loads([SUPERVISOR]) == {SUPERVISOR: 1}
+    assert bare.read(lambda s: s.exec(select(Invite)).one()).status == "accepted"
+    bare.write(conversations.leave, sup, cid, now=bare.advance(1))
+    assert bare.loads([SUPERVISOR]) == {SUPERVISOR: 0}

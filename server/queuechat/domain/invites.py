@@ -148,6 +148,12 @@ def cancel_invite(tx: Tx, who: AgentPrincipal, invite_id: str) -> dict[str, Any]
 
 def on_accepted(tx: Tx, offer: Offer, conv: Conversation, agent: Agent, now: datetime) -> None:
     inv = must_get(tx.session, Invite, offer.invite_id)
+    if is_participant(tx.session, conv.id, agent.id):
+        # In it already (a supervisor who barged in meanwhile): the invite is answered, nobody joins twice,
+        # and the offer's seat is given back.
+        routing.take_seats(tx, agent.id, -1)
+        _settle(tx, inv, "accepted", now)
+        return
     tx.session.add(Participant(conversation_id=conv.id, agent_id=agent.id, joined_at=now))  # the offer's seat
     append_event(
         tx,

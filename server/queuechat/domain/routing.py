@@ -22,7 +22,7 @@ from collections.abc import Callable, Collection, Sequence
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple, Protocol
 
-from sqlalchemy import bindparam, exists, insert, or_, text, tuple_, update
+from sqlalchemy import bindparam, exists, func, insert, or_, text, tuple_, update
 from sqlalchemy import select as core_select
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm.attributes import set_committed_value
@@ -499,16 +499,15 @@ def release_seats(tx: Tx, conversation_id: str) -> None:
 _TAKE_SEATS = Fast(
     update(Agent).where(col(Agent.id) == bindparam("agent")).values(load=col(Agent.load) + bindparam("n"))
 )
+_IN_IT = (col(Participant.conversation_id) == bindparam("conv"), col(Participant.left_at).is_(None))
+# A seat per row, as agent_loads counts them (one row per agent is the rule; a count keeps the two agreeing).
 _RELEASE_SEATS = Fast(
     update(Agent)
-    .where(
-        col(Agent.id).in_(
-            select(Participant.agent_id).where(
-                Participant.conversation_id == bindparam("conv"), col(Participant.left_at).is_(None)
-            )
-        )
+    .where(col(Agent.id).in_(select(Participant.agent_id).where(*_IN_IT)))
+    .values(
+        load=col(Agent.load)
+        - select(func.count()).where(*_IN_IT, col(Participant.agent_id) == col(Agent.id)).scalar_subquery()
     )
-    .values(load=col(Agent.load) - 1)
 )
 
 
@@ -612,6 +611,8 @@ def withdraw_conversation_offers(tx: Tx, conversation_id: str, reason: str, now:
         close_offer(tx, offer, "withdrawn", now, reason)
         if offer.kind == "invite":
             invites.on_offer_closed(tx, offer, "withdrawn", now)
+        # Its agent has a seat back (an invitee, say, at a close): routing looks at their queues.
+        tx.needs_dispatch(_GIVEN_BACK.run(tx.conn, {"agent": offer.agent_id, "conv": conversation_id}).scalars())
 
 
 _ANY_PENDING = Fast(select(Offer.id).where(Offer.conversation_id == bindparam("c"), Offer.status == "pending").limit(1))

@@ -9,6 +9,9 @@ agents logged in. `agent.load` keeps that count, written by the same writes that
 routing lock); this revision adds it and fills it in from the rows it counts. `ix_agent_session_idle`
 (ended_at, then routing's order) lets routing read live sessions idle longest first and stop at the first
 free one.
+
+Stop every node running older code first: from here on the count is kept by the writes, which older code
+does not do (docs/operations.md).
 """
 
 from collections.abc import Sequence
