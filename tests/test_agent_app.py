@@ -9,7 +9,7 @@ from agent_helpers import click, customer_sends_file, identity_token, lines, log
 from features_helpers import customer_reads, export, is_cursor, with_supervisors
 from files import Uploader, pdf
 from harness import base_config, is_event
-from textual.widgets import Button, DataTable, Input, Label, OptionList, Static
+from textual.widgets import Button, DataTable, Input, Label, OptionList, Static, TabPane
 
 from chat.v1 import agent_service_pb2 as agent_pb
 from chat.v1 import customer_service_pb2 as cust_pb
@@ -279,6 +279,21 @@ async def test_a_key_pressed_as_an_offer_comes_to_the_front_answers_it(server):
         chat = await until(pilot, lambda: app.chats.get(bob.id), "the accepted chat's tab")
         await until(pilot, lambda: app.tabs.active == chat.id, "the chat in front")
         assert field.value == ""
+
+
+async def test_a_focus_message_that_comes_after_the_agent_moved_on_does_not_pull_its_tab_back(server):
+    """Textual tells a tab that a widget in it took the focus by a message; if the agent has moved to
+    another tab by the time it comes (the focus gone from that tab), it must not bring the old tab back."""
+    app = desktop()
+    async with app.run_test(size=SIZE) as pilot:
+        await log_in(pilot, server.address)
+        _, ada_tab = await accept_chat(pilot, server, variables={"name": "Ada"})
+        await show(pilot, app.home)
+        await until(pilot, lambda: app.focused is None, "the focus left in the chat let go")
+        ada_tab.post_message(TabPane.Focused(ada_tab))  # as if its input had just taken the focus
+        await pilot.pause()
+        await pilot.pause()
+        assert app.tabs.active == "home"
 
 
 @pytest.mark.configure(settings={"offer_timeout": 0.5})

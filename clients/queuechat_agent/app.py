@@ -83,9 +83,10 @@ class Desk(TabbedContent):
     def _on_tab_pane_focused(self, event: TabPane.Focused) -> None:
         focused = self.screen.focused
         if focused is None or event.tab_pane not in focused.ancestors:
+            # Textual runs every class's handler of a message: prevent_default keeps TabbedContent's out.
             event.stop()
-            return
-        super()._on_tab_pane_focused(event)
+            event.prevent_default()
+        # Otherwise TabbedContent's own handler brings the pane to the front.
 
 
 class LoginScreen(Screen[tuple[AgentClient, Session]]):
@@ -457,7 +458,8 @@ class AgentApp(App[None]):
             desk = event.tabbed_content.screen  # under a dialog or the login, maybe: their focus is their own
         except NoScreen:
             return  # the app is closing
-        if desk.focused is not None and event.pane is not None and event.pane not in desk.focused.ancestors:
+        left_in = next((a for a in desk.focused.ancestors if isinstance(a, TabPane)), None) if desk.focused else None
+        if left_in is not None and left_in is not event.pane:
             # A key typed now must not land in the tab just left (its input is hidden, not gone).
             desk.set_focus(None)
         if isinstance(event.pane, Pane):
