@@ -495,7 +495,7 @@ async def test_the_desktop_fits_80x24_and_anonymous_customers_are_told_apart(ser
         assert f"Customer · support #{cust.id[:4]} is still connected. Closing ends the chat for them too." in warning
 
 
-@pytest.mark.configure(settings={"offer_timeout": 3.0, "reject_cooldown": 1.0})
+@pytest.mark.configure(settings={"offer_timeout": 5.0, "reject_cooldown": 1.0})
 async def test_an_offer_that_times_out_and_comes_back_keeps_its_place_and_the_keys(server):
     app = desktop()
     async with app.run_test(size=SMALL) as pilot:
