@@ -709,3 +709,20 @@ def test_an_invite_accepted_by_a_supervisor_who_barged_in_joins_nobody_twice(mak
     assert bare.read(lambda s: s.exec(select(Invite)).one()).status == "accepted"
     bare.write(conversations.leave, sup, cid, now=bare.advance(1))
     assert bare.loads([SUPERVISOR]) == {SUPERVISOR: 0}
+
+
+def test_a_seat_given_back_asks_routing_about_its_queues_only(make, monkeypatch):
+    """A reject gives a chat back to its queue and the agent a seat in the queues of their profile: routing
+    is asked about those, not every queue (and the chat goes on to the next agent)."""
+    bare = make()
+    bare.compare_paths = False  # its own run of the whole-queue path would be asked too
+    sales = bare.agent("agent1", "sales")
+    bare.agent("agent2", "sales", now=bare.advance(1))
+    cid = bare.chat("sales", now=bare.advance(1))
+    asked: list[object] = []
+    real = routing.dispatch
+    monkeypatch.setattr(
+        routing, "dispatch", lambda tx, now=None, queues=None: asked.append(queues) or real(tx, now, queues)
+    )
+    bare.reject(sales, bare.pending(cid)[0].id, now=bare.advance(1))
+    assert asked == [frozenset({"sales"})] and bare.offered_to(cid) == "agent2"

@@ -140,9 +140,8 @@ def cancel_invite(tx: Tx, who: AgentPrincipal, invite_id: str) -> dict[str, Any]
             state=inv.status,
         )
     for offer in s.exec(select(Offer).where(Offer.invite_id == inv.id, Offer.status == "pending")).all():
-        routing.close_offer(tx, offer, "withdrawn", now, "cancelled")
+        routing.close_offer(tx, offer, "withdrawn", now, "cancelled")  # the invitee's seat back: routing looks
     _settle(tx, inv, "cancelled", now)
-    tx.needs_dispatch()
     return invite_json(s, inv)
 
 

@@ -20,6 +20,7 @@ import json
 import uuid
 from collections.abc import Callable, Collection, Sequence
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Any, NamedTuple, Protocol
 
 from sqlalchemy import bindparam, exists, func, insert, or_, text, tuple_, update
@@ -154,11 +155,7 @@ def _dispatch_queue(tx: Tx, queue_id: str, now: datetime) -> int:
     while True:
         rows = _waiting_page(c, queue_id, after, limit)
         for conv_id, _, enqueued_at in rows:
-
-            def cooling(conv_id: str = conv_id) -> set[str]:
-                return _cooling(tx, conv_id, now)
-
-            pick = agents.pick(cooling)
+            pick = agents.pick(partial(_cooling, tx, conv_id, now))
             if pick is None:
                 return made  # nobody left: the other chats keep waiting
             make_offer(tx, _WaitingRow(conv_id, queue_id, enqueued_at), pick[_SESSION], pick[_AGENT], now)
@@ -226,10 +223,7 @@ class _QueueAgents:
                 chosen = next((a for a in self.offered if a[_AGENT] not in cold), None)
         if chosen is None:
             chosen = self.fresh[0] if self.fresh else self.offered[0]
-        for pool in (self.fresh, self.offered):
-            if any(a is chosen for a in pool):
-                del pool[next(i for i, a in enumerate(pool) if a is chosen)]
-                break
+        (self.fresh if chosen in self.fresh else self.offered).remove(chosen)  # rows differ by session id
         chosen[_LOAD] += 1
         if chosen[_LOAD] < chosen[_MAX]:
             self.offered.append(chosen)
@@ -468,11 +462,14 @@ _PG_OFFER_WITH_FEED = text(
 
 def close_offer(tx: Tx, offer: Offer, state: str, now: datetime, reason: str | None = None) -> None:
     """Record the outcome on the offer and on its session's feed. An accepted offer's seat stays taken: the
-    agent joins the conversation in the same write (accept_offer, invites.on_accepted)."""
+    agent joins the conversation in the same write (accept_offer, invites.on_accepted). Any other outcome
+    gives the seat back, and routing looks where that can make work: the queues of the agent's live
+    sessions' profiles, and the chat's own queue if it is waiting again (usually one queue in all)."""
     # A Core UPDATE (every chat's offer ends here), and the loaded object told, so no flush repeats it.
     _CLOSE_OFFER.run(tx.conn, {"offer": offer.id, "state": state, "at": now, "reason": reason})
     if state != "accepted":
         take_seats(tx, offer.agent_id, -1)
+        tx.needs_dispatch(_GIVEN_BACK.run(tx.conn, {"agent": offer.agent_id, "conv": offer.conversation_id}).scalars())
     set_committed_value(offer, "status", state)
     set_committed_value(offer, "resolved_at", now)
     set_committed_value(offer, "withdraw_reason", reason)
@@ -611,8 +608,6 @@ def withdraw_conversation_offers(tx: Tx, conversation_id: str, reason: str, now:
         close_offer(tx, offer, "withdrawn", now, reason)
         if offer.kind == "invite":
             invites.on_offer_closed(tx, offer, "withdrawn", now)
-        # Its agent has a seat back (an invitee, say, at a close): routing looks at their queues.
-        tx.needs_dispatch(_GIVEN_BACK.run(tx.conn, {"agent": offer.agent_id, "conv": conversation_id}).scalars())
 
 
 _ANY_PENDING = Fast(select(Offer.id).where(Offer.conversation_id == bindparam("c"), Offer.status == "pending").limit(1))
@@ -623,9 +618,6 @@ def _give_back(tx: Tx, offer: Offer, state: str, now: datetime, reason: str | No
     close_offer(tx, offer, state, now, reason)
     if offer.kind == "invite":
         invites.on_offer_closed(tx, offer, state, now)
-    # What changed: a chat is waiting again (its queue), and the agent has a seat back (the queues of their
-    # live sessions' profiles). Routing looks there only: at a reject that is usually the one queue.
-    tx.needs_dispatch(_GIVEN_BACK.run(tx.conn, {"agent": offer.agent_id, "conv": offer.conversation_id}).scalars())
 
 
 _GIVEN_BACK = Fast(
