@@ -147,6 +147,10 @@ async def test_metrics_after_a_chat_flow(observed):
     assert value(m, "queuechat_write_queue_seconds_count", write="conversations.send_message") == 4
     assert value(m, "queuechat_write_queue_seconds_sum", write="conversations.send_message") >= 0
     assert value(m, "queuechat_write_batch_size", stat="max") >= 1
+    # SQLite's WAL checkpoints, on their own thread (each second at least).
+    assert value(m, "queuechat_sqlite_checkpoint_seconds_count") is not None
+    assert value(m, "queuechat_sqlite_checkpoint_failures_total") == 0
+    assert value(m, "queuechat_sqlite_wal_pages", stat="wal") is not None
     assert value(m, "process_resident_memory_bytes") > 0
 
     # The stream ends: it is no longer open, and it was handled (Canceled: the client went away).

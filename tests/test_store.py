@@ -592,3 +592,78 @@ async def test_a_write_whose_connection_drops_reruns_before_commit_and_fails_at_
         assert "third" in await db.read(stored)
     finally:
         db.close()
+
+
+# --- WAL checkpoints (SQLite) ------------------------------------------------------------
+
+
+def _rows_in_the_database_file_alone(db_path, tmp_path, torn: int | None = None) -> int:
+    """What the main database file holds without its WAL: what checkpoints have copied there."""
+    copy = tmp_path / "alone.db"
+    copy.write_bytes(db_path.read_bytes())
+    import sqlite3
+
+    conn = sqlite3.connect(copy)
+    try:
+        return conn.execute("SELECT count(*) FROM scratch").fetchone()[0]
+    except sqlite3.OperationalError:  # the table itself is still only in the WAL
+        return 0
+    except sqlite3.DatabaseError:
+        if torn is None:
+            raise
+        return torn
+    finally:
+        conn.close()
+
+
+async def _fill(db: Database, rows: int) -> None:
+    def job(s):
+        s.connection().execute(text("INSERT INTO scratch (x) VALUES (:x)"), [{"x": "x" * 5000}] * 10)
+        return None, None
+
+    for _ in range(rows // 10):
+        await db.transact("fill", job)
+
+
+async def test_commits_never_checkpoint_the_checkpointer_does(tmp_path):
+    """A commit that took the WAL past 1,000 pages used to checkpoint on the writer (10-15 ms with every
+    write behind it waiting). Now commits never do; the checkpointer thread copies the WAL over."""
+    db = Database(sqlite_url(tmp_path / "data"))
+    db_path = tmp_path / "data" / "queuechat.db"
+    try:
+        db.ensure_schema()
+        with db.engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == 0
+            conn.exec_driver_sql("CREATE TABLE scratch (x TEXT)")
+            conn.commit()
+        assert db.checkpointer is not None
+        db.checkpointer.close()  # stopped: only commits could checkpoint now
+        await _fill(db, 1500)  # about 2,000 pages, twice what set off an automatic checkpoint
+        assert _rows_in_the_database_file_alone(db_path, tmp_path) == 0
+
+        db.checkpointer.run_once()  # what its thread does every second or 100 commits
+        st = db.checkpointer.stats
+        assert st.runs == 1 and st.wal_pages > 1000 and st.copied_pages == st.wal_pages
+        assert _rows_in_the_database_file_alone(db_path, tmp_path) == 1500
+    finally:
+        db.close()
+
+
+async def test_the_checkpointer_thread_keeps_up_with_the_writer(tmp_path):
+    db = Database(sqlite_url(tmp_path / "data"))
+    db_path = tmp_path / "data" / "queuechat.db"
+    try:
+        db.ensure_schema()
+        with db.engine.connect() as conn:
+            conn.exec_driver_sql("CREATE TABLE scratch (x TEXT)")
+            conn.commit()
+        await _fill(db, 1500)  # 150 commits: the thread is woken after 100, and each second
+        st = db.checkpointer.stats
+        deadline = asyncio.get_running_loop().time() + WAIT
+        # (A copy taken while a checkpoint writes the file may be torn: counted as not there yet.)
+        while _rows_in_the_database_file_alone(db_path, tmp_path, torn=-1) != 1500:
+            assert asyncio.get_running_loop().time() < deadline, st
+            await asyncio.sleep(0.05)
+        assert st.runs >= 1 and st.failures == 0
+    finally:
+        db.close()

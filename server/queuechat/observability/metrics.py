@@ -54,6 +54,7 @@ from ..store.models import Conversation, Queue
 
 if TYPE_CHECKING:
     from ..domain.core import Core
+    from ..store.checkpoint import CheckpointStats
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +195,20 @@ class _Collector(Collector):
         yield GaugeMetricFamily(
             "queuechat_timers_pending", "Timers armed (offer time-outs, grace periods).", m.core.effects.pending_timers
         )
+        if (cp := db.checkpointer) is not None:
+            cst = cp.stats
+            runs = SummaryMetricFamily(
+                "queuechat_sqlite_checkpoint_seconds",
+                "WAL checkpoints run by the checkpointer thread (never by a commit), and their seconds.",
+            )
+            runs.add_metric([], cst.runs, cst.seconds)
+            yield runs
+            yield CounterMetricFamily(
+                "queuechat_sqlite_checkpoint_failures",
+                "WAL checkpoints that failed (tried again later).",
+                value=cst.failures,
+            )
+            yield _wal_pages(cst)
         yield CounterMetricFamily(
             "queuechat_write_retries",
             "Writes run again after another node's conflict (deadlock, serialization failure, unique violation).",
@@ -201,6 +216,17 @@ class _Collector(Collector):
         )
         yield from _cluster_families(m.core)
         yield _gc_pauses()
+
+
+def _wal_pages(st: CheckpointStats) -> Metric:
+    family = GaugeMetricFamily(
+        "queuechat_sqlite_wal_pages",
+        "Pages in the WAL at the last checkpoint (wal), and how many of them it copied to the database file (copied).",
+        labels=["stat"],
+    )
+    family.add_metric(["wal"], st.wal_pages)
+    family.add_metric(["copied"], st.copied_pages)
+    return family
 
 
 def _gc_pauses() -> Metric:

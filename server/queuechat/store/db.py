@@ -46,6 +46,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlmodel import Session, SQLModel, col, create_engine, select
 
 from . import migrations, models  # noqa: F401  (models registers the tables)
+from .checkpoint import Checkpointer
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -85,6 +86,8 @@ def make_engine(url: str) -> Engine:
             # WAL + NORMAL is durable across process crashes; an OS crash may lose the last commits.
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA foreign_keys=ON")
+            # Never checkpoint inside a commit: the writer would stall on it (store/checkpoint.py).
+            cur.execute("PRAGMA wal_autocheckpoint=0")
             cur.close()
 
         return engine
@@ -188,6 +191,8 @@ class Database:
         readers = readers or (8 if pg else 2)
         self._write_engine, self._read_engine = _pg_engines(url, readers) if pg else (self.engine, self.engine)
         self._readers = ThreadPoolExecutor(readers, thread_name_prefix="db-read")
+        # SQLite: WAL checkpoints off the writer's commits (store/checkpoint.py).
+        self.checkpointer = Checkpointer(self.engine.url.database) if not pg and self.engine.url.database else None
         self._writer = threading.Thread(target=self._write_loop, name="db-write", daemon=True)
         self._writer.start()
 
@@ -251,6 +256,10 @@ class Database:
                 st.calls += 1
                 st.queued += now - queued_at
 
+    def _committed(self) -> None:
+        if self.checkpointer is not None:
+            self.checkpointer.committed()
+
     def _run_batch(self, batch: list) -> bool:
         done = []
         committing = False
@@ -275,6 +284,7 @@ class Database:
                 session.flush()  # so that what fails from here on is the COMMIT itself
                 committing = True
                 session.commit()
+            self._committed()
         except BaseException as e:
             if committing and disconnected(e):
                 # The connection dropped during COMMIT: whether it took is unknown, so running the jobs
@@ -297,6 +307,7 @@ class Database:
                     session.flush()
                     committing = True
                     session.commit()
+                self._committed()
             except BaseException as e:
                 # A dropped connection before COMMIT undid everything: run again on a fresh one.
                 if attempt < ATTEMPTS and (retryable(e) or (disconnected(e) and not committing)):
@@ -330,6 +341,8 @@ class Database:
         self._jobs.put(None)
         self._writer.join()
         self._readers.shutdown(wait=True)
+        if self.checkpointer is not None:
+            self.checkpointer.close()
         for engine in {self.engine, self._write_engine, self._read_engine}:
             engine.dispose()
 
