@@ -641,7 +641,7 @@ async def test_commits_never_checkpoint_the_checkpointer_does(tmp_path):
         await _fill(db, 1500)  # about 2,000 pages, twice what set off an automatic checkpoint
         assert _rows_in_the_database_file_alone(db_path, tmp_path) == 0
 
-        db.checkpointer.run_once()  # what its thread does every second or 100 commits
+        db.checkpointer.run_once()  # what its thread does every second or 500 commits
         st = db.checkpointer.stats
         assert st.runs == 1 and st.wal_pages > 1000 and st.copied_pages == st.wal_pages
         assert _rows_in_the_database_file_alone(db_path, tmp_path) == 1500
@@ -657,7 +657,7 @@ async def test_the_checkpointer_thread_keeps_up_with_the_writer(tmp_path):
         with db.engine.connect() as conn:
             conn.exec_driver_sql("CREATE TABLE scratch (x TEXT)")
             conn.commit()
-        await _fill(db, 1500)  # 150 commits: the thread is woken after 100, and each second
+        await _fill(db, 1500)  # 150 commits: the thread wakes each second (and after 500)
         st = db.checkpointer.stats
         deadline = asyncio.get_running_loop().time() + WAIT
         # (A copy taken while a checkpoint writes the file may be torn: counted as not there yet.)

@@ -13,6 +13,7 @@ from sqlalchemy.orm import Mapper, make_transient_to_detached
 from sqlmodel import Session, SQLModel, col, select
 
 from ..store.fast import Fast
+from ..store.fast import connection as fast_connection
 from ..store.models import (
     Agent,
     Conversation,
@@ -76,9 +77,7 @@ def must_get(s: Session, model: type[M], key: object) -> M:
 
 def connection(s: Session) -> Connection:
     """The session's connection for Core reads, with pending ORM changes flushed first."""
-    if s.new or s.dirty or s.deleted:
-        s.flush()
-    return s.connection()
+    return fast_connection(s)
 
 
 def agent_view(s: Session, agent_id: str) -> ParticipantView:

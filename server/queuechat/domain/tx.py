@@ -27,6 +27,7 @@ from sqlalchemy.engine import Connection
 from sqlmodel import Session
 
 from ..config import Limits, Settings
+from ..store.fast import connection as fast_connection
 
 T = TypeVar("T")
 Topic = tuple[str, str]
@@ -127,10 +128,7 @@ class Tx:
     def conn(self) -> Connection:
         """The transaction's connection, for Core statements on hot paths: several times
         cheaper than the ORM. Pending ORM changes are flushed first, so both see one state."""
-        s = self.session
-        if s.new or s.dirty or s.deleted:
-            s.flush()
-        return s.connection()
+        return fast_connection(self.session)
 
     # --- effects, carried out after commit ---------------------------------
 

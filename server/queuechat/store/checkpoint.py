@@ -35,7 +35,7 @@ class CheckpointStats:
 
 
 class Checkpointer:
-    def __init__(self, path: str, *, interval: float = 1.0, every: int = 100):
+    def __init__(self, path: str, *, interval: float = 1.0, every: int = 500):
         self.path = path
         self.interval = interval
         self.every = every
