@@ -7,6 +7,7 @@ from pathlib import Path
 import grpc
 import pytest
 from google.protobuf import json_format
+from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from hypothesis import given, settings
@@ -234,3 +235,16 @@ def test_an_offer_the_fast_path_cannot_take_is_parsed_whole_or_refused_as_parse_
     offset = {"offer_id": "o", "create_time": "2026-12-04T12:00:00+02:00", "variables": [{"name": "a", "value": "b"}]}
     got = convert.offer_event(FeedEventView("s1", 1, "offer", datetime(2026, 12, 4, tzinfo=UTC), offset)).offer
     assert got.create_time.ToDatetime() == datetime(2026, 12, 4, 10, 0) and len(got.variables) == 1
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.datetimes(min_value=datetime(1, 1, 1), max_value=datetime(9999, 12, 31, 23, 59, 59, 999999)),
+       st.sampled_from([None, UTC]))
+def test_a_time_converts_as_timestamp_fromdatetime_converts_it(dt, tz):
+    """convert.timestamp computes the seconds and nanos itself (FromDatetime costs twice as much); a naive
+    time is UTC, as the store's times are."""
+    dt = dt.replace(tzinfo=tz)
+    expected = Timestamp()
+    expected.FromDatetime(dt.replace(tzinfo=UTC))
+    assert convert.timestamp(dt) == expected
+    assert convert.timestamp(None) is None

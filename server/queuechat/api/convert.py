@@ -34,12 +34,15 @@ _STATE = {
 }
 
 
+_UTC_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def timestamp(dt: datetime | None) -> Timestamp | None:
+    """`Timestamp.FromDatetime`, in integers: half its cost, a dozen times per chat."""
     if dt is None:
         return None
-    t = Timestamp()
-    t.FromDatetime(dt.replace(tzinfo=UTC))
-    return t
+    d = dt.replace(tzinfo=UTC) - _UTC_EPOCH
+    return Timestamp(seconds=d.days * 86400 + d.seconds, nanos=d.microseconds * 1000)
 
 
 def now_timestamp() -> Timestamp:
@@ -80,7 +83,7 @@ def conversation(v: ConversationView) -> pb.Conversation:
     if v.rating is not None:
         msg.rating.CopyFrom(rating(v.rating))
     if v.ended_at is not None:
-        msg.end_time.FromDatetime(v.ended_at.replace(tzinfo=UTC))
+        msg.end_time.CopyFrom(timestamp(v.ended_at))
     return msg
 
 
