@@ -298,9 +298,11 @@ class Node:
     async def wait_ready(self, ready: threading.Event) -> None:
         if not await asyncio.to_thread(ready.wait, START_TIMEOUT) or self.proc.poll() is not None:
             raise RuntimeError(f"node {self.name} did not start: {self.errors[-1:] or 'timeout'}")
-        if self.pool is not None:
-            await self.pool.close()
-        self.pool = Pool(self.target)  # a fresh channel: the old one may be backing off from the dead port
+        # A fresh channel (the old one may be backing off from the dead port), in place before the old one
+        # closes: a talker that picks this node meanwhile must not find a closed channel.
+        old, self.pool = self.pool, Pool(self.target)
+        if old is not None:
+            await old.close()
 
     def link_stats(self) -> dict[str, float]:
         """This node's NATS items sent / received / dropped and streams the reconciler found behind (/metrics)."""
