@@ -16,7 +16,14 @@ from hypothesis import strategies as st
 from chat.v1 import admin_service_pb2, agent_service_pb2, customer_service_pb2, resources_pb2
 from queuechat.api import convert
 from queuechat.domain.log import ts
-from queuechat.domain.views import EventView, FeedEventView
+from queuechat.domain.views import (
+    ConversationView,
+    EventView,
+    FeedEventView,
+    ParticipantView,
+    ReadCursorView,
+    VariableView,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVICES = [
@@ -248,3 +255,48 @@ def test_a_time_converts_as_timestamp_fromdatetime_converts_it(dt, tz):
     expected.FromDatetime(dt.replace(tzinfo=UTC))
     assert convert.timestamp(dt) == expected
     assert convert.timestamp(None) is None
+
+
+def _conversation_as_before(v):
+    """convert.conversation as it was written first, by keyword arguments (the reference)."""
+    msg = resources_pb2.Conversation(
+        conversation_id=v.id,
+        queue=resources_pb2.Queue(queue_id=v.queue_id, display_name=v.queue_name),
+        state=convert._STATE[v.status],
+        customer_connected=v.customer_connected,
+        variables=[resources_pb2.CustomerVariable(name=x.name, value=x.value, authenticated=x.authenticated)
+                   for x in v.variables],
+        agents=[resources_pb2.Participant(kind=resources_pb2.PARTICIPANT_KIND_AGENT, agent_id=a.agent_id,
+                                          display_name=a.display_name) for a in v.agents],
+        last_seq=v.last_seq,
+        create_time=convert.timestamp(v.created_at),
+        close_time=convert.timestamp(v.closed_at),
+    )
+    msg.read_cursors.extend(convert.read_cursor(c) for c in v.read_cursors)
+    if v.ended_at is not None:
+        msg.end_time.FromDatetime(v.ended_at.replace(tzinfo=UTC))
+    return msg
+
+
+_epochish = st.sampled_from([datetime(1970, 1, 1, tzinfo=UTC)]) | st.datetimes(
+    min_value=datetime(1900, 1, 1), max_value=datetime(2200, 1, 1), timezones=st.just(UTC))
+_agent = st.builds(ParticipantView, st.just("agent"), _texts, _texts)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.builds(
+    ConversationView,
+    id=_texts, queue_id=_texts, queue_name=_texts,
+    status=st.sampled_from(sorted(convert._STATE)), customer_connected=st.booleans(),
+    variables=st.lists(st.builds(VariableView, _texts, _texts, st.booleans()), max_size=3).map(tuple),
+    agents=st.lists(_agent, max_size=3).map(tuple),
+    last_seq=st.integers(0, 2**40), created_at=_epochish, closed_at=st.none() | _epochish,
+    read_cursors=st.lists(st.builds(ReadCursorView, _agent, st.integers(0, 99), _epochish), max_size=2).map(tuple),
+    ended_at=st.none() | _epochish,
+))
+def test_a_conversation_converts_as_its_fields_say(view):
+    """convert.conversation builds the message in place (keyword arguments copy every sub-message): the same
+    message, with the same fields present, as the keyword-argument build."""
+    got, expected = convert.conversation(view), _conversation_as_before(view)
+    assert got == expected
+    assert [f.name for f, _ in got.ListFields()] == [f.name for f, _ in expected.ListFields()]

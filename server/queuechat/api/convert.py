@@ -52,20 +52,26 @@ def now_timestamp() -> Timestamp:
 
 
 def conversation(v: ConversationView) -> pb.Conversation:
+    # Built in place: keyword arguments copy each sub-message they are given (about twice the cost; three
+    # of these go out per chat: StartChat, AcceptOffer, CloseConversation).
     msg = pb.Conversation(
         conversation_id=v.id,
-        queue=pb.Queue(queue_id=v.queue_id, display_name=v.queue_name),
         state=_STATE[v.status],
         customer_connected=v.customer_connected,
-        variables=[pb.CustomerVariable(name=x.name, value=x.value, authenticated=x.authenticated) for x in v.variables],
-        agents=[
-            pb.Participant(kind=pb.PARTICIPANT_KIND_AGENT, agent_id=a.agent_id, display_name=a.display_name)
-            for a in v.agents
-        ],
         last_seq=v.last_seq,
-        create_time=timestamp(v.created_at),
-        close_time=timestamp(v.closed_at),
     )
+    queue = msg.queue
+    queue.queue_id = v.queue_id
+    queue.display_name = v.queue_name
+    variables = msg.variables
+    for x in v.variables:
+        variables.add(name=x.name, value=x.value, authenticated=x.authenticated)
+    agents = msg.agents
+    for a in v.agents:
+        agents.add(kind=pb.PARTICIPANT_KIND_AGENT, agent_id=a.agent_id, display_name=a.display_name)
+    _set_time(msg.create_time, v.created_at)
+    if v.closed_at is not None:
+        _set_time(msg.close_time, v.closed_at)
     if v.pending_invite:
         json_format.ParseDict(v.pending_invite, msg.pending_invite)
     msg.read_cursors.extend(read_cursor(c) for c in v.read_cursors)
@@ -83,8 +89,14 @@ def conversation(v: ConversationView) -> pb.Conversation:
     if v.rating is not None:
         msg.rating.CopyFrom(rating(v.rating))
     if v.ended_at is not None:
-        msg.end_time.CopyFrom(timestamp(v.ended_at))
+        _set_time(msg.end_time, v.ended_at)
     return msg
+
+
+def _set_time(t: Timestamp, dt: datetime) -> None:
+    d = dt.replace(tzinfo=UTC) - _UTC_EPOCH
+    t.seconds = d.days * 86400 + d.seconds
+    t.nanos = d.microseconds * 1000
 
 
 def participant(p: ParticipantView) -> pb.Participant:
