@@ -113,7 +113,8 @@ async def main(args: argparse.Namespace) -> None:
     for name, st in sorted(core.db.stats.items(), key=lambda kv: -kv[1].seconds)[:6]:
         print(f"  {name:30s} {st.count:6d} runs, {st.seconds / st.count * 1000:6.3f} ms each on the writer")
     if (cp := getattr(core.db, "checkpointer", None)) is not None:
-        print(f"  WAL checkpoints (their own thread): {cp.stats.runs} runs, {cp.stats.seconds * 1000 / n:.3f} ms per chat")
+        print(f"  WAL checkpoints (their own thread): {cp.stats.runs} runs, {cp.stats.seconds * 1000 / n:.3f} ms per chat; "
+              f"their tails held the writer {cp.stats.tail_seconds * 1000 / max(1, cp.stats.runs):.2f} ms per run")
     print(f"  dispatch: {dispatched['n']} runs, {dispatched['s'] / max(1, dispatched['n']) * 1000:.3f} ms each")
     print(f"  SQL statements per chat through SQLAlchemy: {sum(tables.values()) / n:.1f} (store.fast ones not counted)")
     for key, k in tables.most_common():

@@ -204,6 +204,12 @@ class _Collector(Collector):
             runs.add_metric([], cst.runs, cst.seconds)
             yield runs
             yield CounterMetricFamily(
+                "queuechat_sqlite_checkpoint_tail_seconds",
+                "Seconds checkpoints held the writer off to copy the pages committed while they ran.",
+                value=cst.tail_seconds,
+            )
+            yield GaugeMetricFamily("queuechat_sqlite_wal_bytes", "The WAL file's size in bytes.", value=cp.wal_bytes())
+            yield CounterMetricFamily(
                 "queuechat_sqlite_checkpoint_failures",
                 "WAL checkpoints that failed (tried again later).",
                 value=cst.failures,
@@ -221,7 +227,8 @@ class _Collector(Collector):
 def _wal_pages(st: CheckpointStats) -> Metric:
     family = GaugeMetricFamily(
         "queuechat_sqlite_wal_pages",
-        "Pages in the WAL at the last checkpoint (wal), and how many of them it copied to the database file (copied).",
+        "Pages in the WAL at the end of the last checkpoint (wal), and how many of them are in the database file "
+        "(copied).",
         labels=["stat"],
     )
     family.add_metric(["wal"], st.wal_pages)

@@ -86,8 +86,10 @@ def make_engine(url: str) -> Engine:
             # WAL + NORMAL is durable across process crashes; an OS crash may lose the last commits.
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA foreign_keys=ON")
-            # Never checkpoint inside a commit: the writer would stall on it (store/checkpoint.py).
+            # Never checkpoint inside a commit: the writer would stall on it (store/checkpoint.py). A WAL file
+            # that a burst made large is cut back to 64 MiB when it starts over.
             cur.execute("PRAGMA wal_autocheckpoint=0")
+            cur.execute("PRAGMA journal_size_limit=67108864")
             cur.close()
 
         return engine
@@ -173,6 +175,14 @@ _LOCK_CONVERSATIONS = (
 )
 
 
+def _checkpointer(engine: Engine, writer_lock: threading.Lock) -> Checkpointer | None:
+    """SQLite's WAL checkpoints off the writer's commits (store/checkpoint.py), for a database in a file."""
+    path = engine.url.database
+    if not path or path == ":memory:" or path.startswith("file:"):
+        return None
+    return Checkpointer(os.path.abspath(path), writer_lock)  # as the driver resolves it, whatever the cwd later
+
+
 class Database:
     def __init__(self, url: str, *, readers: int | None = None, max_batch: int = 64):
         self.url = url
@@ -191,8 +201,9 @@ class Database:
         readers = readers or (8 if pg else 2)
         self._write_engine, self._read_engine = _pg_engines(url, readers) if pg else (self.engine, self.engine)
         self._readers = ThreadPoolExecutor(readers, thread_name_prefix="db-read")
-        # SQLite: WAL checkpoints off the writer's commits (store/checkpoint.py).
-        self.checkpointer = Checkpointer(self.engine.url.database) if not pg and self.engine.url.database else None
+        # Held by the writer around each transaction; SQLite's checkpointer takes it for a checkpoint's tail.
+        self._write_lock = threading.Lock()
+        self.checkpointer = _checkpointer(self.engine, self._write_lock) if not pg else None
         self._writer = threading.Thread(target=self._write_loop, name="db-write", daemon=True)
         self._writer.start()
 
@@ -264,7 +275,7 @@ class Database:
         done = []
         committing = False
         try:
-            with Session(self._write_engine, expire_on_commit=False) as session:
+            with self._write_lock, Session(self._write_engine, expire_on_commit=False) as session:
                 if self.routing_lock is not None:
                     if any(getattr(item[1], "routing", False) for item in batch):
                         # Before any row lock of the batch: a node never holds a row while it waits for the lock.
@@ -302,7 +313,7 @@ class Database:
         for attempt in range(1, ATTEMPTS + 1):
             committing = False
             try:
-                with Session(self._write_engine, expire_on_commit=False) as session:
+                with self._write_lock, Session(self._write_engine, expire_on_commit=False) as session:
                     result, after = self._timed(name, job, session)
                     session.flush()
                     committing = True

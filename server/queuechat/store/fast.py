@@ -100,7 +100,8 @@ def connection(s: Session) -> Connection:
         s.flush()
     tx = s._transaction
     held = s.info.get("fast_connection")
-    if held is not None and held[0] is tx and tx is not None:
+    # (A transaction a failed flush deactivated: s.connection() refuses it, as it must.)
+    if held is not None and held[0] is tx and tx is not None and tx.is_active:
         return held[1]
     conn = s.connection()
     s.info["fast_connection"] = (s._transaction, conn)
