@@ -151,6 +151,8 @@ async def test_metrics_after_a_chat_flow(observed):
     assert value(m, "queuechat_sqlite_checkpoint_seconds_count") is not None
     assert value(m, "queuechat_sqlite_checkpoint_failures_total") == 0
     assert value(m, "queuechat_sqlite_wal_pages", stat="wal") is not None
+    assert value(m, "queuechat_sqlite_wal_bytes") > 0  # the WAL file, as commits wrote it
+    assert value(m, "queuechat_sqlite_checkpoint_tail_seconds_total") >= 0
     assert value(m, "process_resident_memory_bytes") > 0
 
     # The stream ends: it is no longer open, and it was handled (Canceled: the client went away).
