@@ -616,6 +616,20 @@ def _rows_in_the_database_file_alone(db_path, tmp_path, torn: int | None = None)
         conn.close()
 
 
+@pytest.fixture
+def scratch_db(tmp_path):
+    """A SQLite Database with a table `scratch` (x TEXT) to fill."""
+    db = Database(sqlite_url(tmp_path / "data"))
+    try:
+        db.ensure_schema()
+        with db.engine.connect() as conn:
+            conn.exec_driver_sql("CREATE TABLE scratch (x TEXT)")
+            conn.commit()
+        yield db
+    finally:
+        db.close()
+
+
 async def _fill(db: Database, rows: int) -> None:
     def job(s):
         s.connection().execute(text("INSERT INTO scratch (x) VALUES (:x)"), [{"x": "x" * 5000}] * 10)
@@ -625,80 +639,57 @@ async def _fill(db: Database, rows: int) -> None:
         await db.transact("fill", job)
 
 
-async def test_commits_never_checkpoint_the_checkpointer_does(tmp_path):
+async def test_commits_never_checkpoint_the_checkpointer_does(scratch_db, tmp_path):
     """A commit that took the WAL past 1,000 pages used to checkpoint on the writer (10-15 ms with every
     write behind it waiting). Now commits never do; the checkpointer thread copies the WAL over."""
-    db = Database(sqlite_url(tmp_path / "data"))
-    db_path = tmp_path / "data" / "queuechat.db"
-    try:
-        db.ensure_schema()
-        with db.engine.connect() as conn:
-            assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == 0
-            conn.exec_driver_sql("CREATE TABLE scratch (x TEXT)")
-            conn.commit()
-        assert db.checkpointer is not None
-        db.checkpointer.close()  # stopped: only commits could checkpoint now
-        await _fill(db, 1500)  # about 2,000 pages, twice what set off an automatic checkpoint
-        assert _rows_in_the_database_file_alone(db_path, tmp_path) == 0
+    db, db_path = scratch_db, tmp_path / "data" / "queuechat.db"
+    with db.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == 0
+    assert db.checkpointer is not None
+    db.checkpointer.close()  # stopped: only commits could checkpoint now
+    await _fill(db, 1500)  # about 2,000 pages, twice what set off an automatic checkpoint
+    assert _rows_in_the_database_file_alone(db_path, tmp_path) == 0
 
-        st = db.checkpointer.stats
-        runs = st.runs  # (it may have run before it was stopped)
-        db.checkpointer.run_once()  # what its thread does every second or 500 commits
-        assert st.runs == runs + 1 and st.wal_pages > 1000 and st.copied_pages == st.wal_pages
-        assert _rows_in_the_database_file_alone(db_path, tmp_path) == 1500
-    finally:
-        db.close()
+    st = db.checkpointer.stats
+    runs = st.runs  # (it may have run before it was stopped)
+    db.checkpointer.run_once()  # what its thread does every second or 500 commits
+    assert st.runs == runs + 1 and st.wal_pages > 1000 and st.copied_pages == st.wal_pages
+    assert _rows_in_the_database_file_alone(db_path, tmp_path) == 1500
 
 
-async def test_the_checkpointer_thread_keeps_up_with_the_writer(tmp_path):
-    db = Database(sqlite_url(tmp_path / "data"))
-    db_path = tmp_path / "data" / "queuechat.db"
-    try:
-        db.ensure_schema()
-        with db.engine.connect() as conn:
-            conn.exec_driver_sql("CREATE TABLE scratch (x TEXT)")
-            conn.commit()
-        await _fill(db, 1500)  # 150 commits: the thread wakes each second (and after 500)
-        st = db.checkpointer.stats
-        deadline = asyncio.get_running_loop().time() + WAIT
-        # (A copy taken while a checkpoint writes the file may be torn: counted as not there yet.)
-        # (The rows reach the file before the run that copied them is counted.)
-        while st.runs < 1 or _rows_in_the_database_file_alone(db_path, tmp_path, torn=-1) != 1500:
-            assert asyncio.get_running_loop().time() < deadline, st
-            await asyncio.sleep(0.05)
-        assert st.failures == 0
-    finally:
-        db.close()
+async def test_the_checkpointer_thread_keeps_up_with_the_writer(scratch_db, tmp_path):
+    db, db_path = scratch_db, tmp_path / "data" / "queuechat.db"
+    await _fill(db, 1500)  # 150 commits: the thread wakes each second (and after 500)
+    st = db.checkpointer.stats
+    deadline = asyncio.get_running_loop().time() + WAIT
+    # (A copy taken while a checkpoint writes the file may be torn: counted as not there yet.)
+    # (The rows reach the file before the run that copied them is counted.)
+    while st.runs < 1 or _rows_in_the_database_file_alone(db_path, tmp_path, torn=-1) != 1500:
+        assert asyncio.get_running_loop().time() < deadline, st
+        await asyncio.sleep(0.05)
+    assert st.failures == 0
 
 
-async def test_the_wal_starts_over_while_the_writer_keeps_writing(tmp_path):
+async def test_the_wal_starts_over_while_the_writer_keeps_writing(scratch_db, tmp_path):
     """Only a checkpoint that copied every page lets the next write start the WAL file over, and a writer
     that never stops commits during each checkpoint: the checkpointer copies that tail with the writer held
     off. Without it the file grew by everything written (188 MB in 15 s at 700 commits/s)."""
-    db = Database(sqlite_url(tmp_path / "data"))
-    wal = tmp_path / "data" / "queuechat.db-wal"
-    try:
-        db.ensure_schema()
-        with db.engine.connect() as conn:
-            conn.exec_driver_sql("CREATE TABLE scratch (x TEXT)")
-            conn.commit()
-        db.checkpointer.interval = 0.1
-        await _fill(db, 100)  # the thread is now on the short interval
-        written, runs = 0, db.checkpointer.stats.runs
-        starts = set()  # the WAL header's checkpoint sequence number: it goes up each time the file starts over
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + WAIT
-        while db.checkpointer.stats.runs < runs + 10:  # writes never pause across ten checkpoints
-            assert loop.time() < deadline, db.checkpointer.stats
-            await _fill(db, 10)
-            written += 10 * 5000
-            with wal.open("rb") as f:
-                starts.add(int.from_bytes(f.read(16)[12:16], "big"))
-        assert len(starts) >= 5, (starts, db.checkpointer.stats)
-        assert wal.stat().st_size < written / 2, (wal.stat().st_size, written, db.checkpointer.stats)
-        assert db.checkpointer.stats.failures == 0
-    finally:
-        db.close()
+    db, wal = scratch_db, tmp_path / "data" / "queuechat.db-wal"
+    db.checkpointer.interval = 0.1
+    await _fill(db, 100)  # the thread is now on the short interval
+    written, runs = 0, db.checkpointer.stats.runs
+    starts = set()  # the WAL header's checkpoint sequence number: it goes up each time the file starts over
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + WAIT
+    while db.checkpointer.stats.runs < runs + 10:  # writes never pause across ten checkpoints
+        assert loop.time() < deadline, db.checkpointer.stats
+        await _fill(db, 10)
+        written += 10 * 5000
+        with wal.open("rb") as f:
+            starts.add(int.from_bytes(f.read(16)[12:16], "big"))
+    assert len(starts) >= 5, (starts, db.checkpointer.stats)
+    assert wal.stat().st_size < written / 2, (wal.stat().st_size, written, db.checkpointer.stats)
+    assert db.checkpointer.stats.failures == 0
 
 
 def test_fast_connection_refuses_a_transaction_a_failed_flush_ended(tmp_path):
