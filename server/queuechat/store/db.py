@@ -178,7 +178,7 @@ _LOCK_CONVERSATIONS = (
 def _checkpointer(engine: Engine, writer_lock: threading.Lock) -> Checkpointer | None:
     """SQLite's WAL checkpoints off the writer's commits (store/checkpoint.py), for a database in a file."""
     path = engine.url.database
-    if not path or path == ":memory:" or path.startswith("file:"):
+    if engine.dialect.name != "sqlite" or not path or path == ":memory:" or path.startswith("file:"):
         return None
     return Checkpointer(os.path.abspath(path), writer_lock)  # as the driver resolves it, whatever the cwd later
 
@@ -203,7 +203,7 @@ class Database:
         self._readers = ThreadPoolExecutor(readers, thread_name_prefix="db-read")
         # Held by the writer around each transaction; SQLite's checkpointer takes it for a checkpoint's tail.
         self._write_lock = threading.Lock()
-        self.checkpointer = _checkpointer(self.engine, self._write_lock) if not pg else None
+        self.checkpointer = _checkpointer(self.engine, self._write_lock)
         self._writer = threading.Thread(target=self._write_loop, name="db-write", daemon=True)
         self._writer.start()
 
